@@ -1,0 +1,85 @@
+"""KV cache: preallocated key/value buffers for incremental decoding, with ParScale prefixes.
+
+Layout per layer: ``(p b) h (t + capacity) d`` — stream-major rows like the model's batch, the
+first ``t`` slots holding each stream's learned prefix (written once, never rotated), then token
+slots. The cache also remembers which token slots are real (``key_valid``, per sample ``b``; the
+same for all streams) and each sample's next position, so left-padded rows count positions from
+their first real token.
+
+Rows can be dropped (``select``: finished / pruned samples leave the running batch, so later
+steps cost less) or repeated (``repeat_interleave``: one prefilled prompt shared by many sampled
+rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from .errors import ParScaleError
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, streams: int, n_kv_heads: int, head_dim: int,
+                 capacity: int, n_prefix: int = 0, *, dtype=torch.float32, device=None):
+        if capacity < 1:
+            raise ParScaleError(f"cache capacity must be >= 1 (got {capacity})")
+        self.batch, self.streams, self.capacity, self.n_prefix = batch, streams, capacity, n_prefix
+        shape = (streams * batch, n_kv_heads, n_prefix + capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0  # token slots written so far
+
+    def set_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][:, :, : self.n_prefix] = k
+        self.v[layer][:, :, : self.n_prefix] = v
+
+    def advance_positions(self, attention_mask: torch.Tensor | None, s: int):
+        """Register ``s`` new token slots; returns their positions ``b s`` and the key-validity mask
+        over all token slots so far (None when every slot is real)."""
+        if self.length + s > self.capacity:
+            raise ParScaleError(f"KV cache full: {self.length} + {s} tokens > capacity {self.capacity}")
+        new = (torch.ones(self.batch, s, dtype=torch.bool, device=self.key_valid.device)
+               if attention_mask is None else attention_mask.bool())
+        self.key_valid[:, self.length: self.length + s] = new
+        positions = (self.next_pos[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = self.next_pos + new.long().sum(-1)
+        valid = self.key_valid[:, : self.length + s]
+        return positions, (None if bool(valid.all()) else valid)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's keys/values; return everything so far (prefix + tokens)."""
+        start = self.n_prefix + self.length
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    # ------------------------------------------------------------------ row bookkeeping
+    def _take(self, index: torch.Tensor) -> None:
+        """Keep samples ``index`` (in that order) in every stream."""
+        def take_rows(t):
+            t = rearrange(t, "(p b) h n d -> p b h n d", p=self.streams)[:, index]
+            return rearrange(t, "p b h n d -> (p b) h n d").contiguous()
+
+        self.k = [take_rows(t) for t in self.k]
+        self.v = [take_rows(t) for t in self.v]
+        self.key_valid = self.key_valid[index]
+        self.next_pos = self.next_pos[index]
+        self.batch = int(index.numel())
+
+    def select(self, keep: torch.Tensor | list[int]) -> "KVCache":
+        """Drop every sample not in ``keep`` (compaction). In place; returns self."""
+        self._take(torch.as_tensor(keep, dtype=torch.long, device=self.key_valid.device))
+        return self
+
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """Sample ``b`` becomes rows ``b·n … b·n+n-1``: one prefilled prompt shared by n samples."""
+        idx = torch.arange(self.batch, device=self.key_valid.device).repeat_interleave(n)
+        self._take(idx)
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,250 @@
+"""Generation: one decode loop (prefill once, then one token per step) that everything else reuses.
+
+``decode`` is the engine. It is built for sample-level scaling as much as for plain generation:
+
+* a batch of (left-padded) prompts is prefilled **once**; with ``num_samples = n`` each prompt's
+  cache is then shared by n rows (row ``r`` belongs to prompt ``r // n``);
+* every row has its own temperature / top-k / top-p and, optionally, its own seeded generator, so
+  a row's samples do not depend on which other rows run beside it;
+* the chosen token's log-probability (under the model's unmodified distribution) is recorded;
+* rows stop at EOS, at a caller's stop test, at ``max_new_tokens``, or when a caller's
+  ``on_finish`` hook prunes them; stopped rows leave the running batch (compaction), and the
+  counters ``decode_steps`` / ``row_steps`` say how much decode work was really done.
+
+``generate`` wraps it with Hugging Face's calling convention and return value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ParScaleError
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]  # per row: the new tokens (EOS included when it ended the row)
+    logprobs: list[list[float]] | None
+    finish_reason: list[str]  # "eos" | "stop" | "length" | "pruned"
+    finish_step: list[int]  # the step (0-based new-token index) at which the row ended
+    prompt_index: list[int]
+    prefill_tokens: int  # real prompt tokens, each counted once however many rows share it
+    decode_steps: int  # forward passes after the prefill
+    row_steps: int  # sum over those passes of the rows in the running batch (decode work)
+    wall_s: float
+    finish_time: list[float] = field(default_factory=list)  # seconds from start, per row
+
+
+def _per_row(value, rows: int, name: str, cast) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise ParScaleError(f"{name} has {len(value)} entries for {rows} rows")
+        return [cast(v) for v in value]
+    return [cast(value)] * rows
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Sampling probabilities ``r v`` after per-row temperature, top-k (0 = off), top-p (1 = off)."""
+    logits = logits / temperature[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # nucleus: drop a token when the mass before it already reaches top_p (the top token stays)
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.softmax(filtered, dim=-1)
+
+
+class _Picker:
+    """Chooses the next token per row: greedy where temperature is 0, else sampled."""
+
+    def __init__(self, rows, temperature, top_k, top_p, seeds, generator):
+        self.temperature = _per_row(temperature, rows, "temperature", float)
+        self.top_k = _per_row(top_k or 0, rows, "top_k", int)
+        self.top_p = _per_row(1.0 if top_p is None else top_p, rows, "top_p", float)
+        for name, vals, ok in [("temperature", self.temperature, lambda t: t >= 0),
+                               ("top_k", self.top_k, lambda k: k >= 0),
+                               ("top_p", self.top_p, lambda p: 0 < p <= 1)]:
+            bad = [v for v in vals if not ok(v)]
+            if bad:
+                raise ParScaleError(f"{name} out of range: {bad[0]}")
+        self.generators = None
+        if isinstance(seeds, (list, tuple)):
+            self.generators = [torch.Generator().manual_seed(int(s)) for s in _per_row(seeds, rows, "seeds", int)]
+        elif seeds is not None:
+            generator = torch.Generator().manual_seed(int(seeds))
+        self.generator = generator  # one generator for the whole batch (HF-style)
+
+    def __call__(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        choice = logits.argmax(-1)
+        temp = torch.tensor([self.temperature[r] for r in rows])
+        sampled = (temp > 0).nonzero().flatten().tolist()
+        if sampled:
+            probs = filter_logits(logits[sampled], temp[sampled],
+                                  torch.tensor([self.top_k[rows[j]] for j in sampled]),
+                                  torch.tensor([self.top_p[rows[j]] for j in sampled]))
+            if self.generators is not None:  # per-row streams of randomness
+                picks = [torch.multinomial(probs[i], 1, generator=self.generators[rows[j]])
+                         for i, j in enumerate(sampled)]
+                picked = torch.cat(picks)
+            else:
+                picked = torch.multinomial(probs, 1, generator=self.generator).flatten()
+            choice[sampled] = picked
+        return choice, logprobs.gather(-1, choice[:, None]).flatten()
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+           max_new_tokens: int, num_samples: int = 1,
+           temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] | None = None,
+           top_p: float | Sequence[float] | None = None,
+           seeds: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+           eos_token_id: int | Iterable[int] | None = None,
+           stop: Callable[[int, list[int]], bool] | None = None,
+           on_finish: Callable[[int, int], Iterable[int] | None] | None = None,
+           return_logprobs: bool = False, compact: bool = True) -> DecodeResult:
+    """Prefill ``input_ids`` (``b s``, left-padded) once, then decode ``num_samples`` rows per prompt.
+
+    Per-row settings (``temperature``, ``top_k``, ``top_p``, ``seeds``) are a scalar or one value
+    per row (``b·num_samples`` rows, prompt-major). Temperature 0 means greedy. ``seeds``: one int
+    seeds a single batch generator; a list gives every row its own generator (its samples are then
+    the same whatever else runs in the batch). ``stop(row, new_tokens)`` ends a row with reason
+    "stop". ``on_finish(row, step)`` is called as each row ends and may return rows to prune.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ParScaleError("max_new_tokens and num_samples must be >= 1")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ParScaleError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                f"{tuple(input_ids.shape)}")
+        if not bool(attention_mask[:, -1].bool().all()):
+            raise ParScaleError("prompts must be left-padded (attention_mask[:, -1] has a 0)")
+    eos = set() if eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    b, s = input_ids.shape
+    n_rows = b * num_samples
+    pick = _Picker(n_rows, temperature, top_k, top_p, seeds, generator)
+
+    cache = model.new_cache(b, s + max_new_tokens)
+    logits = model(input_ids, attention_mask, cache=cache).logits[:, -1]
+    prefill_tokens = int(attention_mask.sum()) if attention_mask is not None else b * s
+    if num_samples > 1:
+        cache.repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+
+    tokens: list[list[int]] = [[] for _ in range(n_rows)]
+    logps: list[list[float]] = [[] for _ in range(n_rows)]
+    reason: list[str | None] = [None] * n_rows
+    finish_step = [-1] * n_rows
+    finish_time = [0.0] * n_rows
+    running = list(range(n_rows))  # rows in the cache, in cache order
+    decode_steps = row_steps = 0
+
+    def end(row: int, why: str, step: int) -> None:
+        reason[row], finish_step[row], finish_time[row] = why, step, time.perf_counter() - t0
+        if on_finish is not None:
+            for other in on_finish(row, step) or ():
+                if reason[other] is None:
+                    reason[other], finish_step[other] = "pruned", step
+                    finish_time[other] = time.perf_counter() - t0
+
+    for step in range(max_new_tokens):
+        live = [j for j, r in enumerate(running) if reason[r] is None]
+        rows = [running[j] for j in live]
+        choice, lp = pick(logits[live], rows)
+        for i, r in enumerate(rows):
+            if reason[r] is not None:  # pruned by an earlier row's hook in this step
+                continue
+            tok = int(choice[i])
+            tokens[r].append(tok)
+            logps[r].append(float(lp[i]))
+            if tok in eos:
+                end(r, "eos", step)
+            elif stop is not None and stop(r, tokens[r]):
+                end(r, "stop", step)
+            elif step == max_new_tokens - 1:
+                end(r, "length", step)
+        if all(reason[r] is not None for r in running):
+            break
+        next_tok = torch.zeros(len(running), dtype=torch.long)
+        next_tok[live] = choice.to(torch.long)
+        if compact:
+            keep = [j for j, r in enumerate(running) if reason[r] is None]
+            if len(keep) < len(running):
+                cache.select(keep)
+                running = [running[j] for j in keep]
+                next_tok = next_tok[keep]
+        logits = model(next_tok[:, None].to(input_ids.device), cache=cache).logits[:, -1]
+        decode_steps += 1
+        row_steps += len(running)
+
+    model.train(was_training)
+    return DecodeResult(tokens=tokens, logprobs=logps if return_logprobs else None,
+                        finish_reason=[r or "length" for r in reason], finish_step=finish_step,
+                        prompt_index=[r // num_samples for r in range(n_rows)],
+                        prefill_tokens=prefill_tokens, decode_steps=decode_steps,
+                        row_steps=row_steps, wall_s=time.perf_counter() - t0, finish_time=finish_time)
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (b·n) (s + t): prompt then new tokens, padded after a row ends
+    logprobs: torch.Tensor | None  # (b·n) t, chosen-token log-probs (0 where padded)
+    result: DecodeResult
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
+             num_return_sequences: int = 1, seed: int | None = None,
+             generator: torch.Generator | None = None, return_dict: bool = False,
+             output_logprobs: bool = False):
+    """Generate like Hugging Face: returns ``prompt + new tokens`` as one ``(b·n) (s + t)`` tensor.
+
+    Greedy unless ``do_sample``. ``top_k=None`` / ``top_p=None`` mean no truncation (HF defaults
+    top-k to 50; we do not truncate silently). Rows that end early are padded with
+    ``pad_token_id`` (default: the config's pad id, else the EOS id, else 0). ``return_dict=True``
+    gives a :class:`GenerateOutput` with log-probs and the decode statistics.
+    """
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else 0
+    if do_sample and temperature <= 0:
+        raise ParScaleError(f"temperature must be > 0 when sampling (got {temperature})")
+    res = decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                 num_samples=num_return_sequences, temperature=temperature if do_sample else 0.0,
+                 top_k=top_k, top_p=top_p, seeds=seed, generator=generator,
+                 eos_token_id=eos_token_id, return_logprobs=return_dict or output_logprobs)
+    width = max(len(t) for t in res.tokens)
+    new = torch.full((len(res.tokens), width), int(pad_token_id), dtype=input_ids.dtype)
+    for r, toks in enumerate(res.tokens):
+        new[r, : len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
+    prompts = input_ids.repeat_interleave(num_return_sequences, dim=0).cpu()
+    sequences = torch.cat([prompts, new], dim=1).to(input_ids.device)
+    if not return_dict:
+        return sequences
+    lp = None
+    if res.logprobs is not None:
+        lp = torch.zeros(len(res.tokens), width)
+        for r, row in enumerate(res.logprobs):
+            lp[r, : len(row)] = torch.tensor(row)
+    return GenerateOutput(sequences=sequences, logprobs=lp, result=res)

@@ -1,0 +1,397 @@
+"""The model: a plain-PyTorch Qwen2/Llama decoder, and ParScale as a small diff on top of it.
+
+Backbone (``Backbone`` + ``ParScaleForCausalLM`` with P = 1): token embedding, ``L`` pre-norm blocks of
+grouped-query attention (RoPE, ``scaled_dot_product_attention``) and a SwiGLU MLP, a final RMSNorm
+and the LM head. Tensor names equal Hugging Face Qwen2's, so checkpoints map one to one.
+
+ParScale (P > 1) adds exactly three things, all held by one ``StreamSet`` module per P:
+
+1. the batch is stream-major, ``(p b)``: row ``p·B + b`` is stream ``p`` of sample ``b``; the token
+   embedding is computed once and repeated P times;
+2. in every layer, stream ``p`` attends to its own learned prefix of ``prefix_tokens`` keys/values
+   (not rotated by RoPE, visible to every query; real tokens keep positions 0, 1, 2, …);
+3. after the final norm, an MLP over the feature-interleaved streams ``b s (h p)`` gives per-token
+   softmax weights over P (smoothed: ``w·(1−ε) + ε/P``), the P hidden states are summed with those
+   weights, and the LM head runs once.
+
+Several stream sets can live on one backbone (dynamic P): ``set_streams(P)`` picks the active one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import KVCache
+from .config import ParScaleConfig
+from .errors import ParScaleError
+
+
+# --------------------------------------------------------------------------- backbone pieces
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, cast back before the weight: the same rounding as HF Qwen2/Llama.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (b s) -> cos, sin: (b 1 s d), computed in float32 like HF
+        freqs = positions[..., None].float() * self.inv_freq.float()  # b s d/2
+        emb = torch.cat([freqs, freqs], dim=-1)  # b s d
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ParScaleConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
+        rows, s, _ = x.shape
+        q = rearrange(self.q_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # the cache already holds the prefix in its first slots
+            k, v = cache.update(self.layer_idx, k, v)
+        elif prefix is not None:  # prefix keys are not rotated: they have no position
+            k = torch.cat([prefix[0], k], dim=2)
+            v = torch.cat([prefix[1], v], dim=2)
+        attn_mask, is_causal = mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(rearrange(out, "r h s d -> r s (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ParScaleConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ParScaleConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, prefix=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers and final norm (HF's ``model.*`` tensors)."""
+
+    def __init__(self, cfg: ParScaleConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+
+# --------------------------------------------------------------------------- the ParScale diff
+class StreamSet(nn.Module):
+    """Everything that depends on P: per-layer, per-stream prefixes and the aggregator.
+
+    Initialisation (the official code leaves prefixes as ``torch.empty`` — garbage, often NaN):
+    prefix keys/values ~ N(0, initializer_range), different per stream so the streams differ from
+    step one; the aggregator's first Linear ~ N(0, initializer_range) and its last Linear all
+    zeros, so training starts from uniform weights 1/P, i.e. the mean of the P streams. Small
+    prefixes perturb each stream only slightly, so a recycled P = 1 model starts near its own loss.
+    """
+
+    def __init__(self, cfg: ParScaleConfig, streams: int):
+        super().__init__()
+        if streams < 2:
+            raise ParScaleError(f"a stream set needs P >= 2 (got {streams})")
+        self.streams, self.smoothing = streams, cfg.agg_smoothing
+        shape = (cfg.num_hidden_layers, streams, cfg.num_key_value_heads, cfg.prefix_tokens, cfg.head_dim)
+        self.prefix_k = nn.Parameter(torch.zeros(shape))  # l p h t d
+        self.prefix_v = nn.Parameter(torch.zeros(shape))
+        h = cfg.hidden_size
+        self.aggregate_layer = nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
+
+    def reset_parameters(self, std: float) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.prefix_k, std=std)
+            nn.init.normal_(self.prefix_v, std=std)
+            nn.init.normal_(self.aggregate_layer[0].weight, std=std)
+            nn.init.zeros_(self.aggregate_layer[0].bias)
+            nn.init.zeros_(self.aggregate_layer[2].weight)
+            nn.init.zeros_(self.aggregate_layer[2].bias)
+
+    def prefix(self, layer: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s prefix for a stream-major batch: two ``(p b) h t d`` tensors."""
+        k = repeat(self.prefix_k[layer], "p h t d -> (p b) h t d", b=batch).to(dtype)
+        v = repeat(self.prefix_v[layer], "p h t d -> (p b) h t d", b=batch).to(dtype)
+        return k, v
+
+    def weights(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token stream weights ``b s p`` (float32, smoothed) from hidden states ``(p b) s h``."""
+        mixed = rearrange(hidden, "(p b) s h -> b s (h p)", p=self.streams)  # feature-interleaved
+        w = torch.softmax(self.aggregate_layer(mixed).float(), dim=-1)
+        return w * (1 - self.smoothing) + self.smoothing / self.streams
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights(hidden)
+        streams = rearrange(hidden, "(p b) s h -> b s p h", p=self.streams)
+        return (streams * w[..., None]).sum(dim=2).to(hidden.dtype), w
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # b s v
+    loss: torch.Tensor | None = None
+    agg_weights: torch.Tensor | None = None  # b s p, float32 (None when P = 1)
+    cache: KVCache | None = None
+
+
+def build_mask(key_valid: torch.Tensor | None, q_start: int, q_len: int, n_prefix: int,
+               device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Attention mask ``(b|1) 1 q (t + k)`` as (mask, is_causal) for ``scaled_dot_product_attention``.
+
+    Queries are token slots ``q_start … q_start+q_len-1``; keys are ``n_prefix`` prefix slots (always
+    visible) followed by token slots ``0 … k-1``, visible when causal and valid. A query always sees
+    itself, so a padding row never has an empty softmax (its output is ignored anyway).
+    """
+    n_keys = q_start + q_len
+    if key_valid is None and n_prefix == 0:
+        if q_start == 0:
+            return None, True  # plain causal: the fused path
+        if q_len == 1:
+            return None, False  # one new token sees everything before it
+    qi = torch.arange(q_start, n_keys, device=device)[:, None]
+    kj = torch.arange(n_keys, device=device)[None, :]
+    mask = (kj <= qi)[None]  # 1 q k
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, :n_keys]) | (kj == qi)[None]  # b q k
+    if n_prefix:
+        mask = torch.cat([mask.new_ones(mask.shape[0], q_len, n_prefix), mask], dim=-1)
+    return mask[:, None], False
+
+
+class ParScaleForCausalLM(nn.Module):
+    """A causal LM with P parallel streams (P = 1: exactly the plain backbone)."""
+
+    def __init__(self, config: ParScaleConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.stream_sets = nn.ModuleDict(
+            {str(p): StreamSet(config, p) for p in config.stream_sets if p > 1})
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for m in self.model.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Embedding):
+                    nn.init.normal_(m.weight, std=std)
+                elif isinstance(m, RMSNorm):
+                    nn.init.ones_(m.weight)
+            if not self.config.tie_word_embeddings:
+                nn.init.normal_(self.lm_head.weight, std=std)
+        for s in self.stream_sets.values():
+            s.reset_parameters(std)
+
+    @property
+    def streams(self) -> int:
+        return self.config.streams
+
+    @property
+    def stream_set(self) -> StreamSet | None:
+        return self.stream_sets[str(self.streams)] if self.streams > 1 else None
+
+    def set_streams(self, streams: int) -> "ParScaleForCausalLM":
+        """Pick the active stream set (dynamic P). P = 1 is always available: the backbone alone."""
+        if not isinstance(streams, int) or streams < 1:
+            raise ParScaleError(f"streams must be an integer >= 1 (got {streams!r})")
+        if streams > 1 and str(streams) not in self.stream_sets:
+            raise ParScaleError(f"this model has no stream set for P={streams}; "
+                                f"available: {sorted({1, *map(int, self.stream_sets)})}")
+        self.config.streams = streams
+        return self
+
+    def add_stream_set(self, streams: int) -> StreamSet:
+        """Add (and activate) a freshly initialised stream set for P = ``streams`` on this backbone."""
+        if streams < 2:
+            raise ParScaleError(f"streams must be >= 2 for a new stream set (got {streams})")
+        if self.config.prefix_tokens < 1:
+            raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add streams")
+        ref = self.model.embed_tokens.weight
+        s = StreamSet(self.config, streams).to(device=ref.device, dtype=ref.dtype)
+        s.reset_parameters(self.config.initializer_range)
+        self.stream_sets[str(streams)] = s
+        self.config.stream_sets = sorted(set(self.config.stream_sets) | {streams})
+        return self.set_streams(streams).stream_set
+
+    def backbone_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("stream_sets.")]
+
+    def stream_parameters(self, streams: int | None = None):
+        sets = self.stream_sets.values() if streams is None else [self.stream_sets[str(streams)]]
+        return [p for s in sets for p in s.parameters()]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None) -> CausalLMOutput:
+        """Logits ``b s v`` for ``input_ids`` ``b s``.
+
+        ``attention_mask`` (``b s``, 1 = token, 0 = padding; left padding for generation) covers the
+        tokens passed in; with a ``cache`` the cache remembers the earlier ones. ``labels`` (``b s``)
+        give the mean next-token cross-entropy, ignoring -100 (shifted inside, as in HF).
+        """
+        if input_ids.dim() != 2:
+            raise ParScaleError(f"input_ids must be 2-D (batch, seq); got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ParScaleError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                f"{tuple(input_ids.shape)}")
+        P, sset = self.streams, self.stream_set
+        n_prefix = self.config.prefix_tokens if sset is not None else 0
+
+        # positions count from each row's first real token; the prefix takes none
+        if cache is not None:
+            if cache.batch != b:
+                raise ParScaleError(f"cache holds {cache.batch} rows, input has {b}")
+            positions, key_valid = cache.advance_positions(attention_mask, s)
+            q_start = cache.length
+        else:
+            if attention_mask is None:
+                positions, key_valid = torch.arange(s, device=input_ids.device).expand(b, s), None
+            else:
+                am = attention_mask.bool()
+                positions = (am.long().cumsum(-1) - 1).clamp(min=0)
+                key_valid = None if bool(am.all()) else am
+            q_start = 0
+        mask, is_causal = build_mask(key_valid, q_start, s, n_prefix, input_ids.device)
+        if mask is not None and P > 1 and mask.shape[0] > 1:
+            mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=P)
+
+        x = self.model.embed_tokens(input_ids)  # b s h: computed once for all streams
+        cos, sin = self.model.rotary(positions, x.dtype)
+        if P > 1:
+            x = repeat(x, "b s h -> (p b) s h", p=P)
+            cos, sin = (repeat(t, "b 1 s d -> (p b) 1 s d", p=P) for t in (cos, sin))
+
+        for i, layer in enumerate(self.model.layers):
+            prefix = sset.prefix(i, b, x.dtype) if (sset is not None and cache is None) else None
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, (mask, is_causal), prefix, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, (mask, is_causal), prefix, cache)
+        if cache is not None:
+            cache.length += s
+        x = self.model.norm(x)
+
+        weights = None
+        if sset is not None:
+            x, weights = sset(x)  # (p b) s h -> b s h
+        logits = self.lm_head(x)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, agg_weights=weights, cache=cache)
+
+    # ------------------------------------------------------------------ cache / generation
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KV cache for ``batch`` samples and ``capacity`` tokens, prefixes pre-filled."""
+        ref = self.model.embed_tokens.weight
+        cfg, sset = self.config, self.stream_set
+        cache = KVCache(cfg.num_hidden_layers, batch, self.streams, cfg.num_key_value_heads,
+                        cfg.head_dim, capacity, cfg.prefix_tokens if sset is not None else 0,
+                        dtype=ref.dtype, device=ref.device)
+        if sset is not None:
+            with torch.no_grad():
+                for i in range(cfg.num_hidden_layers):
+                    cache.set_prefix(i, *sset.prefix(i, batch, ref.dtype))
+        return cache
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Hugging Face-style generation: returns the prompt followed by the new tokens.
+
+        See :func:`parscale.generation.generate` for the arguments.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None):
+        """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
+        Qwen2 / Llama (as P = 1). ``streams`` picks a stored stream set (dynamic P)."""
+        from .interop import load_pretrained
+
+        return load_pretrained(path, streams=streams, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` + safetensors in the official ParScale format (atomically per file)."""
+        from .interop import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.backbone_parameters())
+        if self.stream_set is not None:
+            n += sum(p.numel() for p in self.stream_set.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
