@@ -340,3 +340,20 @@ def test_validation_windows_fixed_and_evenly_spaced():
     assert len(validation_windows(tokens, seq_len=10, n=500)) == 100  # all windows at most
     with pytest.raises(ParScaleError, match="validation split has 5 tokens"):
         validation_windows(tokens[:5], seq_len=10, n=4)
+
+
+def test_build_tokenizes_on_main_then_others_hit_the_cache(tmp_path, tiny_tokenizer):
+    write_tree(tmp_path / "src", n=12)
+    c = load_corpus(tmp_path / "src", val_fraction=0.3)
+    events = []
+    main = TokenBatches.build(c, tiny_tokenizer, seq_len=16, global_batch=4, seed=1,
+                              cache_dir=tmp_path / "cache", progress=False, main=True,
+                              barrier=lambda: events.append("barrier"))
+    other = TokenBatches.build(c, tiny_tokenizer, seq_len=16, global_batch=4, seed=1,
+                               cache_dir=tmp_path / "cache", main=False, barrier=lambda: events.append("b2"))
+    assert events == ["barrier", "b2"] and other.validation.from_cache
+    inputs, labels = main.batch(3, rank=1, world_size=2)  # a Batch unpacks as (inputs, labels)
+    assert torch.equal(inputs, other.batch(3).inputs[2:]) and torch.equal(labels, other.batch(3).labels[2:])
+    val = main.validation_windows(3)
+    assert val is not None and torch.equal(val.inputs, other.validation_windows(3).inputs)
+    assert TokenBatches(main.tokens, seq_len=16, global_batch=4).validation_windows(3) is None

@@ -16,7 +16,8 @@ See docs/data.md for the exact rules (split, cap, cache key, batch order).
 from .batches import Batch, TokenBatches, validation_windows
 from .corpus import (DEFAULT_VAL_FRACTION, TRAIN, VALIDATION, Corpus, CorpusStats, Document,
                      corpus_from_spec, load_corpus, split_value, stdlib_corpus)
-from .tokenizer import (DEFAULT_VOCAB_SIZE, EOS_TOKEN, TextTokenizer, load_or_train_tokenizer)
+from .tokenizer import (DEFAULT_VOCAB_SIZE, EOS_TOKEN, TextTokenizer, load_or_train_tokenizer,
+                        load_tokenizer, train_tokenizer)
 from .tokens import (PreparedData, TokenizedSplit, default_cache_dir, prepare_data, token_dtype,
                      tokenize_split)
 
@@ -24,7 +25,8 @@ __all__ = [
     "Batch", "TokenBatches", "validation_windows",
     "DEFAULT_VAL_FRACTION", "TRAIN", "VALIDATION", "Corpus", "CorpusStats", "Document",
     "corpus_from_spec", "load_corpus", "split_value", "stdlib_corpus",
-    "DEFAULT_VOCAB_SIZE", "EOS_TOKEN", "TextTokenizer", "load_or_train_tokenizer",
+    "DEFAULT_VOCAB_SIZE", "EOS_TOKEN", "TextTokenizer", "load_or_train_tokenizer", "load_tokenizer",
+    "train_tokenizer",
     "PreparedData", "TokenizedSplit", "default_cache_dir", "prepare_data", "token_dtype",
     "tokenize_split",
 ]

@@ -19,7 +19,8 @@ accumulation splits a rank's rows into equal consecutive micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +28,12 @@ from ..errors import ParScaleError
 from .tokens import TokenizedSplit
 
 if TYPE_CHECKING:
+    import os
+
     import torch
+
+    from .corpus import Corpus
+    from .tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    def __iter__(self):
+        """Unpacks as ``inputs, labels = batch``."""
+        return iter((self.inputs, self.labels))
 
     @property
     def n_tokens(self) -> int:
@@ -89,6 +99,40 @@ class TokenBatches:
             raise ParScaleError(f"the training split has {len(self.tokens)} tokens, fewer than "
                                 f"seq_len + 1 = {self.seq_len + 1}; use more data or a shorter seq_len")
         self._perms: dict[int, np.ndarray] = {}
+        self.validation: TokenizedSplit | None = None  # set by build()
+
+    @classmethod
+    def build(cls, corpus: "Corpus", tokenizer: "TextTokenizer", *, seq_len: int, global_batch: int,
+              seed: int = 0, cache_dir: "str | os.PathLike | None" = None, progress: bool = True,
+              main: bool = True, barrier: Callable[[], None] | None = None) -> "TokenBatches":
+        """Tokenize (or open from the cache) both splits and return the train batches.
+
+        Under data parallelism pass ``main`` (rank 0?) and ``barrier``: the main rank builds the
+        cache entries, everyone waits at the barrier, then the other ranks open them (cache hits),
+        so the corpus is tokenized once. The validation split is kept as ``.validation``.
+        """
+        from .tokens import tokenize_split
+
+        def both(show: bool) -> tuple[TokenizedSplit, TokenizedSplit]:
+            return tuple(tokenize_split(corpus, tokenizer, split, cache_dir=cache_dir, progress=show)
+                         for split in ("train", "validation"))  # type: ignore[return-value]
+
+        if main:
+            train, val = both(progress)
+        if barrier is not None:
+            barrier()
+        if not main:
+            train, val = both(False)
+        out = cls(train, seq_len=seq_len, global_batch=global_batch, seed=seed)
+        out.validation = val
+        return out
+
+    def validation_windows(self, n: int) -> Batch | None:
+        """``validation_windows(self.validation, seq_len=self.seq_len, n=n)``; None when there is no
+        validation split (not built with ``build``) or it is shorter than one window."""
+        if self.validation is None or (len(self.validation) - 1) // self.seq_len < 1:
+            return None
+        return validation_windows(self.validation, seq_len=self.seq_len, n=n)
 
     @property
     def tokens_per_step(self) -> int:

@@ -172,6 +172,17 @@ class TextTokenizer:
                          length=len(docs))
 
 
+def load_tokenizer(path: str | os.PathLike, *, eos_token: str | None = None) -> TextTokenizer:
+    """``TextTokenizer.load``: ``tokenizer.json`` of a model directory (or the file itself)."""
+    return TextTokenizer.load(path, eos_token=eos_token)
+
+
+def train_tokenizer(corpus: "Corpus", *, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    sample_bytes: int | None = DEFAULT_SAMPLE_BYTES) -> TextTokenizer:
+    """``TextTokenizer.train_on_corpus``: a byte-level BPE trained on the corpus's train split."""
+    return TextTokenizer.train_on_corpus(corpus, vocab_size, sample_bytes=sample_bytes)
+
+
 def _eos_from_config(path: Path) -> str | None:
     if not path.is_file():
         return None
