@@ -210,7 +210,7 @@ def parse_expression(text: str) -> tuple[Fraction, list[int]]:
     return value, literals
 
 
-def _countdown_answer(text: str) -> str | Invalid:
+def countdown_answer(text: str) -> str | Invalid:
     """First line, whitespace removed, a trailing ``=<number>`` dropped (it restates the target)."""
     line = first_line(text)
     if line is INVALID:
@@ -225,7 +225,7 @@ class Countdown(Task):
     default_difficulty = 4
     min_difficulty = 2
     max_difficulty = 6
-    extractor = staticmethod(_countdown_answer)
+    extractor = staticmethod(countdown_answer)
     MAX_NUMBER, MAX_TARGET = 20, 999
     _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -262,7 +262,7 @@ class Countdown(Task):
         raise ParScaleError(f"countdown: could not generate a problem at difficulty {difficulty}")
 
     def check(self, problem, answer):
-        expr = _countdown_answer(answer)
+        expr = countdown_answer(answer)
         if expr is INVALID:
             return False
         claimed = first_line(answer).split("=")
@@ -278,7 +278,7 @@ class Countdown(Task):
 
 
 # ----------------------------------------------------------------------------- linear equations
-def _linear_answer(text: str) -> str | Invalid:
+def linear_answer(text: str) -> str | Invalid:
     line = first_line(text)
     if line is INVALID:
         return INVALID
@@ -298,7 +298,7 @@ def _side(coef: int, const: int) -> str:
 class Linear(Task):
     name = "linear"
     default_difficulty = 1
-    extractor = staticmethod(_linear_answer)
+    extractor = staticmethod(linear_answer)
 
     def generate(self, rng, difficulty):
         # The equation is a·x + b = c·x + e; c = 0 for the one-sided levels.
@@ -317,7 +317,7 @@ class Linear(Task):
         return f"solve {_side(a, b)}={_side(c, e)}", str(x), {"a": a, "b": b, "c": c, "e": e}
 
     def check(self, problem, answer):
-        found = _linear_answer(answer)
+        found = linear_answer(answer)
         x = None if found is INVALID else parse_number(found)
         if x is None:
             return False
@@ -331,7 +331,7 @@ _UNITS = ([[(r, c) for c in range(4)] for r in range(4)] + [[(r, c) for r in ran
           + [[(br + i, bc + j) for i in range(2) for j in range(2)] for br in (0, 2) for bc in (0, 2)])
 
 
-def _sudoku_answer(text: str) -> str | Invalid:
+def sudoku_answer(text: str) -> str | Invalid:
     line = first_line(text)
     if line is INVALID:
         return INVALID
@@ -362,7 +362,7 @@ class Sudoku(Task):
     name = "sudoku"
     default_difficulty = 8
     max_difficulty = 11
-    extractor = staticmethod(_sudoku_answer)
+    extractor = staticmethod(sudoku_answer)
 
     def _random_grid(self, rng: random.Random) -> list[int]:
         digits = rng.sample(range(1, 5), 4)
@@ -393,7 +393,7 @@ class Sudoku(Task):
         raise ParScaleError(f"sudoku: could not make a uniquely solvable puzzle with {difficulty} blanks")
 
     def check(self, problem, answer):
-        digits = _sudoku_answer(answer)
+        digits = sudoku_answer(answer)
         if digits is INVALID:
             return False
         cells = [int(ch) for ch in digits]
