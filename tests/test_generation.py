@@ -112,7 +112,7 @@ def test_on_finish_can_prune_rows(model):
     ids = torch.randint(0, 53, (1, 4), generator=torch.Generator().manual_seed(7))
     res = decode(model, ids, max_new_tokens=10, num_samples=4, temperature=1.0, seeds=[1, 2, 3, 4],
                  stop=lambda row, toks: row == 0 and len(toks) == 2,
-                 on_finish=lambda row, step: [1, 2, 3] if row == 0 else None)
+                 on_finish=lambda row, toks, why, step: [1, 2, 3] if row == 0 else None)
     assert res.finish_reason == ["stop", "pruned", "pruned", "pruned"]
     assert len(res.tokens[0]) == 2 and res.decode_steps == 1
 

@@ -110,7 +110,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            seeds: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
            eos_token_id: int | Iterable[int] | None = None,
            stop: Callable[[int, list[int]], bool] | None = None,
-           on_finish: Callable[[int, int], Iterable[int] | None] | None = None,
+           on_finish: Callable[[int, list[int], str, int], Iterable[int] | None] | None = None,
            return_logprobs: bool = False, compact: bool = True) -> DecodeResult:
     """Prefill ``input_ids`` (``b s``, left-padded) once, then decode ``num_samples`` rows per prompt.
 
@@ -118,7 +118,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     per row (``b·num_samples`` rows, prompt-major). Temperature 0 means greedy. ``seeds``: one int
     seeds a single batch generator; a list gives every row its own generator (its samples are then
     the same whatever else runs in the batch). ``stop(row, new_tokens)`` ends a row with reason
-    "stop". ``on_finish(row, step)`` is called as each row ends and may return rows to prune.
+    "stop". ``on_finish(row, tokens, reason, step)`` is called as each row ends (not for pruned
+    rows) and may return rows to prune; pruned rows end with reason "pruned" and leave the batch.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
@@ -157,7 +158,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     def end(row: int, why: str, step: int) -> None:
         reason[row], finish_step[row], finish_time[row] = why, step, time.perf_counter() - t0
         if on_finish is not None:
-            for other in on_finish(row, step) or ():
+            for other in on_finish(row, tokens[row], why, step) or ():
                 if reason[other] is None:
                     reason[other], finish_step[other] = "pruned", step
                     finish_time[other] = time.perf_counter() - t0

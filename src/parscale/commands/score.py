@@ -93,8 +93,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
         return 0
-    pct = f"{round(100 * args.level)}%"
-    print(f"{args.samples}: {report.problems} problems x n={report.n} samples, task {report.task}, "
+    print_report(report, args.samples, args.level)
+    return 0
+
+
+def print_report(report, label, level: float) -> None:
+    """The human-readable table of a ScoreReport (shared with `parscale sample`)."""
+    pct = f"{round(100 * level)}%"
+    print(f"{label}: {report.problems} problems x n={report.n} samples, task {report.task}, "
           f"extractor {report.extractor}")
     print(f"samples correct {report.sample_accuracy:.4f}, no answer (INVALID) {report.invalid_rate:.4f}")
     header = f"{'k':>5}  {'pass@k':>26}  {'maj@k':>26}"
@@ -113,4 +119,3 @@ def run(args: argparse.Namespace) -> int:
           f"{c['generated_tokens']:.1f} generated), {c['row_steps']:.1f} row-steps, "
           f"{c['decode_steps']:.1f} decode steps, {c['flops']:.3g} FLOPs, {c['wall_s']:.3f} s "
           f"(P={c['streams']})")
-    return 0

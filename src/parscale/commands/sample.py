@@ -1,0 +1,106 @@
+"""`parscale sample`: N answers per problem of an offline task, aggregated and scored, with the cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ParScaleError
+
+EXAMPLE = """\
+examples:
+  # 16 samples per arithmetic problem, majority vote, saved for re-scoring
+  parscale sample --model runs/arith/model --task arithmetic --problems 50 --n 16 \\
+      --strategy majority --out samples.jsonl
+
+  # stop a problem's sampling once the first 3 finished answers agree (saves decode work)
+  parscale sample --model runs/arith/model --task arithmetic --n 16 --early-stop agree:3
+
+  # mix temperatures across the 4 rows of each problem; keep the first 2 to finish
+  parscale sample --model runs/arith/model --task linear --n 4 --temperature 0.5,0.7,1.0,1.2 \\
+      --early-stop first:2
+
+  # re-score later without regenerating
+  parscale score samples.jsonl --strategy majority --k 1,2,4,8,16
+"""
+
+
+def register(sub) -> None:
+    from ..cli import HelpFormatter
+
+    p = sub.add_parser("sample", help="sample N answers per problem, aggregate, score, count the cost",
+                       epilog=EXAMPLE, formatter_class=HelpFormatter,
+                       description="Sample-level parallel scaling on an offline task with an exact verifier.")
+    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
+    p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
+    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku")
+    p.add_argument("--problems", type=int, default=50, help="number of problems")
+    p.add_argument("--difficulty", type=int, default=None, help="task difficulty (task default if unset)")
+    p.add_argument("--problem-seed", type=int, default=1234, help="seed of the problem generator")
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--strategy", default="majority", help="majority | weighted | shortest | first | ...")
+    p.add_argument("--early-stop", default=None, help="agree:W | posterior:THRESHOLD | first:K")
+    p.add_argument("--temperature", default="1.0", help="one value, or one per sample index (comma list)")
+    p.add_argument("--top-p", default="1.0", help="one value, or one per sample index (comma list)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per-row seeds derive from it)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-problems", type=int, default=4, help="problems prefilled together")
+    p.add_argument("--k", default=None, help="k values for the estimators (default 1,2,4,..,n)")
+    p.add_argument("--out", help="write the SampleSet here (JSONL) for `parscale score`")
+    p.add_argument("--json", action="store_true", help="print the score report as JSON")
+    p.set_defaults(func=run)
+
+
+def _floats(text: str, flag: str) -> list[float] | float:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ParScaleError(f"{flag} must be a number or a comma list of numbers (got {text!r})") from None
+    if not vals:
+        raise ParScaleError(f"{flag} is empty")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.tokenizer import load_tokenizer
+    from ..model import ParScaleForCausalLM
+    from ..sampling.aggregators import get_strategy
+    from ..sampling.estimators import score_sample_set
+    from ..sampling.policies import make_policy
+    from ..sampling.sampler import sample_problems
+    from ..sampling.tasks import get_task
+    from .score import parse_ks, print_report
+
+    for flag, value, low in [("--n", args.n, 1), ("--problems", args.problems, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--batch-problems", args.batch_problems, 1)]:
+        if value < low:
+            raise ParScaleError(f"{flag} must be >= {low} (got {value})")
+    task = get_task(args.task)
+    get_strategy(args.strategy)
+    if args.early_stop:
+        make_policy(args.early_stop)  # a bad spec fails before the model loads
+    temps, top_ps = _floats(args.temperature, "--temperature"), _floats(args.top_p, "--top-p")
+    ks = parse_ks(args.k) if args.k else None
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
+    tok = load_tokenizer(Path(args.tokenizer or args.model))
+    problems = task.make_problems(args.problems, seed=args.problem_seed, difficulty=args.difficulty)
+    sset = sample_problems(model, tok, problems, n=args.n, temperature=temps, top_p=top_ps, top_k=args.top_k,
+                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_id,
+                           policy=args.early_stop, extractor=task.extractor,
+                           batch_problems=args.batch_problems, progress=True,
+                           meta={"task": task.name, "model": str(args.model), "difficulty": args.difficulty,
+                                 "problem_seed": args.problem_seed, "strategy": args.strategy})
+    if args.out:
+        sset.save_jsonl(args.out)
+    report = score_sample_set(sset, task=task.name, strategy=args.strategy, ks=ks)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print_report(report, args.out or f"{task.name} (not saved)", 0.95)
+        if args.out:
+            print(f"samples written to {args.out}")
+    return 0
