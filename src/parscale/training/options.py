@@ -139,8 +139,8 @@ class TrainConfig:
                 self._fail(name, "must be >= 0")
         if self.seq_len < 2:
             self._fail("seq_len", "must be >= 2 (a window needs a next token to predict)")
-        if self.vocab_size < 32:
-            self._fail("vocab_size", "must be >= 32")
+        if self.vocab_size < 257:
+            self._fail("vocab_size", "must be >= 257 (256 byte symbols + the end-of-text token)")
         if not 0.0 <= self.agg_smoothing <= 1.0:
             self._fail("agg_smoothing", "must be in [0, 1]")
         if self.lr <= 0:

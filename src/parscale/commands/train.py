@@ -1,0 +1,135 @@
+"""`parscale train`: train a ParScale model (from scratch, two-stage, recycled, frozen backbone; DDP).
+
+Every flag is a TrainConfig field (``--kv-heads`` ↔ ``kv_heads``). Values come from, in order of
+precedence: the flags given on the command line, then ``--config FILE``, then — with ``--resume``
+— the settings the run in ``--out`` was started with, then the TrainConfig defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+EXAMPLE = """\
+examples:
+  # a tiny model on 2 MB of the Python standard library: about a minute on a laptop CPU
+  parscale train --size tiny --streams 2 --data-max-bytes 2000000 --vocab-size 1024 \\
+      --seq-len 128 --batch-size 8 --steps 200 --out runs/tiny-p2
+  parscale generate --model runs/tiny-p2/model --prompt "def main(" --max-new-tokens 40
+
+  # continue a killed run exactly where its last checkpoint left it (same weights as uninterrupted)
+  parscale train --out runs/tiny-p2 --resume
+
+  # two-stage: P = 1 for 2M tokens, then add 4 streams and train 200k more tokens
+  parscale train --size small --streams 4 --stage1-tokens 2000000 --stage2-tokens 200000 --out runs/two
+
+  # recycle a trained backbone: freeze it and train only a new 4-stream set (dynamic P)
+  parscale train --init-from runs/two/model --streams 4 --freeze-backbone --tokens 500000 --out runs/p4
+
+  # the same settings from a file (flags override it); 2 processes with DDP
+  torchrun --nproc_per_node 2 -m parscale.cli train --config run.toml --out runs/ddp
+"""
+
+HELP = {
+    "size": "model size preset: tiny, small, base, medium (the shape flags override parts of it)",
+    "layers": "decoder layers (default: from --size)",
+    "hidden": "hidden size (default: from --size)",
+    "heads": "attention heads (default: from --size)",
+    "kv_heads": "key/value heads, grouped-query attention (default: from --size)",
+    "intermediate": "MLP intermediate size (default: from --size)",
+    "vocab_size": "BPE vocabulary size when training a tokenizer on the corpus",
+    "streams": "P, the number of parallel streams",
+    "prefix_tokens": "learned prefix length per stream and layer",
+    "agg_smoothing": "ε: aggregation weights become w·(1-ε) + ε/P",
+    "seq_len": "tokens per training window",
+    "batch_size": "global batch in sequences per optimizer step (over all ranks and micro-batches)",
+    "grad_accum": "micro-batches per step (splits the batch; the maths of a step stays the same)",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the cosine schedule",
+    "warmup_steps": "linear warm-up steps",
+    "schedule": "learning-rate schedule after warm-up: cosine or constant",
+    "weight_decay": "AdamW decoupled weight decay (not on norms, biases, prefixes)",
+    "grad_clip": "clip the gradient norm to this (0 = off)",
+    "tokens": "token budget (input tokens; steps = ceil(tokens / (batch_size·seq_len)))",
+    "steps": "optimizer steps (instead of --tokens)",
+    "stage1_tokens": "two-stage: tokens at P = 1 before the streams are added",
+    "stage2_tokens": "two-stage: tokens at P = --streams after stage 1",
+    "eval_every": "evaluate the held-out loss every N steps (0 = only at the end)",
+    "eval_tokens": "held-out tokens per evaluation (fixed validation windows)",
+    "checkpoint_every": "write OUT/checkpoint every N steps (0 = only at the end)",
+    "log_every": "append a metrics.jsonl record every N steps",
+    "seed": "seed of the model init and of the batch order",
+    "data": "training corpus: 'stdlib' (the Python standard library) or a file, directory or JSONL path",
+    "data_max_bytes": "use a fixed subset of the corpus of at most this many bytes (quick runs)",
+    "tokenizer": "directory with a tokenizer.json to use instead of training one",
+    "out": "run directory (metrics.jsonl, checkpoint/, model/, summary.json)",
+    "resume": "continue the run in --out from its last checkpoint (a finished run: no-op)",
+    "init_from": "start from this checkpoint directory (ours or HF Qwen2/Llama); shape flags not allowed",
+    "freeze_backbone": "train only the P-stream parameters (needs --init-from)",
+    "activation_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
+    "dtype": "float32, or bfloat16 autocast (weights and optimizer stay float32)",
+    "threads": "torch CPU threads (resume bit-exactly with the same number)",
+    "device": "auto (cuda if available), cpu or cuda",
+    "quiet": "no progress bar or log lines",
+}
+
+
+def register(sub) -> None:
+    from ..cli import HelpFormatter
+    from ..training.options import DEVICES, DTYPES, SCHEDULES, SIZE_PRESETS, TrainConfig
+
+    p = sub.add_parser("train", help="train a ParScale model (scratch, two-stage, recycling, DDP)",
+                       formatter_class=HelpFormatter, epilog=EXAMPLE,
+                       description="Train a ParScale language model on a text corpus. Writes "
+                                   "metrics.jsonl, checkpoint/ (exact resume), model/ and summary.json "
+                                   "into --out. Under torchrun it trains with DistributedDataParallel.")
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="TOML/YAML/JSON file whose keys are these flags (dashes or underscores); "
+                        "flags given here override it")
+    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "dtype": list(DTYPES),
+               "device": list(DEVICES)}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split("|")[0].strip()
+        default = f.default
+        help_text = HELP.get(f.name, f.name)
+        if default is not None and kind != "bool":
+            help_text += f" (default: {default})"
+        # SUPPRESS: only the flags actually given reach the namespace, so they can override
+        # --config and the resumed run's settings without the defaults getting in the way.
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            p.add_argument(flag, type=conv, choices=choices.get(f.name), **common)
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from flags > --config file > the resumed run's saved settings > defaults."""
+    from ..training.options import TrainConfig, _field_types, load_config_file, normalize_keys
+    from ..training.trainer import saved_config
+
+    fields = set(_field_types())
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given)
+    if values.get("resume"):
+        saved = saved_config(values.get("out", TrainConfig.__dataclass_fields__["out"].default))
+        if saved is not None:
+            base = normalize_keys({k: v for k, v in saved.items() if k in fields}, "saved train_config.json")
+            base.update(values)
+            values = base
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.trainer import format_summary, train
+
+    cfg = build_config(args)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        print(format_summary(result))
+    return 0
