@@ -46,7 +46,7 @@ PAPER_PRESETS: dict[str, dict[str, int]] = {
 
 _PAPER_COMMON = dict(vocab_size=151936, num_hidden_layers=36, num_attention_heads=16,
                      num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
-                     prefix_tokens=48, rope_theta=1000000.0)
+                     prefix_tokens=48)
 
 #: The paper's fit on Stack-V2-Python (arXiv 2505.10475): equivalent params = N·(k·ln P + 1).
 DEFAULT_K = 0.3935
