@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable numbers on a shared machine; 0: torch default)")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 2 steps (a smoke run)")
     args = ap.parse_args()
     if args.quick:

@@ -84,16 +84,28 @@ def test_two_stage_resume_across_the_stage_boundary(tmp_path, corpus):
                 raise Crash
         return cb
 
-    cfg = tiny(tmp_path / "a", corpus, streams=3, stage1_tokens=6 * 256, stage2_tokens=6 * 256,
-               checkpoint_every=4)
-    reference = train(cfg.replace(out=str(tmp_path / "ref")))
-    # crash in stage 2 with the last checkpoint (step 4) still in stage 1, then again after step 8
+    def state(out):
+        s = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+        return s["step"], s["stage"]
+
+    reference = train(tiny(tmp_path / "ref", corpus, streams=3, stage1_tokens=6 * 256,
+                           stage2_tokens=6 * 256, checkpoint_every=3))
+    # crash in stage 2, with the last checkpoint (step 4) inside stage 1 ...
+    a = tiny(tmp_path / "a", corpus, streams=3, stage1_tokens=6 * 256, stage2_tokens=6 * 256,
+             checkpoint_every=4)
     with pytest.raises(Crash):
-        train(cfg, progress_callback=crash_at(7))
-    assert json.loads((tmp_path / "a" / "checkpoint" / "trainer_state.json").read_text())["stage"] == 0
+        train(a, progress_callback=crash_at(7))
+    assert state(tmp_path / "a") == (4, 0)
+    resumed = train(a.replace(resume=True))
+    assert_same_weights(resumed.model_dir, reference.model_dir)
+    # ... and with the last checkpoint taken exactly at the boundary (step 6, still stage 1)
+    cfg = a.replace(out=str(tmp_path / "b"), checkpoint_every=3)
     with pytest.raises(Crash):
-        train(cfg.replace(resume=True), progress_callback=crash_at(10))
-    assert json.loads((tmp_path / "a" / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
+        train(cfg, progress_callback=crash_at(8))
+    assert state(tmp_path / "b") == (6, 0)
+    with pytest.raises(Crash):
+        train(cfg.replace(resume=True), progress_callback=crash_at(11))
+    assert state(tmp_path / "b") == (9, 1)
     resumed = train(cfg.replace(resume=True))
     assert_same_weights(resumed.model_dir, reference.model_dir)
     assert [r["loss"] for r in records(resumed.out_dir)] == [r["loss"] for r in records(reference.out_dir)]

@@ -262,3 +262,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         code = main(["train", *argv, "--out", str(tmp_path / f"o{i}"), "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and match in err and "\n" not in err, (argv, err)
+
+
+def test_recycle_a_hugging_face_llama_dir(tmp_path, corpus, base_run):
+    from conftest import official_config, official_tensors, write_checkpoint
+
+    c = official_config(model_type="llama", vocab=320, hidden=32, heads=4, kv=2, inter=48, bias=False)
+    hf = write_checkpoint(tmp_path / "llama", c, official_tensors(c, dtype=torch.float32))
+    res = train(tiny(tmp_path / "r", corpus, init_from=str(hf), tokenizer=base_run.model_dir, streams=2,
+                     prefix_tokens=3, freeze_backbone=True, steps=3))
+    assert math.isfinite(res.train_loss)
+    model = ParScaleForCausalLM.from_pretrained(res.model_dir)
+    assert (model.streams, model.config.prefix_tokens, model.config.attention_bias) == (2, 3, False)
+    W, B = load_file(str(Path(res.model_dir) / "model.safetensors")), load_file(str(hf / "model.safetensors"))
+    assert all(torch.equal(W[n], B[n]) for n in B)

@@ -320,6 +320,16 @@ class _Run:
             model.set_streams(int(ckpt.state["streams"]))
         elif cfg.init_from is not None:
             model = ParScaleForCausalLM.from_pretrained(cfg.init_from)
+            mc = model.config
+            if not model.stream_sets:
+                # a plain backbone (ours at P = 1, HF Qwen2/Llama): the ParScale settings are this run's
+                mc.prefix_tokens, mc.agg_smoothing = cfg.prefix_tokens, cfg.agg_smoothing
+            elif (mc.prefix_tokens, mc.agg_smoothing) != (cfg.prefix_tokens, cfg.agg_smoothing) and \
+                    self.dist.main and not cfg.quiet:
+                # every stream set of one model shares these two settings: the checkpoint's win
+                print(f"parscale train: note: {cfg.init_from} already holds stream sets; using its "
+                      f"prefix_tokens={mc.prefix_tokens} and agg_smoothing={mc.agg_smoothing}",
+                      file=sys.stderr)
         else:
             s = cfg.shape()
             mcfg = ParScaleConfig(
@@ -481,6 +491,9 @@ class _Run:
         from .checkpoint import CHECKPOINT
 
         cfg, dist, out = self.cfg, self.dist, self.out
+        if cfg.batch_size % (dist.world * cfg.grad_accum):
+            raise ParScaleError(f"train option 'batch_size' (--batch-size): {cfg.batch_size} sequences "
+                                f"do not split into {dist.world} rank(s) x {cfg.grad_accum} micro-batches")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         verdict, ckpt = self._prepare_dir()
@@ -496,8 +509,9 @@ class _Run:
 
         start = int(ckpt.state["step"]) if ckpt else 0
         elapsed_before = float(ckpt.state["elapsed_s"]) if ckpt else 0.0
-        first = next(s for s in self.stages if s.start <= min(start, self.total_steps - 1) < s.end)
-        self._enter_stage(first)
+        # Enter the checkpoint's own stage so its optimizer state fits; if it was taken right at
+        # the stage boundary, the loop below then crosses it exactly as the uninterrupted run did.
+        self._enter_stage(self.stages[int(ckpt.state["stage"])] if ckpt else self.stages[0])
         if ckpt is not None:
             from .checkpoint import restore_rng
 
