@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ParScaleConfig
 from .errors import ParScaleError
 
@@ -242,24 +242,6 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
 
 
 # --------------------------------------------------------------------------- saving
-def atomic_write_bytes(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
 def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors weights; each file lands atomically (weights first,
     config last), and weight files of an earlier save that this one does not use are removed."""
@@ -280,13 +262,13 @@ def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
         size += nbytes
     written = []
     if len(shards) == 1:
-        atomic_write_bytes(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
         written.append(WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write_bytes(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
             weight_map.update({n: name for n in shard})
             written.append(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import atomic_write_text
 from ..errors import ParScaleError
 from .corpus import cap_order
 
@@ -35,20 +35,6 @@ DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_SAMPLE_BYTES = 64_000_000  # tokenizer training sample cap (the whole stdlib train split fits)
 # Tried in order when a loaded tokenizer names no EOS (no tokenizer_config.json "eos_token").
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TextTokenizer:

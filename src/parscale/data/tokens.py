@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write, atomic_write_text
 from ..errors import ParScaleError
 from .corpus import DEFAULT_VAL_FRACTION, SPLITS, TRAIN, VALIDATION, Corpus, corpus_from_spec
-from .tokenizer import (DEFAULT_SAMPLE_BYTES, DEFAULT_VOCAB_SIZE, TextTokenizer, atomic_write_text,
+from .tokenizer import (DEFAULT_SAMPLE_BYTES, DEFAULT_VOCAB_SIZE, TextTokenizer,
                         load_or_train_tokenizer)
 
 FORMAT_VERSION = 1
@@ -123,13 +123,14 @@ def tokenize_split(corpus: Corpus, tokenizer: TextTokenizer, split: str, *,
     docs = corpus.split(split)
     n_tokens = 0
     t0 = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{stem}.", suffix=".bin.tmp")
-    try:
+
+    def write(tmp: str) -> None:
+        nonlocal n_tokens
         from tqdm.auto import tqdm
 
-        with os.fdopen(fd, "wb") as f, tqdm(total=sum(d.size for d in docs), unit="B", unit_scale=True,
-                                            desc=f"tokenizing {corpus.name}/{split}",
-                                            disable=not progress, leave=False) as bar:
+        with open(tmp, "wb") as f, tqdm(total=sum(d.size for d in docs), unit="B", unit_scale=True,
+                                        desc=f"tokenizing {corpus.name}/{split}",
+                                        disable=not progress, leave=False) as bar:
             i = 0
             while i < len(docs):
                 # Batches of about _BATCH_BYTES of text (at least one document).
@@ -144,11 +145,8 @@ def tokenize_split(corpus: Corpus, tokenizer: TextTokenizer, split: str, *,
                 bar.update(size)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
                 i = j
-        os.replace(tmp, bin_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(bin_path, write)
     seconds = time.perf_counter() - t0
     meta = {
         "format": FORMAT_VERSION, "key": key, "split": split, "corpus": corpus.name,

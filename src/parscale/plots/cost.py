@@ -4,11 +4,11 @@ batch size, ParScale against the equal-loss dense model (two panels)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from ..atomic import atomic_savefig
 from ..cost import BatchSweep
 
 
@@ -45,19 +45,8 @@ def plot_sweep(result: BatchSweep, path: str | os.PathLike, title: str | None = 
                           f"{c0.base.input_tokens}+{c0.base.output_tokens} tokens, {c0.base.dtype}"
                           f"{tooling}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_savefig(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

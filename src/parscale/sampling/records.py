@@ -13,11 +13,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from ..errors import ParScaleError
 from .answers import INVALID, Invalid
 
@@ -296,21 +296,3 @@ def _check_header(obj: Any) -> dict[str, Any]:
     if not isinstance(obj.get("meta", {}), dict):
         raise ParScaleError("header field 'meta' must be an object")
     return obj
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-

@@ -45,7 +45,8 @@ from typing import Any
 
 from ..errors import ParScaleError
 from .answers import INVALID, Invalid, canonical_answer, canonical_number, first_line, get_extractor, parse_number
-from .records import Problem, atomic_write_text
+from ..atomic import atomic_write_text
+from .records import Problem
 
 
 class Task:
