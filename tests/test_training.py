@@ -3,7 +3,6 @@ backbone + dynamic P, two-stage), config files and one-line errors. Tiny models 
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -67,9 +66,9 @@ def token_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, corpus):
     """A P = 1 model trained for 30 steps: the backbone for the recycling tests."""
-    os.environ["PARSCALE_CACHE"] = str(tmp_path_factory.getbasetemp() / "token-cache")
-    out = tmp_path_factory.mktemp("base")
-    return train(tiny(out, corpus, streams=1, steps=30, eval_every=10))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PARSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+        return train(tiny(tmp_path_factory.mktemp("base"), corpus, streams=1, steps=30, eval_every=10))
 
 
 # --------------------------------------------------------------------------- schedule (pure)
@@ -97,7 +96,7 @@ def test_two_stage_plan_restarts_schedule_with_short_warmup():
 
 
 # --------------------------------------------------------------------------- a run
-def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus):
+def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     seen = []
     res = train(tiny(out, corpus, streams=2, steps=40, eval_every=20), progress_callback=seen.append)
@@ -131,6 +130,12 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, corpus):
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ParScaleError, match="'lr'"):  # resuming with other maths is refused
         train(tiny(out, corpus, streams=2, steps=40, eval_every=20, resume=True, lr=1e-2))
+    # from the command line only --out and --resume are needed: the rest comes from train_config.json
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["train", "--out", str(out), "--resume", "--steps", "50"]) == 2
+    assert "'steps'" in capsys.readouterr().err
 
 
 def test_grad_accum_and_activation_checkpointing_keep_the_maths(tmp_path, corpus):

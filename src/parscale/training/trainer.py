@@ -570,7 +570,8 @@ class _Run:
                           f"lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s", file=sys.stderr)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                rate = (step - start) * cfg.tokens_per_step / max(time.perf_counter() - t_session, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
             if is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 elapsed = elapsed_before + time.perf_counter() - t_session
                 self._checkpoint(step, elapsed, finished=is_last)
