@@ -220,8 +220,9 @@ def test_config_file_keys_and_cli_overrides(tmp_path, corpus):
     assert cfg.batch_size == TrainConfig.__dataclass_fields__["batch_size"].default
 
     y = tmp_path / "run.yaml"
-    y.write_text("steps: 7\nfreeze_backbone: false\n")
-    assert load_config_file(y) == {"steps": 7, "freeze_backbone": False}
+    y.write_text("steps: 7\nfreeze_backbone: false\nlr: 1e-3\n")
+    assert load_config_file(y) == {"steps": 7, "freeze_backbone": False, "lr": "1e-3"}
+    assert TrainConfig.from_sources(y).lr == 1e-3  # YAML 1.1 reads 1e-3 as text; accepted as a number
 
     bad = tmp_path / "bad.toml"
     bad.write_text("stepz = 5\n")

@@ -114,9 +114,18 @@ class TrainConfig:
                 if not optional:
                     self._fail(name, "must be set")
                 continue
-            if base == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                self._fail(name, "must be an integer")
+            if base == "int":
+                if isinstance(v, float) and v.is_integer():  # "tokens = 4e6" in a config file
+                    v = int(v)
+                    setattr(self, name, v)
+                if not isinstance(v, int) or isinstance(v, bool):
+                    self._fail(name, "must be an integer")
             if base == "float":
+                if isinstance(v, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+                    try:
+                        v = float(v)
+                    except ValueError:
+                        self._fail(name, "must be a finite number")
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     self._fail(name, "must be a finite number")
                 setattr(self, name, float(v))
