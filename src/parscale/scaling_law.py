@@ -9,13 +9,14 @@ so P streams act like multiplying the parameters by ``k·ln P + 1`` (A is in uni
 parameters, as in the paper). The paper fits E, A, alpha, k by minimising the *sum* of Huber
 losses (delta = 1e-3) between log(true loss) and log(predicted loss) with L-BFGS-B (all four
 parameters bounded below by 1e-8), started from every point of a 3 x 5 x 5 x 4 = 300 grid; the
-best of the 300 results is the fit. ``fit_law`` does the same, with two changes that do not move
-the answer but make it fast and reproducible:
+best of the 300 results is the fit. ``fit_law`` does the same with an analytic gradient and two
+changes that make it fast and start-independent (they move the paper's constants by < 0.1 %):
 
 * **Screen, then polish.** Every grid start first runs a few L-BFGS-B iterations
-  (``screen_iters``, default 8); the ``polish`` best of those (default 3) are then run to tight
+  (``screen_iters``, default 6); the ``polish`` best of those (default 3) are then run to tight
   convergence and the lowest objective wins. On the paper's data this lands on the same optimum
-  as running all 300 starts to convergence (tested), at about a quarter of the cost.
+  as running all 300 starts to convergence (tested), with a fifth of the objective evaluations;
+  on 30 simulated noisy data sets the two objectives agreed within 0.1 %, either way round.
   ``screen_iters=None`` runs every start to scipy's default convergence, as the authors' script did.
 * **Tight final tolerances.** The objective is tiny (~1e-5) while scipy's default ``ftol`` is
   relative to max(|f|, 1), so a default run stops where the valley is still sloping and the
@@ -79,7 +80,7 @@ _POLISH_OPTIONS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000, "maxfun": 20
 
 
 def _power_term(N, P, A, alpha, k):
-    """(A·1e9 / (N·(k ln P + 1)))^alpha computed as exp(alpha·log(...)), clipped so it never overflows."""
+    """(A·1e9 / (N·(k ln P + 1)))^alpha as exp(alpha·log(...)), clipped so it never over/underflows."""
     log_ratio = math.log(A) + _LOG_1E9 - np.log(N) - np.log(k * np.log(P) + 1.0)
     return np.exp(np.clip(alpha * log_ratio, -_MAX_EXPONENT, _MAX_EXPONENT))
 
@@ -214,7 +215,7 @@ class LawFit:
         initial = [best, *self.ranked_starts[:starts]]
         samples = np.empty((n, 4))
         m = self.n_points
-        with _single_thread_blas():
+        with _single_thread_blas(), np.errstate(under="ignore"):
             for i in range(n):
                 idx = rng.integers(0, m, size=m)
                 while np.unique(idx).size < 4:  # degenerate resample: too few distinct points
@@ -230,7 +231,7 @@ class LawFit:
         return {
             "law": LAW_TEXT,
             **self.params,
-            "r2": self.r2,
+            "r2": self.r2 if math.isfinite(self.r2) else None,  # NaN when all losses are equal
             "objective": self.objective,
             "delta": self.delta,
             "n_points": self.n_points,
@@ -251,8 +252,8 @@ def _make_objective(N: np.ndarray, P: np.ndarray, loss: np.ndarray, delta: float
         m = k * ln_p + 1.0
         log_ratio = math.log(A) + _LOG_1E9 - log_n - np.log(m)
         exponent = alpha * log_ratio
-        # Only overflow needs a guard (exp underflows quietly to 0, and pred >= E >= 1e-8 anyway).
-        # np.minimum/np.maximum rather than np.clip: same result, a fraction of the call overhead.
+        # Overflow needs a guard (underflow to 0 is harmless: pred >= E >= 1e-8).
+        # np.minimum rather than np.clip: same result, a fraction of the call overhead.
         term = np.exp(np.minimum(exponent, _MAX_EXPONENT))
         pred = E + term
         r = y - np.log(pred)
@@ -368,7 +369,7 @@ def _validate_data(N, P, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def fit_law(N, P, loss, *, delta: float = 1e-3, grid: Mapping[str, Sequence[float]] | np.ndarray | None = None,
-            screen_iters: int | None = 8, polish: int = 3) -> LawFit:
+            screen_iters: int | None = 6, polish: int = 3) -> LawFit:
     """Fit E, A, alpha, k to (N, P, loss) the way the paper does (see the module docstring).
 
     ``grid`` is a mapping {"E": [...], "A": [...], "alpha": [...], "k": [...]} whose product gives
@@ -386,7 +387,9 @@ def fit_law(N, P, loss, *, delta: float = 1e-3, grid: Mapping[str, Sequence[floa
     starts = _grid_starts(grid)
     objective = _make_objective(N, P, loss, delta)
     options = {} if screen_iters is None else {"maxiter": screen_iters}
-    with _single_thread_blas():
+    # Far from the optimum tiny terms may underflow to 0, which is harmless here; keep it quiet
+    # even where a caller asked numpy to warn about underflow.
+    with _single_thread_blas(), np.errstate(under="ignore"):
         screened = [minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=_BOUNDS, options=options)
                     for x0 in starts]
         scores = np.array([r.fun if np.isfinite(r.fun) else np.inf for r in screened])

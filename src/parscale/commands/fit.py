@@ -123,8 +123,6 @@ def run(args: argparse.Namespace) -> int:
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise ParScaleError(f"--plot: {plot} must end in .png (the plot is written as PNG)")
-        if not plot.parent.is_dir():
-            raise ParScaleError(f"--plot: directory {plot.parent} does not exist")
 
     from ..scaling_law import fit_law
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -12,29 +9,11 @@ from typing import Union
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..atomic import atomic_savefig
 from ..errors import ParScaleError
 from ..scaling_law import LawFit
 
 KLike = Union[LawFit, float]
-
-
-def _save_png(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG atomically: a temp file in the target directory, then os.replace."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ParScaleError(f"{path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # format given explicitly: the temp name's extension is not .png
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def plot_law_fit(fit: LawFit, path: str | Path, title: str | None = None) -> Path:
@@ -56,7 +35,7 @@ def plot_law_fit(fit: LawFit, path: str | Path, title: str | None = None) -> Pat
     constants = (f"E = {fit.E:.4g}, A = {fit.A:.4g}, α = {fit.alpha:.4g}, k = {fit.k:.4g}, "
                  f"R² = {fit.r2:.4f}")
     ax.set_title(f"{title}\n{constants}" if title else constants, fontsize="medium")
-    return _save_png(fig, path)
+    return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _k_of(value: KLike) -> float:
@@ -103,4 +82,4 @@ def plot_multiplier(fits_or_k: KLike | Sequence[KLike] | Mapping[str, KLike], pa
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title or "P streams act like (k·ln P + 1)× the parameters", fontsize="medium")
-    return _save_png(fig, path)
+    return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
