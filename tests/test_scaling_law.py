@@ -50,6 +50,16 @@ def test_screened_fit_equals_running_every_start_to_convergence(paper_fits):
         assert getattr(fast, key) == pytest.approx(getattr(full, key), rel=1e-5)
 
 
+def test_custom_grid(paper_fits):
+    N, P, loss = load_paper_data("stack")
+    one = fit_law(N, P, loss, grid={"E": [0.5], "A": [0.01], "alpha": [0.2], "k": [0.4]})
+    assert one.n_starts == 1 and one.E == pytest.approx(paper_fits["stack"].E, rel=1e-4)
+    two = fit_law(N, P, loss, grid=np.array([[0.5, 0.01, 0.2, 0.4], [1.0, 1.0, 1.0, 0.2]]))
+    assert two.n_starts == 2 and two.objective == pytest.approx(paper_fits["stack"].objective, rel=1e-8)
+    with pytest.raises(ParScaleError, match="missing values for k"):
+        fit_law(N, P, loss, grid={"E": [0.5], "A": [0.01], "alpha": [0.2]})
+
+
 def test_objective_is_the_papers_summed_huber_on_log_loss(paper_fits):
     fit = paper_fits["stack"]
     r = np.log(fit.loss) - np.log(fit.predict(fit.N, fit.P))

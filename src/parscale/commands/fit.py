@@ -11,8 +11,8 @@ from ..cli import HelpFormatter
 from ..errors import ParScaleError
 
 PAPER_SOURCES = {
-    "paper-stack": ("stack", "Stack-V2-Python losses of the paper's 24 runs (arXiv 2505.10475)"),
-    "paper-pile": ("pile", "Pile losses of the paper's 24 runs (arXiv 2505.10475)"),
+    "paper-stack": ("stack", "Stack-V2-Python losses of the paper's runs, arXiv 2505.10475"),
+    "paper-pile": ("pile", "Pile losses of the paper's runs, arXiv 2505.10475"),
 }
 
 DESCRIPTION = """\
@@ -66,7 +66,7 @@ def _load(data: str):
 
     if data in PAPER_SOURCES:
         name, label = PAPER_SOURCES[data]
-        return load_paper_data(name), f"{data}: {label}"
+        return load_paper_data(name), f"{data} ({label})"
     return load_csv(data), data
 
 
@@ -88,7 +88,7 @@ def _text_report(fit, source: str, boot, notes: list[str], plot: Path | None) ->
 
     lines = [
         f"parallel scaling law  {LAW_TEXT}",
-        f"data: {source} ({fit.n_points} points)",
+        f"data: {source}; {fit.n_points} points",
         f"fit:  sum of Huber losses (delta={fit.delta:g}) on log loss, L-BFGS-B from {fit.n_starts} grid starts",
         "",
     ]
