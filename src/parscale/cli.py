@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import ParScaleError
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParScaleError as e:
         print(f"parscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `parscale fit ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"parscale {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import itertools
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -287,56 +285,15 @@ def _polish(objective, initial: Sequence[np.ndarray]):
 
 @contextlib.contextmanager
 def _single_thread_blas() -> Iterator[None]:
-    """Run OpenBLAS single-threaded inside the block, restoring the previous setting after.
+    """Run BLAS single-threaded inside the block, restoring the previous setting after.
 
     scipy's L-BFGS-B calls BLAS on 4-element vectors; OpenBLAS's thread pool costs far more than
-    that arithmetic (a 300-start fit measured 10x slower on a busy 2-core machine). Best effort:
-    threadpoolctl when installed, else the thread setters of OpenBLAS libraries already loaded
-    (found via /proc/self/maps, so Linux only); elsewhere this does nothing.
+    that arithmetic (a 300-start fit measured 10x slower on a busy 2-core machine).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-        return
-    restore = []
-    for get, set_ in _openblas_thread_setters():
-        try:
-            previous = get()
-            set_(1)
-            restore.append((set_, previous))
-        except Exception:  # never let a tuning knob break a fit
-            continue
-    try:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        for set_, previous in restore:
-            set_(previous)
-
-
-def _openblas_thread_setters() -> list[tuple[Any, Any]]:
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return []
-    found = []
-    for path in sorted(set(re.findall(r"(/\S*openblas\S*\.so[^\s/]*)", maps))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for suffix in ("", "64_"):
-            for prefix in ("scipy_openblas", "openblas"):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    set_.argtypes = [ctypes.c_int]
-                    found.append((get, set_))
-                    break
-    return found
 
 
 def _grid_starts(grid: Mapping[str, Sequence[float]] | np.ndarray | None) -> np.ndarray:
