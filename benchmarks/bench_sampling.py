@@ -65,7 +65,7 @@ def main() -> None:
         corpus = out / "arithmetic.jsonl"
         write_training_corpus(task, args.train_problems, seed=0, difficulty=args.difficulty, path=corpus,
                               exclude=[p.prompt for p in problems])
-        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size="small", vocab_size=256, seq_len=64,
+        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size="small", vocab_size=320, seq_len=64,
                           batch_size=32, tokens=args.train_tokens, lr=3e-3, min_lr=3e-4, warmup_steps=50,
                           eval_every=500, checkpoint_every=500, prefix_tokens=8, threads=args.threads,
                           resume=True)
