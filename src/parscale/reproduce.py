@@ -1,0 +1,740 @@
+"""Reproduce the parallel scaling law on a laptop CPU: a grid of tiny training runs, the law's fit,
+a two-stage experiment, and a report.
+
+Chen et al., "Parallel Scaling Law for Language Models" (arXiv 2505.10475) train models of 6 sizes
+with P = 1, 2, 4, 8 parallel streams on the same 42B tokens and fit
+
+    L(N, P) = E + (A·1e9 / (N·(k·ln P + 1)))^alpha
+
+(Stack-V2-Python: k = 0.39, alpha = 0.19). ``reproduce`` does the same in miniature: every
+(size, P) of a *preset* is one ordinary ``parscale.training.train`` run on the same data and
+token budget, in its own directory ``OUT/runs/NAME`` (checkpoints, ``--resume`` semantics); the
+final held-out losses are fitted with ``parscale.scaling_law.fit_law`` (with bootstrap
+intervals), and the two-stage recipe is tried once: a trained P = 1 model is continued for a few
+percent more tokens (a) at P = 1 and (b) recycled into P = 4 streams.
+
+Outputs in OUT: ``results.json`` (runs, fit, bootstrap, two-stage, settings, machine),
+``report.md`` (tables, the fit next to the paper's, conclusions generated from the numbers) and
+PNG plots. Running again skips finished runs and resumes interrupted ones (the trainer's resume:
+at most one checkpoint interval is lost), then refits and rewrites the outputs.
+
+Presets (see docs/reproduction.md for why these numbers):
+
+* ``micro`` — seconds; for tests (tiny shapes, a few steps, any small corpus via ``data``).
+* ``quick`` — what ``make demo`` runs: ≤ 10 minutes on a 2-core CPU including data preparation.
+* ``full``  — 3 sizes × P ∈ {1, 2, 4, 8} on the whole stdlib corpus plus the two-stage experiment;
+  about 80 minutes of training on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ParScaleError
+from .training.options import TrainConfig
+
+RESULTS_NAME = "results.json"
+REPORT_NAME = "report.md"
+RUNS_DIR = "runs"
+PLOT_NAMES = {
+    "law_fit": "law_fit.png",  # held-out loss vs N per P, with the fitted curves
+    "loss_vs_streams": "loss_vs_streams.png",  # held-out loss vs P per size
+    "multiplier": "multiplier.png",  # k·ln P + 1, ours vs the paper's
+    "learning_curves": "learning_curves.png",  # held-out loss vs tokens for every run
+}
+
+PAPER = 'Chen et al., "Parallel Scaling Law for Language Models", arXiv 2505.10475'
+# The paper's fitted constants on Stack-V2-Python (Python code, like our stdlib corpus); the
+# fit in parscale.scaling_law reproduces them from the paper's 24 losses (tests check 0.5 %).
+PAPER_STACK = {"E": 0.6912, "A": 0.01131, "alpha": 0.1894, "k": 0.3935, "r2": 0.9978}
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class SizeSpec:
+    """One model shape of the grid."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def shape(self) -> dict[str, int]:
+        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
+                "kv_heads": self.kv_heads, "intermediate": self.intermediate}
+
+
+@dataclass(frozen=True)
+class TwoStageSpec:
+    """The two-stage experiment: the grid's P = 1 run of ``base_size`` is stage 1; it is continued
+    for ``extra_fraction`` × the grid's token budget at P = 1 and, recycled, at P = ``streams``.
+
+    Both continuations use the same learning-rate schedule (warm-up to ``lr``, cosine to
+    ``min_lr``) and the same batches (seed + 1: new windows in a new order, not a replay of the
+    base run's first steps), so they differ only in P.
+    """
+
+    base_size: str
+    extra_fraction: float = 0.05
+    streams: int = 4
+    lr: float = 5e-4
+    min_lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    sizes: tuple[SizeSpec, ...]
+    streams: tuple[int, ...]
+    tokens: int  # training tokens of every grid run (the same for every size and P, as in the paper)
+    seq_len: int
+    batch_size: int
+    vocab_size: int
+    data_max_bytes: int | None  # None: the whole corpus
+    prefix_tokens: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    eval_every: int
+    eval_tokens: int
+    checkpoint_every: int
+    log_every: int
+    bootstrap: int  # bootstrap resamples for the fit's confidence intervals
+    two_stage: TwoStageSpec | None = None
+    data: str = "stdlib"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "micro": Preset(
+        name="micro", description="seconds; for tests (tiny shapes, a few steps)",
+        sizes=(SizeSpec("xxs", 1, 32, 4, 2, 64), SizeSpec("xs", 2, 48, 4, 2, 96)),
+        streams=(1, 2, 4), tokens=8 * 32 * 8, seq_len=32, batch_size=8, vocab_size=300,
+        data_max_bytes=None, prefix_tokens=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
+        eval_tokens=512, checkpoint_every=3, log_every=1, bootstrap=8,
+        two_stage=TwoStageSpec("xs", extra_fraction=0.25, streams=4, lr=1e-3, min_lr=3e-4)),
+    "quick": Preset(
+        name="quick", description="make demo: <= 10 minutes on a 2-core CPU, data preparation included",
+        sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256)),
+        streams=(1, 2, 4), tokens=500_000, seq_len=128, batch_size=16, vocab_size=1024,
+        data_max_bytes=3_000_000, prefix_tokens=8, lr=2e-3, min_lr=2e-4, warmup_steps=12,
+        eval_every=50, eval_tokens=32768, checkpoint_every=50, log_every=5, bootstrap=100,
+        two_stage=TwoStageSpec("s", extra_fraction=0.05, streams=4)),
+    "full": Preset(
+        name="full", description="3 sizes x P in {1, 2, 4, 8} plus two-stage; ~80-90 minutes on a 2-core CPU",
+        sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256),
+               SizeSpec("m", 4, 128, 4, 2, 352)),
+        streams=(1, 2, 4, 8), tokens=2_000_000, seq_len=256, batch_size=16, vocab_size=2048,
+        data_max_bytes=None, prefix_tokens=16, lr=2e-3, min_lr=2e-4, warmup_steps=25,
+        eval_every=100, eval_tokens=65536, checkpoint_every=50, log_every=5, bootstrap=200,
+        two_stage=TwoStageSpec("m", extra_fraction=0.05, streams=4)),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ParScaleError naming the choices otherwise."""
+    if name not in PRESETS:
+        raise ParScaleError(f"unknown preset {name!r} (choose one of: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class PlannedRun:
+    """One training run of the reproduction: its name, what it measures, and its TrainConfig."""
+
+    name: str
+    experiment: str  # "grid" (enters the fit) or "two_stage"
+    size: SizeSpec
+    streams: int
+    config: TrainConfig
+    role: str = ""  # two-stage: "continued" or "recycled"
+
+
+def grid_name(size: str, streams: int) -> str:
+    return f"{size}-p{streams}"
+
+
+def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None,
+              threads: int | None = None) -> list[PlannedRun]:
+    """Every run of ``preset`` in training order: the grid (size by size, P ascending), then the
+    two-stage continuations (which start from the grid's P = 1 model of the base size)."""
+    runs_dir = Path(os.path.normpath(out)) / RUNS_DIR
+    common = dict(vocab_size=preset.vocab_size, prefix_tokens=preset.prefix_tokens,
+                  seq_len=preset.seq_len, batch_size=preset.batch_size,
+                  eval_every=preset.eval_every, eval_tokens=preset.eval_tokens,
+                  checkpoint_every=preset.checkpoint_every, log_every=preset.log_every,
+                  data=data or preset.data, data_max_bytes=preset.data_max_bytes,
+                  threads=threads, quiet=True, resume=True)
+    plan: list[PlannedRun] = []
+    for size in preset.sizes:
+        for P in preset.streams:
+            name = grid_name(size.name, P)
+            cfg = TrainConfig(**common, **size.shape(), streams=P, tokens=preset.tokens, lr=preset.lr,
+                              min_lr=preset.min_lr, warmup_steps=preset.warmup_steps, seed=preset.seed,
+                              out=str(runs_dir / name))
+            plan.append(PlannedRun(name, "grid", size, P, cfg))
+    ts = preset.two_stage
+    if ts is not None:
+        base = next((s for s in preset.sizes if s.name == ts.base_size), None)
+        if base is None or 1 not in preset.streams:
+            raise ParScaleError(f"preset {preset.name!r}: two-stage base size {ts.base_size!r} needs a "
+                                "P = 1 grid run of that size")
+        extra = max(1, round(ts.extra_fraction * preset.tokens))
+        steps = math.ceil(extra / (preset.batch_size * preset.seq_len))
+        base_model = runs_dir / grid_name(base.name, 1) / "model"
+        for P, role in ((1, "continued"), (ts.streams, "recycled")):
+            name = f"twostage-{base.name}-{role}-p{P}"
+            cfg = TrainConfig(**common, init_from=str(base_model), streams=P, tokens=extra, lr=ts.lr,
+                              min_lr=ts.min_lr, warmup_steps=max(1, steps // 10), seed=preset.seed + 1,
+                              out=str(runs_dir / name))
+            plan.append(PlannedRun(name, "two_stage", base, P, cfg, role))
+    return plan
+
+
+def estimated_work(run: PlannedRun, vocab_size: int) -> float:
+    """Training + evaluation FLOPs of a run (GFLOP), from the cost model: the progress bar's unit,
+    so its ETA weighs a P = 8 step about 5x a P = 1 step, as measured."""
+    from .config import ParScaleConfig
+    from .cost import forward_flops
+
+    cfg, s = run.config, run.size
+    mcfg = ParScaleConfig(vocab_size=vocab_size, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                          num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                          num_key_value_heads=s.kv_heads, streams=run.streams,
+                          prefix_tokens=cfg.prefix_tokens)
+    per_token = forward_flops(mcfg, tokens=1, context=(cfg.seq_len + 1) / 2)
+    steps = cfg.total_steps()
+    evals = (steps // cfg.eval_every if cfg.eval_every else 0) + 1
+    eval_tokens = (cfg.eval_tokens // cfg.seq_len) * cfg.seq_len
+    return (3 * steps * cfg.tokens_per_step + evals * eval_tokens) * per_token / 1e9
+
+
+def _run_state(run: PlannedRun) -> tuple[str, int]:
+    """("finished" | "partial" | "new", steps already done) from the run directory's files."""
+    from .training.checkpoint import CHECKPOINT, STATE_NAME
+    from .training.trainer import SUMMARY_NAME
+
+    out = Path(run.config.out)
+    total = run.config.total_steps()
+    try:
+        summary = json.loads((out / SUMMARY_NAME).read_text())
+        if summary.get("steps") == total:
+            return "finished", total
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        state = json.loads((out / CHECKPOINT / STATE_NAME).read_text())
+        return "partial", min(int(state["step"]), total)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return "new", 0
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class RunRecord:
+    """One finished run, as listed in results.json."""
+
+    name: str
+    size: str
+    params: int  # non-embedding parameters at the run's P (stream prefixes and aggregator included)
+    P: int
+    tokens: int
+    val_loss: float
+    train_loss: float | None
+    wall_s: float
+    tokens_per_s: float
+    steps: int
+    experiment: str = "grid"
+    role: str = ""
+    trained_now: bool = False  # trained (or resumed) in this invocation, not found finished
+    resumed_from_step: int = 0  # > 0: this invocation resumed an interrupted run at that step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TwoStageResult:
+    base: RunRecord
+    continued: RunRecord  # P = 1, extra tokens
+    recycled: RunRecord  # P = streams, the same extra tokens
+
+    @property
+    def gain(self) -> float:
+        """Held-out loss of the P = 1 continuation minus that of the recycled model (> 0: recycling helps)."""
+        return self.continued.val_loss - self.recycled.val_loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "continued": self.continued.to_dict(),
+                "recycled": self.recycled.to_dict(), "extra_tokens": self.continued.tokens,
+                "extra_fraction": self.continued.tokens / self.base.tokens,
+                "gain_recycled_vs_continued": self.gain}
+
+
+@dataclass
+class ReproductionResult:
+    out_dir: Path
+    results_path: Path
+    report_path: Path
+    plots: dict[str, Path]
+    preset: Preset
+    runs: list[RunRecord]  # the grid
+    fit: Any  # parscale.scaling_law.LawFit
+    bootstrap: Any | None  # parscale.scaling_law.BootstrapResult
+    two_stage: TwoStageResult | None
+    conclusions: list[str]
+    wall_s: float
+    trained: list[str] = field(default_factory=list)  # runs trained or resumed now
+    skipped: list[str] = field(default_factory=list)  # runs found finished
+
+
+# --------------------------------------------------------------------------- progress
+class _Progress:
+    """One bar over the whole reproduction, in estimated GFLOPs (so the ETA accounts for P),
+    fed by the trainer's progress callback. Without a terminal: one line per run instead."""
+
+    def __init__(self, total: float, done: float, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="GFLOP", unit_scale=False, dynamic_ncols=True,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+        self.per_step = 0.0
+        self.last_step = 0
+        self.loss = self.val = None
+
+    def start(self, index: int, count: int, run: PlannedRun, work: float, done_steps: int) -> None:
+        steps = run.config.total_steps()
+        self.per_step = work / steps
+        self.last_step = done_steps
+        self.loss = self.val = None
+        what = f"resuming at step {done_steps}/{steps}" if done_steps else f"{steps} steps"
+        if self.bar is not None:
+            self.bar.set_description_str(f"run {index}/{count} {run.name}")
+            self.bar.set_postfix_str(what)
+        elif self.enabled:
+            print(f"parscale reproduce: run {index}/{count} {run.name} ({what})", file=sys.stderr, flush=True)
+
+    def record(self, rec: dict) -> None:
+        step = int(rec.get("step", self.last_step))
+        self.loss = rec.get("loss", self.loss)
+        self.val = rec.get("val_loss", self.val)
+        if self.bar is not None:
+            self.bar.update(max(0, step - self.last_step) * self.per_step)
+            parts = [f"loss {self.loss:.3f}" if self.loss is not None else "",
+                     f"val {self.val:.3f}" if self.val is not None else ""]
+            self.bar.set_postfix_str(" ".join(p for p in parts if p), refresh=False)
+        self.last_step = step
+
+    def finish(self, run: PlannedRun, record: RunRecord, skipped: bool) -> None:
+        if self.bar is None and self.enabled:
+            how = "already finished" if skipped else f"{record.wall_s:.0f} s"
+            print(f"parscale reproduce:   {run.name}: held-out loss {record.val_loss:.4f} ({how})",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- the reproduction
+def _machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def _record(run: PlannedRun, result, trained_now: bool, resumed_from: int) -> RunRecord:
+    if result.val_loss is None:
+        raise ParScaleError(f"run {run.name}: no held-out loss (the corpus has no validation split); "
+                            "use a corpus with more documents")
+    return RunRecord(name=run.name, size=run.size.name, params=int(result.params), P=int(result.streams),
+                     tokens=int(result.tokens), val_loss=float(result.val_loss),
+                     train_loss=None if result.train_loss is None else float(result.train_loss),
+                     wall_s=float(result.wall_s), tokens_per_s=float(result.tokens_per_s),
+                     steps=int(result.steps), experiment=run.experiment, role=run.role,
+                     trained_now=trained_now, resumed_from_step=resumed_from)
+
+
+def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = None, *,
+              threads: int | None = None, data: str | None = None, progress: bool = True,
+              command: str | None = None,
+              train_fn: Callable[..., Any] | None = None) -> ReproductionResult:
+    """Train every run of ``preset`` (skipping finished ones, resuming interrupted ones), fit the
+    law, and write results.json, report.md and the plots into ``out``.
+
+    ``data`` replaces the preset's corpus (``"stdlib"``, a directory or a file, as for
+    ``parscale train --data``); ``threads`` sets torch's CPU threads; ``train_fn`` replaces
+    ``parscale.training.train`` (tests use it to count or interrupt runs).
+    """
+    from .data import prepare_data
+    from .training import train
+
+    t0 = time.perf_counter()
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ParScaleError(f"--threads must be a positive integer (got {threads!r})")
+    out_dir = Path(out if out is not None else f"runs/reproduce-{preset.name}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ParScaleError(f"--out {out_dir}: exists and is not a directory")
+    train_fn = train_fn or train
+    plan = plan_runs(preset, out_dir, data=data, threads=threads)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine_before = _machine()
+
+    # Data first, so its cost is visible on its own; the trainer's runs then hit the same cache.
+    t_data = time.perf_counter()
+    prepared = prepare_data(data or preset.data, vocab_size=preset.vocab_size,
+                            max_bytes=preset.data_max_bytes, progress=progress and sys.stderr.isatty())
+    data_info = {"spec": data or preset.data, "corpus": prepared.corpus.name,
+                 "max_bytes": preset.data_max_bytes, "vocab_size": prepared.tokenizer.vocab_size,
+                 "train_tokens": prepared.train.n_tokens, "validation_tokens": prepared.validation.n_tokens,
+                 "prepare_s": time.perf_counter() - t_data}
+    if progress:
+        print(f"parscale reproduce: preset {preset.name}, {len(plan)} runs into {out_dir}; data: "
+              f"{data_info['train_tokens']:,} train / {data_info['validation_tokens']:,} held-out tokens "
+              f"(prepared in {data_info['prepare_s']:.1f} s)", file=sys.stderr, flush=True)
+
+    work = [estimated_work(r, preset.vocab_size) for r in plan]
+    states = [_run_state(r) for r in plan]
+    done = sum(w * s / r.config.total_steps() for w, r, (_, s) in zip(work, plan, states))
+    bar = _Progress(sum(work), done, progress)
+    records: dict[str, RunRecord] = {}
+    trained, skipped = [], []
+    try:
+        for i, (run, w, (state, done_steps)) in enumerate(zip(plan, work, states), start=1):
+            bar.start(i, len(plan), run, w, done_steps if state != "finished" else run.config.total_steps())
+            result = train_fn(run.config, progress_callback=bar.record)
+            finished_before = bool(getattr(result, "already_finished", False))
+            rec = _record(run, result, trained_now=not finished_before,
+                          resumed_from=done_steps if state == "partial" else 0)
+            records[run.name] = rec
+            (skipped if finished_before else trained).append(run.name)
+            bar.finish(run, rec, finished_before)
+    finally:
+        bar.close()
+
+    grid = [records[r.name] for r in plan if r.experiment == "grid"]
+    fit, boot = fit_runs(grid, preset.bootstrap, seed=preset.seed)
+    two = None
+    if preset.two_stage is not None:
+        cont = next(r for r in plan if r.role == "continued")
+        recy = next(r for r in plan if r.role == "recycled")
+        two = TwoStageResult(records[grid_name(preset.two_stage.base_size, 1)],
+                             records[cont.name], records[recy.name])
+    conclusions = conclude(grid, fit, boot, two)
+    plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
+    wall = time.perf_counter() - t0
+    results = {
+        "runs": [r.to_dict() for r in grid],
+        "fit": fit.to_dict(),
+        "bootstrap": boot.to_dict() if boot is not None else None,
+        "paper": {"source": PAPER, "dataset": "Stack-V2-Python", **PAPER_STACK},
+        "two_stage": two.to_dict() if two is not None else None,
+        "conclusions": conclusions,
+        "preset": preset.to_dict(),
+        "data": data_info,
+        "command": command,
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_before,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "wall_s": wall,
+        "trained": trained,
+        "skipped": skipped,
+        "plots": {k: p.name for k, p in plots.items()},
+    }
+    from .atomic import atomic_write_text
+
+    results_path = atomic_write_text(out_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+    report_path = atomic_write_text(out_dir / REPORT_NAME, render_report(results))
+    return ReproductionResult(out_dir, results_path, report_path, plots, preset, grid, fit, boot, two,
+                              conclusions, wall, trained, skipped)
+
+
+def fit_runs(runs: Sequence[RunRecord], bootstrap: int, seed: int = 0):
+    """The law fitted to the grid's (params, P, held-out loss), and its bootstrap intervals."""
+    from .scaling_law import fit_law
+
+    fit = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
+    boot = fit.bootstrap(n=bootstrap, seed=seed) if bootstrap >= 2 else None
+    return fit, boot
+
+
+def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequence[RunRecord],
+                preset: Preset) -> dict[str, Path]:
+    from .plots.law import plot_law_fit, plot_multiplier
+    from .plots.reproduce import plot_learning_curves, plot_loss_vs_streams
+
+    paths = {k: out_dir / v for k, v in PLOT_NAMES.items()}
+    plot_law_fit(fit, paths["law_fit"], title=f"parscale reproduce ({preset.name}): held-out loss vs N")
+    plot_loss_vs_streams([r.to_dict() for r in grid], paths["loss_vs_streams"], fit=fit)
+    plot_multiplier({"ours": fit, "paper (Stack-V2-Python)": PAPER_STACK["k"]}, paths["multiplier"],
+                    p_max=max(8, max(r.P for r in grid)))
+    curves = {r.name: _val_curve(out_dir / RUNS_DIR / r.name) for r in all_runs}
+    plot_learning_curves(curves, paths["learning_curves"])
+    return paths
+
+
+def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(tokens, held-out loss) of every evaluation logged in the run's metrics.jsonl."""
+    from .training.trainer import METRICS_NAME
+
+    points = []
+    try:
+        lines = (run_dir / METRICS_NAME).read_text().splitlines()
+    except OSError:
+        return points
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("val_loss") is not None:
+            points.append((int(rec["tokens"]), float(rec["val_loss"])))
+    return points
+
+
+# --------------------------------------------------------------------------- conclusions
+def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[RunRecord], float],
+                      label: Callable[[RunRecord], str]) -> list[str]:
+    """Where the held-out loss does not fall along ``key`` inside a group: 'label: a -> b'."""
+    out = []
+    for runs in groups.values():
+        ordered = sorted(runs, key=key)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.val_loss >= a.val_loss:
+                out.append(f"{label(a)} {a.val_loss:.4f} → {label(b)} {b.val_loss:.4f}")
+    return out
+
+
+def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None) -> list[str]:
+    """Plain-language conclusions, each one computed from the numbers (no fixed verdicts)."""
+    import numpy as np
+
+    lines = []
+    by_size: dict[str, list[RunRecord]] = {}
+    by_p: dict[int, list[RunRecord]] = {}
+    for r in runs:
+        by_size.setdefault(r.size, []).append(r)
+        by_p.setdefault(r.P, []).append(r)
+
+    exc = _exceptions_along(by_size, lambda r: r.P, lambda r: f"{r.size} P={r.P}")
+    if len(set(r.P for r in runs)) > 1:
+        lines.append("Held-out loss falls with P at every size: " +
+                     ("**yes**." if not exc else f"**no** — exceptions: {'; '.join(exc)}."))
+    exc = _exceptions_along(by_p, lambda r: r.params, lambda r: f"P={r.P} {r.size}")
+    if len(by_size) > 1:
+        lines.append("Held-out loss falls with model size at every P: " +
+                     ("**yes**." if not exc else f"**no** — exceptions: {'; '.join(exc)}."))
+
+    ps = sorted(by_p)
+    if len(ps) > 1:
+        gains = []
+        for size, rs in by_size.items():
+            d = {r.P: r.val_loss for r in rs}
+            if ps[0] in d and ps[-1] in d:
+                gains.append((d[ps[0]] - d[ps[-1]]) / d[ps[0]])
+        sizes = sorted(by_size, key=lambda s: min(r.params for r in by_size[s]))
+        size_gain = []
+        for p, rs in by_p.items():
+            d = {r.size: r.val_loss for r in rs}
+            if sizes[0] in d and sizes[-1] in d:
+                size_gain.append((d[sizes[0]] - d[sizes[-1]]) / d[sizes[0]])
+        if gains:
+            text = (f"Going from P={ps[0]} to P={ps[-1]} changes the held-out loss by "
+                    f"{-100 * np.mean(gains):+.2f}% on average over sizes")
+            if len(sizes) > 1 and size_gain:
+                n_ratio = (min(r.params for r in by_size[sizes[-1]]) / min(r.params for r in by_size[sizes[0]]))
+                text += (f"; going from the smallest to the largest size ({n_ratio:.1f}x the parameters) "
+                         f"changes it by {-100 * np.mean(size_gain):+.2f}% on average over P")
+            lines.append(text + ".")
+
+    quality = "fits the points well" if fit.r2 >= 0.95 else (
+        "fits the points only roughly" if fit.r2 >= 0.8 else "does not describe these points well")
+    lines.append(f"The law L(N, P) = E + (A·1e9 / (N·(k·ln P + 1)))^α {quality}: R² = {fit.r2:.4f} "
+                 f"over {fit.n_points} runs (paper, Stack-V2-Python: {PAPER_STACK['r2']}).")
+    resid = np.array([row.residual for row in fit.residuals()])
+    lines.append(f"Fit residuals: RMS {np.sqrt(np.mean(resid ** 2)):.4f} nats, largest "
+                 f"{np.max(np.abs(resid)):.4f}; compare them with the effects above before reading "
+                 "much into small differences (one seed per run).")
+
+    k_ci = boot.intervals["k"] if boot is not None else None
+    a_ci = boot.intervals["alpha"] if boot is not None else None
+    k_text = f"k = {fit.k:.3g}" + (f" (95% bootstrap CI {k_ci[0]:.3g}–{k_ci[1]:.3g})" if k_ci else "")
+    mult = ", ".join(f"P={p}: {fit.k * math.log(p) + 1:.2f}x (paper {PAPER_STACK['k'] * math.log(p) + 1:.2f}x)"
+                     for p in ps if p > 1)
+    if mult:
+        lines.append(f"{k_text}, paper {PAPER_STACK['k']}: P streams act like {mult} the parameters.")
+    if fit.k < 0.01 or (k_ci is not None and k_ci[0] < 0.01):
+        lines.append("The data do **not** rule out k ≈ 0, i.e. no benefit from parallel streams "
+                     "beyond their few extra parameters at this scale and budget.")
+    elif k_ci is not None:
+        inside = k_ci[0] <= PAPER_STACK["k"] <= k_ci[1]
+        lines.append(f"k is clearly above 0; the paper's k = {PAPER_STACK['k']} is "
+                     f"{'inside' if inside else 'outside'} our interval.")
+    alpha_text = f"α = {fit.alpha:.3g}" + (f" (95% CI {a_ci[0]:.3g}–{a_ci[1]:.3g})" if a_ci else "")
+    lines.append(f"{alpha_text}, paper {PAPER_STACK['alpha']}. E and A depend on the data and the "
+                 "tokenizer (loss per BPE token of ours vs theirs) and are not comparable with the paper's.")
+    if fit.n_points < 8:
+        lines.append(f"Only {fit.n_points} runs for 4 constants: the fit is barely determined and the "
+                     "bootstrap intervals are not reliable (the full preset has 12 runs).")
+
+    if two is not None:
+        better = "lower" if two.gain > 0 else "not lower"
+        lines.append(
+            f"Two-stage: the P=1 model ({two.base.size}, held-out loss {two.base.val_loss:.4f}) continued "
+            f"for {two.continued.tokens:,} more tokens ({100 * two.continued.tokens / two.base.tokens:.0f}%) "
+            f"reaches {two.continued.val_loss:.4f} at P=1 and {two.recycled.val_loss:.4f} recycled into "
+            f"P={two.recycled.P}: recycling is {better} by {abs(two.gain):.4f} nats "
+            f"({100 * two.gain / two.continued.val_loss:+.2f}% of the P=1 loss).")
+    return lines
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """report.md from the results.json dict (so the report can be regenerated from the JSON)."""
+    fit, boot, preset, data = results["fit"], results["bootstrap"], results["preset"], results["data"]
+    runs = results["runs"]
+    machine = results["machine"]
+    load = machine.get("load_average")
+    lines = [
+        f"# Parallel scaling law, reproduced on a CPU (preset `{preset['name']}`)",
+        "",
+        f"Paper: {PAPER}. Generated by `{results.get('command') or 'parscale reproduce'}` on "
+        f"{results['date']} ({machine['platform']}, {machine['cpu_count']} CPUs, torch "
+        f"{machine['torch']}, {machine['torch_threads']} threads"
+        + (f", load average {load[0]:.2f} at the start" if load else "") +
+        f"); this invocation took {results['wall_s'] / 60:.1f} min"
+        + (f" ({len(results['trained'])} runs trained, {len(results['skipped'])} already finished)."
+           if results.get("skipped") else "."),
+        "",
+        "## Conclusions",
+        "",
+        *[f"- {c}" for c in results["conclusions"]],
+        "",
+        "## Setup",
+        "",
+        f"- Data: `{data['spec']}` (corpus `{data['corpus']}`"
+        + (f", capped at {data['max_bytes']:,} bytes" if data.get("max_bytes") else "") +
+        f"), byte-level BPE with {data['vocab_size']:,} tokens; {data['train_tokens']:,} training and "
+        f"{data['validation_tokens']:,} held-out tokens (prepared in {data['prepare_s']:.1f} s).",
+        f"- Every grid run: {preset['tokens']:,} training tokens (the same for every size and P, as in the "
+        f"paper), sequence length {preset['seq_len']}, batch {preset['batch_size']} sequences, AdamW, "
+        f"peak LR {preset['lr']:g} (warm-up {preset['warmup_steps']} steps, cosine to {preset['min_lr']:g}), "
+        f"{preset['prefix_tokens']} prefix tokens per stream and layer, seed {preset['seed']}.",
+        f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
+        "validation tokens, the same windows for every run.",
+        "- N = non-embedding parameters at the run's P (the streams' prefixes and aggregator included, "
+        "as in the paper's table).",
+        "",
+        "| size | layers | hidden | heads (kv) | MLP |",
+        "|---|---|---|---|---|",
+        *[f"| {s['name']} | {s['layers']} | {s['hidden']} | {s['heads']} ({s['kv_heads']}) | {s['intermediate']} |"
+          for s in preset["sizes"]],
+        "",
+        "## Runs",
+        "",
+        "| run | size | P | N (non-embedding) | tokens | held-out loss | last train loss | time (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r['name']} | {r['size']} | {r['P']} | {r['params']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | "
+          f"{_fmt(r['train_loss'])} | {r['wall_s']:.0f} | {r['tokens_per_s']:,.0f} |" for r in runs],
+        "",
+        "## Fitted law",
+        "",
+        "L(N, P) = E + (A·1e9 / (N·(k·ln P + 1)))^α, fitted as the paper does (Huber loss on log loss, "
+        f"L-BFGS-B from {fit['n_starts']} grid starts; `parscale.scaling_law.fit_law`)"
+        + (f"; {boot['level']:.0%} intervals from {boot['n']} bootstrap refits." if boot else "."),
+        "",
+        "| constant | ours | " + (f"{boot['level']:.0%} bootstrap interval | " if boot else "") +
+        "paper (Stack-V2-Python) |",
+        "|---|---|" + ("---|" if boot else "") + "---|",
+    ]
+    for name in ("E", "A", "alpha", "k"):
+        ci = ""
+        if boot:
+            lo, hi = boot["intervals"][name]
+            ci = f"{lo:.4g} – {hi:.4g} | "
+        lines.append(f"| {name} | {fit[name]:.4g} | {ci}{PAPER_STACK[name]} |")
+    lines.append(f"| R² | {_fmt(fit['r2'])} | " + ("| " if boot else "") + f"{PAPER_STACK['r2']} |")
+    lines += ["", "| P | k·ln P + 1 (ours) | paper |", "|---|---|---|"]
+    for p in sorted({r["P"] for r in runs}):
+        lines.append(f"| {p} | {fit['k'] * math.log(p) + 1:.3f} | {PAPER_STACK['k'] * math.log(p) + 1:.3f} |")
+    lines += ["", "| run | N | P | held-out loss | predicted | residual |", "|---|---|---|---|---|---|"]
+    for r, row in zip(runs, fit["residuals"]):
+        lines.append(f"| {r['name']} | {row['N']:,.0f} | {row['P']:g} | {row['loss']:.4f} | "
+                     f"{row['predicted']:.4f} | {row['residual']:+.4f} |")
+
+    two = results.get("two_stage")
+    if two:
+        b, c, r = two["base"], two["continued"], two["recycled"]
+        lines += [
+            "",
+            "## Two-stage recipe in miniature",
+            "",
+            f"The paper's two-stage strategy (train at P = 1, then add streams for a short second stage) "
+            f"at our scale: the grid's `{b['name']}` model is continued for {two['extra_tokens']:,} more "
+            f"tokens ({100 * two['extra_fraction']:.0f}% of its budget) from its final weights, once at "
+            f"P = 1 and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, "
+            "uniform aggregation at the start). Both continuations use the same learning-rate schedule "
+            "and batches.",
+            "",
+            "| model | P | N | training tokens | held-out loss |",
+            "|---|---|---|---|---|",
+            f"| stage 1 (`{b['name']}`) | 1 | {b['params']:,} | {b['tokens']:,} | {b['val_loss']:.4f} |",
+            f"| continued (`{c['name']}`) | 1 | {c['params']:,} | {b['tokens']:,} + {c['tokens']:,} | "
+            f"{c['val_loss']:.4f} |",
+            f"| recycled (`{r['name']}`) | {r['P']} | {r['params']:,} | {b['tokens']:,} + {r['tokens']:,} | "
+            f"{r['val_loss']:.4f} |",
+            "",
+            f"Recycled minus continued: {-two['gain_recycled_vs_continued']:+.4f} nats.",
+        ]
+    plots = results.get("plots", {})
+    lines += ["", "## Plots", ""]
+    captions = {"law_fit": "Held-out loss against N, one colour per P, with the fitted law",
+                "loss_vs_streams": "Held-out loss against P, one line per size (dashed: the fit)",
+                "multiplier": "Equivalent-parameter multiplier k·ln P + 1, ours and the paper's",
+                "learning_curves": "Held-out loss during training, every run"}
+    for key, name in plots.items():
+        lines += [f"![{captions.get(key, key)}]({name})", "", f"*{captions.get(key, key)}.*", ""]
+    lines += [
+        "## Caveats",
+        "",
+        "- Tiny models (tens of thousands to a million parameters) and a few million tokens at most, "
+        "against the paper's 0.5–4.4B parameters and 42B tokens; one seed per run.",
+        "- A P-stream model does about P times the backbone's work per token; the law compares models "
+        "at equal parameters and tokens, not at equal compute.",
+        f"- Raw numbers: `results.json`; each run's metrics, checkpoint and model: `{RUNS_DIR}/NAME/`. "
+        "Re-running the same command skips finished runs and rewrites this report.",
+        "",
+    ]
+    return "\n".join(lines)
