@@ -10,8 +10,9 @@ with P = 1, 2, 4, 8 parallel streams on the same 42B tokens and fit
 (size, P) of a *preset* is one ordinary ``parscale.training.train`` run on the same data and
 token budget, in its own directory ``OUT/runs/NAME`` (checkpoints, ``--resume`` semantics); the
 final held-out losses are fitted with ``parscale.scaling_law.fit_law`` (with bootstrap
-intervals), and the two-stage recipe is tried once: a trained P = 1 model is continued for a few
-percent more tokens (a) at P = 1 and (b) recycled into P = 4 streams.
+intervals), and the two-stage recipe is tried once: a P = 1 model trained at a constant learning
+rate is continued (with the rate decaying) for a few percent more tokens (a) at P = 1 and
+(b) recycled into P = 4 streams.
 
 Outputs in OUT: ``results.json`` (runs, fit, bootstrap, two-stage, settings, machine),
 ``report.md`` (tables, the fit next to the paper's, conclusions generated from the numbers) and
@@ -78,19 +79,19 @@ class SizeSpec:
 
 @dataclass(frozen=True)
 class TwoStageSpec:
-    """The two-stage experiment: the grid's P = 1 run of ``base_size`` is stage 1; it is continued
-    for ``extra_fraction`` × the grid's token budget at P = 1 and, recycled, at P = ``streams``.
+    """The paper's two-stage recipe in miniature, on the ``base_size`` shape.
 
-    Both continuations use the same learning-rate schedule (warm-up to ``lr``, cosine to
-    ``min_lr``) and the same batches (seed + 1: new windows in a new order, not a replay of the
-    base run's first steps), so they differ only in P.
+    Stage 1 trains a P = 1 model on the preset's token budget at a *constant* learning rate after
+    warm-up (the stable phase of the paper's warmup-stable-decay schedule). Stage 2 continues it
+    for ``extra_fraction`` × that budget twice: (a) at P = 1 and (b) recycled into P = ``streams``
+    (a fresh stream set). Both continuations get the same schedule (a short warm-up, then cosine
+    from the preset's ``lr`` to ``min_lr``: the decay phase) and the same batches (seed + 1: new
+    windows in a new order, not a replay of stage 1's first steps), so they differ only in P.
     """
 
     base_size: str
     extra_fraction: float = 0.05
     streams: int = 4
-    lr: float = 5e-4
-    min_lr: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ PRESETS: dict[str, Preset] = {
         streams=(1, 2, 4), tokens=8 * 32 * 8, seq_len=32, batch_size=8, vocab_size=300,
         data_max_bytes=None, prefix_tokens=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
         eval_tokens=512, checkpoint_every=3, log_every=1, bootstrap=8,
-        two_stage=TwoStageSpec("xs", extra_fraction=0.25, streams=4, lr=1e-3, min_lr=3e-4)),
+        two_stage=TwoStageSpec("xs", extra_fraction=0.25, streams=4)),
     "quick": Preset(
         name="quick", description="make demo: <= 10 minutes on a 2-core CPU, data preparation included",
         sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256)),
@@ -140,7 +141,7 @@ PRESETS: dict[str, Preset] = {
         name="full", description="3 sizes x P in {1, 2, 4, 8} plus two-stage; ~80-90 minutes on a 2-core CPU",
         sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256),
                SizeSpec("m", 4, 128, 4, 2, 352)),
-        streams=(1, 2, 4, 8), tokens=2_000_000, seq_len=256, batch_size=16, vocab_size=2048,
+        streams=(1, 2, 4, 8), tokens=1_750_000, seq_len=256, batch_size=16, vocab_size=2048,
         data_max_bytes=None, prefix_tokens=16, lr=2e-3, min_lr=2e-4, warmup_steps=25,
         eval_every=100, eval_tokens=65536, checkpoint_every=50, log_every=5, bootstrap=200,
         two_stage=TwoStageSpec("m", extra_fraction=0.05, streams=4)),
@@ -164,7 +165,7 @@ class PlannedRun:
     size: SizeSpec
     streams: int
     config: TrainConfig
-    role: str = ""  # two-stage: "continued" or "recycled"
+    role: str = ""  # two-stage: "stage1", "continued" or "recycled"
 
 
 def grid_name(size: str, streams: int) -> str:
@@ -174,7 +175,7 @@ def grid_name(size: str, streams: int) -> str:
 def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None,
               threads: int | None = None) -> list[PlannedRun]:
     """Every run of ``preset`` in training order: the grid (size by size, P ascending), then the
-    two-stage continuations (which start from the grid's P = 1 model of the base size)."""
+    two-stage experiment (stage 1, then its two continuations, which start from its final model)."""
     runs_dir = Path(os.path.normpath(out)) / RUNS_DIR
     common = dict(vocab_size=preset.vocab_size, prefix_tokens=preset.prefix_tokens,
                   seq_len=preset.seq_len, batch_size=preset.batch_size,
@@ -193,16 +194,21 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
     ts = preset.two_stage
     if ts is not None:
         base = next((s for s in preset.sizes if s.name == ts.base_size), None)
-        if base is None or 1 not in preset.streams:
-            raise ParScaleError(f"preset {preset.name!r}: two-stage base size {ts.base_size!r} needs a "
-                                "P = 1 grid run of that size")
+        if base is None:
+            raise ParScaleError(f"preset {preset.name!r}: two-stage base size {ts.base_size!r} is not one of "
+                                f"its sizes ({', '.join(s.name for s in preset.sizes)})")
+        stage1_name = f"twostage-{base.name}-stage1-p1"
+        stage1 = TrainConfig(**common, **base.shape(), streams=1, tokens=preset.tokens, lr=preset.lr,
+                             min_lr=preset.min_lr, warmup_steps=preset.warmup_steps, schedule="constant",
+                             seed=preset.seed, out=str(runs_dir / stage1_name))
+        plan.append(PlannedRun(stage1_name, "two_stage", base, 1, stage1, "stage1"))
         extra = max(1, round(ts.extra_fraction * preset.tokens))
         steps = math.ceil(extra / (preset.batch_size * preset.seq_len))
-        base_model = runs_dir / grid_name(base.name, 1) / "model"
         for P, role in ((1, "continued"), (ts.streams, "recycled")):
             name = f"twostage-{base.name}-{role}-p{P}"
-            cfg = TrainConfig(**common, init_from=str(base_model), streams=P, tokens=extra, lr=ts.lr,
-                              min_lr=ts.min_lr, warmup_steps=max(1, steps // 10), seed=preset.seed + 1,
+            cfg = TrainConfig(**common, init_from=str(runs_dir / stage1_name / "model"),
+                              streams=P, tokens=extra, lr=preset.lr, min_lr=preset.min_lr,
+                              warmup_steps=max(1, steps // 10), seed=preset.seed + 1,
                               out=str(runs_dir / name))
             plan.append(PlannedRun(name, "two_stage", base, P, cfg, role))
     return plan
@@ -272,9 +278,11 @@ class RunRecord:
 
 @dataclass
 class TwoStageResult:
-    base: RunRecord
-    continued: RunRecord  # P = 1, extra tokens
-    recycled: RunRecord  # P = streams, the same extra tokens
+    stage1: RunRecord  # P = 1, constant learning rate
+    continued: RunRecord  # stage 1 + extra tokens at P = 1, learning rate decaying
+    recycled: RunRecord  # stage 1 + the same extra tokens at P = streams
+    # the grid's runs of the same size trained from scratch on the whole budget (for reference)
+    grid: list[RunRecord] = field(default_factory=list)
 
     @property
     def gain(self) -> float:
@@ -282,10 +290,11 @@ class TwoStageResult:
         return self.continued.val_loss - self.recycled.val_loss
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "continued": self.continued.to_dict(),
+        return {"stage1": self.stage1.to_dict(), "continued": self.continued.to_dict(),
                 "recycled": self.recycled.to_dict(), "extra_tokens": self.continued.tokens,
-                "extra_fraction": self.continued.tokens / self.base.tokens,
-                "gain_recycled_vs_continued": self.gain}
+                "extra_fraction": self.continued.tokens / self.stage1.tokens,
+                "gain_recycled_vs_continued": self.gain,
+                "grid_reference": [r.to_dict() for r in self.grid]}
 
 
 @dataclass
@@ -357,17 +366,21 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------- the reproduction
-def _machine() -> dict[str, Any]:
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _machine(threads: int | None, load_start: list[float] | None) -> dict[str, Any]:
+    """Where the numbers were measured; the load averages say how busy the machine was."""
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads_requested": threads,
+            "torch_threads": torch.get_num_threads(), "load_average": load_start,
+            "load_average_end": _load_average()}
 
 
 def _record(run: PlannedRun, result, trained_now: bool, resumed_from: int) -> RunRecord:
@@ -406,7 +419,7 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     train_fn = train_fn or train
     plan = plan_runs(preset, out_dir, data=data, threads=threads)
     started = datetime.datetime.now(datetime.timezone.utc)
-    machine_before = _machine()
+    load_start = _load_average()
 
     # Data first, so its cost is visible on its own; the trainer's runs then hit the same cache.
     t_data = time.perf_counter()
@@ -444,10 +457,10 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     fit, boot = fit_runs(grid, preset.bootstrap, seed=preset.seed)
     two = None
     if preset.two_stage is not None:
-        cont = next(r for r in plan if r.role == "continued")
-        recy = next(r for r in plan if r.role == "recycled")
-        two = TwoStageResult(records[grid_name(preset.two_stage.base_size, 1)],
-                             records[cont.name], records[recy.name])
+        stage = {r.role: records[r.name] for r in plan if r.experiment == "two_stage"}
+        two = TwoStageResult(stage["stage1"], stage["continued"], stage["recycled"],
+                             [r for r in grid if r.size == preset.two_stage.base_size
+                              and r.P in (1, preset.two_stage.streams)])
     conclusions = conclude(grid, fit, boot, two)
     plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
     wall = time.perf_counter() - t0
@@ -462,8 +475,7 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
         "data": data_info,
         "command": command,
         "date": started.isoformat(timespec="seconds"),
-        "machine": machine_before,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "machine": _machine(threads, load_start),
         "wall_s": wall,
         "trained": trained,
         "skipped": skipped,
@@ -608,11 +620,12 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None) -
     if two is not None:
         better = "lower" if two.gain > 0 else "not lower"
         lines.append(
-            f"Two-stage: the P=1 model ({two.base.size}, held-out loss {two.base.val_loss:.4f}) continued "
-            f"for {two.continued.tokens:,} more tokens ({100 * two.continued.tokens / two.base.tokens:.0f}%) "
-            f"reaches {two.continued.val_loss:.4f} at P=1 and {two.recycled.val_loss:.4f} recycled into "
-            f"P={two.recycled.P}: recycling is {better} by {abs(two.gain):.4f} nats "
-            f"({100 * two.gain / two.continued.val_loss:+.2f}% of the P=1 loss).")
+            f"Two-stage: the stage-1 P=1 model ({two.stage1.size}, held-out loss {two.stage1.val_loss:.4f}) "
+            f"continued for {two.continued.tokens:,} more tokens "
+            f"({100 * two.continued.tokens / two.stage1.tokens:.0f}%) reaches {two.continued.val_loss:.4f} "
+            f"at P=1 and {two.recycled.val_loss:.4f} recycled into P={two.recycled.P}: the recycled model's "
+            f"loss is {better} by {abs(two.gain):.4f} nats ({100 * two.gain / two.continued.val_loss:+.2f}% "
+            "of the P=1 loss).")
     return lines
 
 
@@ -696,17 +709,18 @@ def render_report(results: Mapping[str, Any]) -> str:
 
     two = results.get("two_stage")
     if two:
-        b, c, r = two["base"], two["continued"], two["recycled"]
+        b, c, r = two["stage1"], two["continued"], two["recycled"]
         lines += [
             "",
             "## Two-stage recipe in miniature",
             "",
-            f"The paper's two-stage strategy (train at P = 1, then add streams for a short second stage) "
-            f"at our scale: the grid's `{b['name']}` model is continued for {two['extra_tokens']:,} more "
-            f"tokens ({100 * two['extra_fraction']:.0f}% of its budget) from its final weights, once at "
-            f"P = 1 and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, "
-            "uniform aggregation at the start). Both continuations use the same learning-rate schedule "
-            "and batches.",
+            "The paper's two-stage strategy (pre-train at P = 1, then add streams for a short second "
+            f"stage) at our scale. Stage 1 trains a P = 1 `{b['size']}` model on the grid's budget at a "
+            "constant learning rate after warm-up (the stable phase of a warmup-stable-decay schedule). "
+            f"Stage 2 continues it for {two['extra_tokens']:,} more tokens ({100 * two['extra_fraction']:.0f}% "
+            f"of stage 1) with the learning rate decaying (cosine to {preset['min_lr']:g}), once at P = 1 "
+            f"and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, uniform "
+            "aggregation at the start). Both continuations use the same schedule and batches.",
             "",
             "| model | P | N | training tokens | held-out loss |",
             "|---|---|---|---|---|",
@@ -715,6 +729,8 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{c['val_loss']:.4f} |",
             f"| recycled (`{r['name']}`) | {r['P']} | {r['params']:,} | {b['tokens']:,} + {r['tokens']:,} | "
             f"{r['val_loss']:.4f} |",
+            *[f"| for reference: grid `{g['name']}` (from scratch, cosine) | {g['P']} | {g['params']:,} | "
+              f"{g['tokens']:,} | {g['val_loss']:.4f} |" for g in two.get("grid_reference", [])],
             "",
             f"Recycled minus continued: {-two['gain_recycled_vs_continued']:+.4f} nats.",
         ]

@@ -1,0 +1,252 @@
+"""`parscale reproduce`: the micro preset end to end on a tiny corpus (files written, finished runs
+skipped, an interrupted run resumed rather than restarted), the presets' promises, conclusions
+computed from the numbers, and one-line errors."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parscale import ParScaleError
+from parscale.cli import main
+from parscale.reproduce import (PRESETS, RunRecord, conclude, get_preset, grid_name, plan_runs,
+                                reproduce)
+from parscale.scaling_law import fit_law, law
+from parscale.training import train
+
+WORDS = ["alpha", "beta", "gamma", "delta", "value", "count", "index", "total", "result", "item"]
+
+
+def write_corpus(root: Path, n_files: int = 24) -> Path:
+    """Deterministic Python-like text (~25 KB): enough for a validation split and a BPE of 300."""
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = []
+        for _ in range(12):
+            lines.append(f"def {rng.choice(WORDS)}_{rng.choice(WORDS)}({', '.join(rng.sample(WORDS, 2))}):")
+            for _ in range(rng.randint(2, 4)):
+                lines.append(f"    {rng.choice(WORDS)} = {rng.choice(WORDS)} + {rng.randint(0, 9)}")
+            lines.append(f"    return {rng.choice(WORDS)}\n")
+        (root / f"mod_{i:02d}.py").write_text("\n".join(lines))
+    return root
+
+
+class Spy:
+    """Wraps ``train``: counts calls and what each one did."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, progress_callback=None):
+        result = train(cfg, progress_callback=progress_callback)
+        self.calls.append((Path(cfg.out).name, result.already_finished))
+        return result
+
+    @property
+    def trained(self):
+        return [name for name, finished in self.calls if not finished]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PARSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+        yield corpus
+
+
+def run_micro(out, corpus, spy=None):
+    return reproduce("micro", out, data=str(corpus), threads=1, progress=False, train_fn=spy)
+
+
+@pytest.fixture(scope="module")
+def first(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    spy = Spy()
+    return out, run_micro(out, env, spy), spy
+
+
+# --------------------------------------------------------------------------- end to end
+def test_writes_results_report_and_plots(first):
+    out, result, spy = first
+    preset = PRESETS["micro"]
+    n_grid = len(preset.sizes) * len(preset.streams)
+    assert len(spy.trained) == n_grid + 3  # the grid, two-stage's stage 1 and its 2 continuations, once each
+
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == n_grid
+    for r in runs:
+        assert {"size", "params", "P", "tokens", "val_loss", "wall_s", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+        assert (out / "runs" / r["name"] / "model" / "model.safetensors").is_file()
+    assert {r["tokens"] for r in runs} == {preset.tokens}  # one token budget for every run
+    for size in preset.sizes:  # the stream parameters are counted in N
+        ps = sorted((r for r in runs if r["size"] == size.name), key=lambda r: r["P"])
+        assert [r["P"] for r in ps] == list(preset.streams)
+        assert all(a["params"] < b["params"] for a, b in zip(ps, ps[1:]))
+    assert {"E", "A", "alpha", "k", "r2"} <= set(results["fit"])
+    # the fit is the fit of these very losses
+    assert [row["loss"] for row in results["fit"]["residuals"]] == [r["val_loss"] for r in runs]
+    assert set(results["bootstrap"]["intervals"]) == {"E", "A", "alpha", "k"}
+    two = results["two_stage"]
+    assert two["stage1"]["P"] == 1 and two["stage1"]["tokens"] == preset.tokens
+    assert two["continued"]["P"] == 1 and two["recycled"]["P"] == preset.two_stage.streams
+    assert two["continued"]["tokens"] == two["recycled"]["tokens"] < two["stage1"]["tokens"]
+    assert {g["name"] for g in two["grid_reference"]} == {
+        grid_name(preset.two_stage.base_size, 1), grid_name(preset.two_stage.base_size, preset.two_stage.streams)}
+    assert two["gain_recycled_vs_continued"] == pytest.approx(
+        two["continued"]["val_loss"] - two["recycled"]["val_loss"])
+    assert results["conclusions"] and results["preset"]["name"] == "micro"
+    assert "load_average" in results["machine"]
+
+    report = (out / "report.md").read_text()
+    for text in ("## Conclusions", "## Runs", "## Fitted law", "## Two-stage", "arXiv 2505.10475",
+                 "0.3935", "0.1894", *[r["name"] for r in runs]):
+        assert text in report
+    assert "falls with P at every size: **" in report
+    for name in results["plots"].values():
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({name})" in report
+    assert set(result.plots) == {"law_fit", "loss_vs_streams", "multiplier", "learning_curves"}
+
+
+def test_second_invocation_trains_nothing(first, env):
+    out, _, _ = first
+    summaries = sorted((out / "runs").glob("*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    old = json.loads((out / "results.json").read_text())
+    spy = Spy()
+    result = run_micro(out, env, spy)
+    assert spy.trained == [] and len(spy.calls) == len(summaries)
+    assert result.trained == [] and len(result.skipped) == len(summaries)
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before  # nothing rewritten
+    new = json.loads((out / "results.json").read_text())
+    assert [r["val_loss"] for r in new["runs"]] == [r["val_loss"] for r in old["runs"]]
+    assert not any(r["trained_now"] for r in new["runs"])
+    assert "already finished" in (out / "report.md").read_text()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_is_resumed_not_restarted(first, env):
+    out, _, _ = first
+    name = grid_name("xs", 2)
+    old = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}[name]
+    run = next(r for r in plan_runs(PRESETS["micro"], out, data=str(env), threads=1) if r.name == name)
+    every, total = run.config.checkpoint_every, run.config.total_steps()
+    assert 0 < every < total - 1
+
+    # Kill the run after its first checkpoint: a checkpoint, no final model, no summary.
+    import shutil
+
+    shutil.rmtree(run.config.out)
+
+    def die(rec):
+        if rec["step"] == every + 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(run.config, progress_callback=die)
+    run_dir = Path(run.config.out)
+    assert (run_dir / "checkpoint").is_dir()
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+
+    spy = Spy()
+    result = run_micro(out, env, spy)
+    assert spy.trained == [name]  # only the interrupted run trains; the others are skipped
+    rec = next(r for r in result.runs if r.name == name)
+    assert rec.trained_now and rec.resumed_from_step == every
+    # resumed, not restarted: the first session's records are kept, each step is logged once, and
+    # exact resume lands on the uninterrupted run's held-out loss
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
+    assert rec.val_loss == pytest.approx(old["val_loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- presets and plan
+def test_presets_keep_their_promises():
+    from parscale.config import ParScaleConfig
+    from parscale.cost import param_counts
+
+    for name, preset in PRESETS.items():
+        plan = plan_runs(preset, "out")
+        grid = [r for r in plan if r.experiment == "grid"]
+        assert len(grid) >= 6, name  # the 4-constant fit is determined
+        assert {r.config.tokens for r in grid} == {preset.tokens}
+        assert len({r.config.out for r in plan}) == len(plan)
+        assert all(r.config.resume and r.config.quiet for r in plan)
+        # stage 1 (P = 1, constant LR, the grid's budget), then both continuations from its model
+        stage1, *cont = [r for r in plan if r.experiment == "two_stage"]
+        assert (stage1.streams, stage1.config.schedule, stage1.config.tokens) == (1, "constant", preset.tokens)
+        assert [r.streams for r in cont] == [1, preset.two_stage.streams]
+        assert {r.config.init_from for r in cont} == {str(Path(stage1.config.out) / "model")}
+        assert len({(r.config.tokens, r.config.lr, r.config.schedule, r.config.seed) for r in cont}) == 1
+        assert {r.config.data for r in plan} == {preset.data}
+    full = PRESETS["full"]
+    assert len(full.sizes) >= 3 and full.streams == (1, 2, 4, 8)
+    n = [param_counts(ParScaleConfig(vocab_size=full.vocab_size, hidden_size=s.hidden,
+                                     intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+                                     num_attention_heads=s.heads, num_key_value_heads=s.kv_heads),
+                      1).non_embedding for s in full.sizes]
+    assert max(n) / min(n) >= 4  # N spans enough to matter
+    assert 0.02 <= full.two_stage.extra_fraction <= 0.05
+    assert full.prefix_tokens < 48 and full.data_max_bytes is None
+    assert PRESETS["quick"].data_max_bytes is not None  # quick caps the corpus: data prep stays short
+
+
+def test_bad_preset_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ParScaleError, match=r"unknown preset 'huge' \(choose one of: micro, quick, full\)"):
+        get_preset("huge")
+    with pytest.raises(ParScaleError, match="unknown preset 'huge'"):
+        reproduce("huge", tmp_path / "x")
+    assert main(["reproduce", "--preset", "huge", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown preset 'huge'" in err
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(ParScaleError, match="threads"):
+        reproduce("micro", tmp_path / "z", threads=0)
+
+
+# --------------------------------------------------------------------------- conclusions
+def records(losses: dict[tuple[str, int], float], params: dict[str, int]) -> list[RunRecord]:
+    return [RunRecord(name=f"{s}-p{P}", size=s, params=params[s] + 1000 * P, P=P, tokens=1000,
+                      val_loss=loss, train_loss=None, wall_s=1.0, tokens_per_s=1000.0, steps=1)
+            for (s, P), loss in losses.items()]
+
+
+def test_conclusions_follow_the_numbers():
+    params = {"a": 1_000_000, "b": 4_000_000}
+    # losses from the law with k = 0.4: loss falls with P and with N everywhere
+    true = dict(E=1.5, A=0.002, alpha=0.3, k=0.4)
+    losses = {(s, P): float(law(params[s] + 1000 * P, P, **true)) for s in params for P in (1, 2, 4, 8)}
+    runs = records(losses, params)
+    fit = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
+    text = "\n".join(conclude(runs, fit, None, None))
+    assert "falls with P at every size: **yes**" in text
+    assert "falls with model size at every P: **yes**" in text
+    assert "fits the points well" in text and "do **not** rule out" not in text
+    assert f"k = {fit.k:.3g}" in text and abs(fit.k - 0.4) < 0.02
+
+    # the same numbers with one exception: b at P = 4 no better than at P = 2
+    losses[("b", 4)] = losses[("b", 2)] + 0.01
+    runs = records(losses, params)
+    text = "\n".join(conclude(runs, fit, None, None))
+    assert "falls with P at every size: **no** — exceptions: b P=2" in text
+    assert "b P=4" in text and "a P=" not in text.split("exceptions:")[1].split("\n")[0]
+
+    # no benefit from P at all: the fit's k goes to its bound and the report says so
+    flat = {(s, P): float(law(params[s], 1, **true)) for s in params for P in (1, 2, 4, 8)}
+    runs = records(flat, params)
+    fit0 = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
+    text = "\n".join(conclude(runs, fit0, None, None))
+    assert fit0.k < 0.01 and "do **not** rule out k ≈ 0" in text
+    assert "falls with P at every size: **no**" in text
+    assert np.isfinite(fit0.r2)
