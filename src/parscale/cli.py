@@ -14,7 +14,7 @@ import sys
 
 from .errors import ParScaleError
 
-# Order = order in `parscale --help`.
+# Order = order in `parscale --help`; each module must exist.
 SUBCOMMANDS = ["generate", "train", "fit", "cost", "reproduce", "sample", "score"]
 
 
@@ -31,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"parscale.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"parscale.commands.{name}":
-                continue  # not built yet
-            raise
+        module = importlib.import_module(f"parscale.commands.{name}")
         module.register(sub)
     return parser
 
