@@ -75,7 +75,7 @@ def test_writes_results_report_and_plots(first):
     out, result, spy = first
     preset = PRESETS["micro"]
     n_grid = len(preset.sizes) * len(preset.streams)
-    assert len(spy.trained) == n_grid + 3  # the grid, two-stage's stage 1 and its 2 continuations, once each
+    assert len(spy.trained) == n_grid + 2  # the grid and the two continuations, each trained once
 
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
@@ -94,11 +94,11 @@ def test_writes_results_report_and_plots(first):
     assert [row["loss"] for row in results["fit"]["residuals"]] == [r["val_loss"] for r in runs]
     assert set(results["bootstrap"]["intervals"]) == {"E", "A", "alpha", "k"}
     two = results["two_stage"]
-    assert two["stage1"]["P"] == 1 and two["stage1"]["tokens"] == preset.tokens
+    assert two["stage1"]["name"] == grid_name(preset.two_stage.base_size, 1)
     assert two["continued"]["P"] == 1 and two["recycled"]["P"] == preset.two_stage.streams
     assert two["continued"]["tokens"] == two["recycled"]["tokens"] < two["stage1"]["tokens"]
-    assert {g["name"] for g in two["grid_reference"]} == {
-        grid_name(preset.two_stage.base_size, 1), grid_name(preset.two_stage.base_size, preset.two_stage.streams)}
+    assert [g["name"] for g in two["grid_reference"]] == [
+        grid_name(preset.two_stage.base_size, preset.two_stage.streams)]
     assert two["gain_recycled_vs_continued"] == pytest.approx(
         two["continued"]["val_loss"] - two["recycled"]["val_loss"])
     assert results["conclusions"] and results["preset"]["name"] == "micro"
@@ -183,10 +183,13 @@ def test_presets_keep_their_promises():
         assert {r.config.tokens for r in grid} == {preset.tokens}
         assert len({r.config.out for r in plan}) == len(plan)
         assert all(r.config.resume and r.config.quiet for r in plan)
-        # stage 1 (P = 1, constant LR, the grid's budget), then both continuations from its model
-        stage1, *cont = [r for r in plan if r.experiment == "two_stage"]
-        assert (stage1.streams, stage1.config.schedule, stage1.config.tokens) == (1, "constant", preset.tokens)
+        # both continuations start from the grid's P = 1 model of the base size, trained at a
+        # constant LR (the stable phase), and decay the LR over the same extra tokens and batches
+        stage1 = next(r for r in grid if r.name == grid_name(preset.two_stage.base_size, 1))
+        assert {r.config.schedule for r in grid} == {"constant"}
+        cont = [r for r in plan if r.experiment == "two_stage"]
         assert [r.streams for r in cont] == [1, preset.two_stage.streams]
+        assert {r.config.schedule for r in cont} == {"cosine"}
         assert {r.config.init_from for r in cont} == {str(Path(stage1.config.out) / "model")}
         assert len({(r.config.tokens, r.config.lr, r.config.schedule, r.config.seed) for r in cont}) == 1
         assert {r.config.data for r in plan} == {preset.data}

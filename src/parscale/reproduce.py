@@ -10,9 +10,9 @@ with P = 1, 2, 4, 8 parallel streams on the same 42B tokens and fit
 (size, P) of a *preset* is one ordinary ``parscale.training.train`` run on the same data and
 token budget, in its own directory ``OUT/runs/NAME`` (checkpoints, ``--resume`` semantics); the
 final held-out losses are fitted with ``parscale.scaling_law.fit_law`` (with bootstrap
-intervals), and the two-stage recipe is tried once: a P = 1 model trained at a constant learning
-rate is continued (with the rate decaying) for a few percent more tokens (a) at P = 1 and
-(b) recycled into P = 4 streams.
+intervals), and the two-stage recipe is tried once: the grid's P = 1 model of one size (trained at
+a constant learning rate) is continued, with the rate decaying, for a few percent more tokens
+(a) at P = 1 and (b) recycled into P = 4 streams.
 
 Outputs in OUT: ``results.json`` (runs, fit, bootstrap, two-stage, settings, machine),
 ``report.md`` (tables, the fit next to the paper's, conclusions generated from the numbers) and
@@ -81,12 +81,13 @@ class SizeSpec:
 class TwoStageSpec:
     """The paper's two-stage recipe in miniature, on the ``base_size`` shape.
 
-    Stage 1 trains a P = 1 model on the preset's token budget at a *constant* learning rate after
-    warm-up (the stable phase of the paper's warmup-stable-decay schedule). Stage 2 continues it
-    for ``extra_fraction`` × that budget twice: (a) at P = 1 and (b) recycled into P = ``streams``
-    (a fresh stream set). Both continuations get the same schedule (a short warm-up, then cosine
-    from the preset's ``lr`` to ``min_lr``: the decay phase) and the same batches (seed + 1: new
-    windows in a new order, not a replay of stage 1's first steps), so they differ only in P.
+    Stage 1 is the grid's P = 1 run of that size: with the presets' constant learning rate (after
+    warm-up) it is the stable phase of the paper's warmup-stable-decay schedule. Stage 2 continues
+    it for ``extra_fraction`` × the grid's token budget twice: (a) at P = 1 and (b) recycled into
+    P = ``streams`` (a fresh stream set). Both continuations get the same schedule (a short
+    warm-up, then cosine from the preset's ``lr`` to ``min_lr``: the decay phase) and the same
+    batches (seed + 1: new windows in a new order, not a replay of stage 1's first steps), so they
+    differ only in P.
     """
 
     base_size: str
@@ -107,7 +108,7 @@ class Preset:
     data_max_bytes: int | None  # None: the whole corpus
     prefix_tokens: int
     lr: float
-    min_lr: float
+    min_lr: float  # the end of the two-stage continuations' decay (and of the grid's, with "cosine")
     warmup_steps: int
     eval_every: int
     eval_tokens: int
@@ -115,6 +116,7 @@ class Preset:
     log_every: int
     bootstrap: int  # bootstrap resamples for the fit's confidence intervals
     two_stage: TwoStageSpec | None = None
+    schedule: str = "constant"  # the grid's learning rate after warm-up (see docs/reproduction.md)
     data: str = "stdlib"
     seed: int = 0
 
@@ -134,7 +136,7 @@ PRESETS: dict[str, Preset] = {
         name="quick", description="make demo: <= 10 minutes on a 2-core CPU, data preparation included",
         sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256)),
         streams=(1, 2, 4), tokens=500_000, seq_len=128, batch_size=16, vocab_size=1024,
-        data_max_bytes=3_000_000, prefix_tokens=8, lr=2e-3, min_lr=2e-4, warmup_steps=12,
+        data_max_bytes=3_000_000, prefix_tokens=8, lr=3e-3, min_lr=3e-4, warmup_steps=25,
         eval_every=50, eval_tokens=32768, checkpoint_every=50, log_every=5, bootstrap=100,
         two_stage=TwoStageSpec("s", extra_fraction=0.05, streams=4)),
     "full": Preset(
@@ -143,7 +145,7 @@ PRESETS: dict[str, Preset] = {
                SizeSpec("m", 4, 128, 4, 2, 352)),
         streams=(1, 2, 4, 8), tokens=1_750_000, seq_len=256, batch_size=16, vocab_size=2048,
         data_max_bytes=None, prefix_tokens=16, lr=2e-3, min_lr=2e-4, warmup_steps=25,
-        eval_every=100, eval_tokens=65536, checkpoint_every=50, log_every=5, bootstrap=200,
+        eval_every=107, eval_tokens=65536, checkpoint_every=50, log_every=5, bootstrap=200,
         two_stage=TwoStageSpec("m", extra_fraction=0.05, streams=4)),
 }
 
@@ -165,7 +167,7 @@ class PlannedRun:
     size: SizeSpec
     streams: int
     config: TrainConfig
-    role: str = ""  # two-stage: "stage1", "continued" or "recycled"
+    role: str = ""  # two-stage: "continued" or "recycled"
 
 
 def grid_name(size: str, streams: int) -> str:
@@ -175,7 +177,7 @@ def grid_name(size: str, streams: int) -> str:
 def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None,
               threads: int | None = None) -> list[PlannedRun]:
     """Every run of ``preset`` in training order: the grid (size by size, P ascending), then the
-    two-stage experiment (stage 1, then its two continuations, which start from its final model)."""
+    two-stage continuations (which start from the grid's P = 1 model of the base size)."""
     runs_dir = Path(os.path.normpath(out)) / RUNS_DIR
     common = dict(vocab_size=preset.vocab_size, prefix_tokens=preset.prefix_tokens,
                   seq_len=preset.seq_len, batch_size=preset.batch_size,
@@ -188,8 +190,8 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
         for P in preset.streams:
             name = grid_name(size.name, P)
             cfg = TrainConfig(**common, **size.shape(), streams=P, tokens=preset.tokens, lr=preset.lr,
-                              min_lr=preset.min_lr, warmup_steps=preset.warmup_steps, seed=preset.seed,
-                              out=str(runs_dir / name))
+                              min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
+                              schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "grid", size, P, cfg))
     ts = preset.two_stage
     if ts is not None:
@@ -197,11 +199,10 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
         if base is None:
             raise ParScaleError(f"preset {preset.name!r}: two-stage base size {ts.base_size!r} is not one of "
                                 f"its sizes ({', '.join(s.name for s in preset.sizes)})")
-        stage1_name = f"twostage-{base.name}-stage1-p1"
-        stage1 = TrainConfig(**common, **base.shape(), streams=1, tokens=preset.tokens, lr=preset.lr,
-                             min_lr=preset.min_lr, warmup_steps=preset.warmup_steps, schedule="constant",
-                             seed=preset.seed, out=str(runs_dir / stage1_name))
-        plan.append(PlannedRun(stage1_name, "two_stage", base, 1, stage1, "stage1"))
+        if 1 not in preset.streams:
+            raise ParScaleError(f"preset {preset.name!r}: the two-stage experiment starts from the grid's "
+                                "P = 1 run, but the grid has no P = 1")
+        stage1_name = grid_name(base.name, 1)
         extra = max(1, round(ts.extra_fraction * preset.tokens))
         steps = math.ceil(extra / (preset.batch_size * preset.seq_len))
         for P, role in ((1, "continued"), (ts.streams, "recycled")):
@@ -278,10 +279,10 @@ class RunRecord:
 
 @dataclass
 class TwoStageResult:
-    stage1: RunRecord  # P = 1, constant learning rate
+    stage1: RunRecord  # the grid's P = 1 run of the base size
     continued: RunRecord  # stage 1 + extra tokens at P = 1, learning rate decaying
     recycled: RunRecord  # stage 1 + the same extra tokens at P = streams
-    # the grid's runs of the same size trained from scratch on the whole budget (for reference)
+    # the grid's run of the same size at the recycled P, from scratch on the whole budget (reference)
     grid: list[RunRecord] = field(default_factory=list)
 
     @property
@@ -457,10 +458,10 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     fit, boot = fit_runs(grid, preset.bootstrap, seed=preset.seed)
     two = None
     if preset.two_stage is not None:
+        ts = preset.two_stage
         stage = {r.role: records[r.name] for r in plan if r.experiment == "two_stage"}
-        two = TwoStageResult(stage["stage1"], stage["continued"], stage["recycled"],
-                             [r for r in grid if r.size == preset.two_stage.base_size
-                              and r.P in (1, preset.two_stage.streams)])
+        two = TwoStageResult(records[grid_name(ts.base_size, 1)], stage["continued"], stage["recycled"],
+                             [r for r in grid if r.size == ts.base_size and r.P == ts.streams])
     conclusions = conclude(grid, fit, boot, two)
     plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
     wall = time.perf_counter() - t0
@@ -508,7 +509,11 @@ def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequenc
     plot_loss_vs_streams([r.to_dict() for r in grid], paths["loss_vs_streams"], fit=fit)
     plot_multiplier({"ours": fit, "paper (Stack-V2-Python)": PAPER_STACK["k"]}, paths["multiplier"],
                     p_max=max(8, max(r.P for r in grid)))
-    curves = {r.name: _val_curve(out_dir / RUNS_DIR / r.name) for r in all_runs}
+    # continuations are drawn after their stage 1 (a grid run: the same budget), at the tokens
+    # the model has seen in all
+    stage1 = preset.tokens
+    curves = {r.name: [(t + (stage1 if r.role in ("continued", "recycled") else 0), loss)
+                       for t, loss in _val_curve(out_dir / RUNS_DIR / r.name)] for r in all_runs}
     plot_learning_curves(curves, paths["learning_curves"])
     return paths
 
@@ -663,7 +668,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"{data['validation_tokens']:,} held-out tokens (prepared in {data['prepare_s']:.1f} s).",
         f"- Every grid run: {preset['tokens']:,} training tokens (the same for every size and P, as in the "
         f"paper), sequence length {preset['seq_len']}, batch {preset['batch_size']} sequences, AdamW, "
-        f"peak LR {preset['lr']:g} (warm-up {preset['warmup_steps']} steps, cosine to {preset['min_lr']:g}), "
+        f"LR {preset['lr']:g} ({preset['warmup_steps']} warm-up steps, then "
+        + ("constant" if preset["schedule"] == "constant" else f"cosine to {preset['min_lr']:g}") + "), "
         f"{preset['prefix_tokens']} prefix tokens per stream and layer, seed {preset['seed']}.",
         f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
         "validation tokens, the same windows for every run.",
@@ -715,8 +721,9 @@ def render_report(results: Mapping[str, Any]) -> str:
             "## Two-stage recipe in miniature",
             "",
             "The paper's two-stage strategy (pre-train at P = 1, then add streams for a short second "
-            f"stage) at our scale. Stage 1 trains a P = 1 `{b['size']}` model on the grid's budget at a "
-            "constant learning rate after warm-up (the stable phase of a warmup-stable-decay schedule). "
+            f"stage) at our scale. Stage 1 is the grid's `{b['name']}` run (learning rate "
+            f"{preset['schedule']} after warm-up; constant = the stable phase of a warmup-stable-decay "
+            "schedule). "
             f"Stage 2 continues it for {two['extra_tokens']:,} more tokens ({100 * two['extra_fraction']:.0f}% "
             f"of stage 1) with the learning rate decaying (cosine to {preset['min_lr']:g}), once at P = 1 "
             f"and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, uniform "
@@ -729,7 +736,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{c['val_loss']:.4f} |",
             f"| recycled (`{r['name']}`) | {r['P']} | {r['params']:,} | {b['tokens']:,} + {r['tokens']:,} | "
             f"{r['val_loss']:.4f} |",
-            *[f"| for reference: grid `{g['name']}` (from scratch, cosine) | {g['P']} | {g['params']:,} | "
+            *[f"| for reference: grid `{g['name']}` (from scratch) | {g['P']} | {g['params']:,} | "
               f"{g['tokens']:,} | {g['val_loss']:.4f} |" for g in two.get("grid_reference", [])],
             "",
             f"Recycled minus continued: {-two['gain_recycled_vs_continued']:+.4f} nats.",

@@ -56,7 +56,8 @@ def plot_learning_curves(curves: Mapping[str, Sequence[tuple[float, float]]], pa
                          title: str | None = None) -> Path:
     """Held-out loss against training tokens, one line per run (``{name: [(tokens, loss), ...]}``).
 
-    Runs without evaluations are left out; runs that continue another (two-stage) start at 0 tokens.
+    Runs without evaluations are left out. A run that continues another should count the tokens
+    its model saw before (the caller adds them).
     """
     fig = Figure(figsize=(7.0, 4.6))
     ax = fig.add_subplot()
@@ -65,7 +66,8 @@ def plot_learning_curves(curves: Mapping[str, Sequence[tuple[float, float]]], pa
         if not points:
             continue
         t, loss = zip(*sorted(points))
-        ax.plot(t, loss, marker=".", lw=1.2, color=f"C{i % 10}", label=name)
+        # ten colours, then the same colours dashed (the full preset has 15 runs)
+        ax.plot(t, loss, marker=".", lw=1.2, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=name)
         drawn += 1
     if drawn == 0:
         ax.text(0.5, 0.5, "no held-out evaluations logged", ha="center", va="center", transform=ax.transAxes)
