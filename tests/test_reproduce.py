@@ -82,6 +82,7 @@ def test_writes_results_report_and_plots(first):
     assert len(runs) == n_grid
     for r in runs:
         assert {"size", "params", "P", "tokens", "val_loss", "wall_s", "tokens_per_s"} <= set(r)
+        assert r["threads"] == 1 and r["trained_now"] and r["resumed_from_step"] == 0
         assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
         assert (out / "runs" / r["name"] / "model" / "model.safetensors").is_file()
     assert {r["tokens"] for r in runs} == {preset.tokens}  # one token budget for every run
@@ -129,6 +130,7 @@ def test_second_invocation_trains_nothing(first, env):
     new = json.loads((out / "results.json").read_text())
     assert [r["val_loss"] for r in new["runs"]] == [r["val_loss"] for r in old["runs"]]
     assert not any(r["trained_now"] for r in new["runs"])
+    assert all(r["threads"] == 1 for r in new["runs"])  # from the runs' saved settings
     assert "already finished" in (out / "report.md").read_text()
 
 
@@ -216,6 +218,36 @@ def test_bad_preset_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
     with pytest.raises(ParScaleError, match="threads"):
         reproduce("micro", tmp_path / "z", threads=0)
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--preset", "micro", "--threads", "0", "--out", str(tmp_path / "z")])
+    assert e.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+
+
+def test_auto_threads_uses_the_free_cores(monkeypatch, tmp_path):
+    import os
+
+    import parscale.reproduce as rep
+
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= rep.auto_threads(samples=2, interval=0.0) <= cores
+    real_open = open
+
+    def fake(running):
+        def opener(path, *a, **kw):
+            if path == "/proc/loadavg":
+                (tmp_path / "loadavg").write_text(f"0.5 0.5 0.5 {running}/90 1234\n")
+                return real_open(tmp_path / "loadavg", *a, **kw)
+            return real_open(path, *a, **kw)
+        return opener
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr("builtins.open", fake(1))  # only the reader runs: every core is free
+    assert rep.auto_threads(samples=3, interval=0.0) == 4
+    monkeypatch.setattr("builtins.open", fake(3))  # two other runnable tasks
+    assert rep.auto_threads(samples=3, interval=0.0) == 2
+    monkeypatch.setattr("builtins.open", fake(9))  # busier than the machine: still one thread
+    assert rep.auto_threads(samples=3, interval=0.0) == 1
 
 
 # --------------------------------------------------------------------------- conclusions

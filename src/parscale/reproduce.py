@@ -29,6 +29,7 @@ Presets (see docs/reproduction.md for why these numbers):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -270,6 +271,7 @@ class RunRecord:
     steps: int
     experiment: str = "grid"
     role: str = ""
+    threads: int | None = None  # torch CPU threads of this invocation's training (None: torch's default)
     trained_now: bool = False  # trained (or resumed) in this invocation, not found finished
     resumed_from_step: int = 0  # > 0: this invocation resumed an interrupted run at that step
 
@@ -384,6 +386,37 @@ def _machine(threads: int | None, load_start: list[float] | None) -> dict[str, A
             "load_average_end": _load_average()}
 
 
+def auto_threads(samples: int = 10, interval: float = 0.05) -> int:
+    """CPU threads for the next run: the cores that other work is not using right now.
+
+    Why: torch's OpenMP threads spin-wait for each other, so on a shared machine two threads on
+    two cores with one other busy process ran 3x *slower* than one thread (measured here; see
+    docs/reproduction.md), while on an idle machine two threads are 1.6x faster than one. The
+    number of runnable tasks in /proc/loadavg (median of a few samples, minus this reader) says
+    how many cores are taken; without /proc (not Linux) all cores are used.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    running = []
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            with open("/proc/loadavg") as f:
+                running.append(int(f.read().split()[3].split("/")[0]))
+    except (OSError, ValueError, IndexError):
+        return cores
+    busy = max(0, sorted(running)[len(running) // 2] - 1)
+    return max(1, cores - busy)
+
+
+def _saved_threads(run: PlannedRun) -> int | None:
+    """The threads a finished run was started with (its train_config.json)."""
+    from .training.trainer import saved_config
+
+    saved = saved_config(run.config.out) or {}
+    return saved.get("threads")
+
+
 def _record(run: PlannedRun, result, trained_now: bool, resumed_from: int) -> RunRecord:
     if result.val_loss is None:
         raise ParScaleError(f"run {run.name}: no held-out loss (the corpus has no validation split); "
@@ -393,32 +426,35 @@ def _record(run: PlannedRun, result, trained_now: bool, resumed_from: int) -> Ru
                      train_loss=None if result.train_loss is None else float(result.train_loss),
                      wall_s=float(result.wall_s), tokens_per_s=float(result.tokens_per_s),
                      steps=int(result.steps), experiment=run.experiment, role=run.role,
-                     trained_now=trained_now, resumed_from_step=resumed_from)
+                     threads=run.config.threads if trained_now else _saved_threads(run),
+                     trained_now=trained_now,
+                     resumed_from_step=resumed_from)
 
 
 def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = None, *,
-              threads: int | None = None, data: str | None = None, progress: bool = True,
+              threads: int | str | None = "auto", data: str | None = None, progress: bool = True,
               command: str | None = None,
               train_fn: Callable[..., Any] | None = None) -> ReproductionResult:
     """Train every run of ``preset`` (skipping finished ones, resuming interrupted ones), fit the
     law, and write results.json, report.md and the plots into ``out``.
 
     ``data`` replaces the preset's corpus (``"stdlib"``, a directory or a file, as for
-    ``parscale train --data``); ``threads`` sets torch's CPU threads; ``train_fn`` replaces
-    ``parscale.training.train`` (tests use it to count or interrupt runs).
+    ``parscale train --data``); ``threads``: torch's CPU threads for every run, ``"auto"`` (the
+    cores that are free when each run starts, see ``auto_threads``) or None (torch's default);
+    ``train_fn`` replaces ``parscale.training.train`` (tests use it to count or interrupt runs).
     """
     from .data import prepare_data
     from .training import train
 
     t0 = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ParScaleError(f"--threads must be a positive integer (got {threads!r})")
+    if threads is not None and threads != "auto" and (not isinstance(threads, int) or threads < 1):
+        raise ParScaleError(f"--threads must be a positive integer or 'auto' (got {threads!r})")
     out_dir = Path(out if out is not None else f"runs/reproduce-{preset.name}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ParScaleError(f"--out {out_dir}: exists and is not a directory")
     train_fn = train_fn or train
-    plan = plan_runs(preset, out_dir, data=data, threads=threads)
+    plan = plan_runs(preset, out_dir, data=data, threads=None if threads == "auto" else threads)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = _load_average()
 
@@ -443,6 +479,8 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     trained, skipped = [], []
     try:
         for i, (run, w, (state, done_steps)) in enumerate(zip(plan, work, states), start=1):
+            if threads == "auto" and state != "finished":
+                run = dataclasses.replace(run, config=run.config.replace(threads=auto_threads()))
             bar.start(i, len(plan), run, w, done_steps if state != "finished" else run.config.total_steps())
             result = train_fn(run.config, progress_callback=bar.record)
             finished_before = bool(getattr(result, "already_finished", False))
@@ -683,10 +721,11 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| run | size | P | N (non-embedding) | tokens | held-out loss | last train loss | time (s) | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | size | P | N (non-embedding) | tokens | held-out loss | last train loss | time (s) | tokens/s | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {r['name']} | {r['size']} | {r['P']} | {r['params']:,} | {r['tokens']:,} | {r['val_loss']:.4f} | "
-          f"{_fmt(r['train_loss'])} | {r['wall_s']:.0f} | {r['tokens_per_s']:,.0f} |" for r in runs],
+          f"{_fmt(r['train_loss'])} | {r['wall_s']:.0f} | {r['tokens_per_s']:,.0f} | {_fmt(r.get('threads'), '')} |"
+          for r in runs],
         "",
         "## Fitted law",
         "",
