@@ -268,7 +268,14 @@ def test_conclusions_follow_the_numbers():
     assert "falls with P at every size: **yes**" in text
     assert "falls with model size at every P: **yes**" in text
     assert "fits the points well" in text and "do **not** rule out" not in text
+    assert "Going from P=1 to P=8 changes the held-out loss by -" in text
     assert f"k = {fit.k:.3g}" in text and abs(fit.k - 0.4) < 0.02
+
+    # a fit that puts k at its bound although the loss falls with P: the report says both
+    import dataclasses
+
+    text = "\n".join(conclude(runs, dataclasses.replace(fit, k=1e-8), None, None))
+    assert "do **not** rule out k ≈ 0" in text and "Yet the measured loss does fall with P" in text
 
     # the same numbers with one exception: b at P = 4 no better than at P = 2
     losses[("b", 4)] = losses[("b", 2)] + 0.01
@@ -283,5 +290,5 @@ def test_conclusions_follow_the_numbers():
     fit0 = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
     text = "\n".join(conclude(runs, fit0, None, None))
     assert fit0.k < 0.01 and "do **not** rule out k ≈ 0" in text
-    assert "falls with P at every size: **no**" in text
+    assert "falls with P at every size: **no**" in text and "Yet the measured loss" not in text
     assert np.isfinite(fit0.r2)
