@@ -495,18 +495,20 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
 
     grid = [records[r.name] for r in plan if r.experiment == "grid"]
     fit, boot = fit_runs(grid, preset.bootstrap, seed=preset.seed)
+    backbone = fit_backbone_n(grid)
     two = None
     if preset.two_stage is not None:
         ts = preset.two_stage
         stage = {r.role: records[r.name] for r in plan if r.experiment == "two_stage"}
         two = TwoStageResult(records[grid_name(ts.base_size, 1)], stage["continued"], stage["recycled"],
                              [r for r in grid if r.size == ts.base_size and r.P == ts.streams])
-    conclusions = conclude(grid, fit, boot, two)
+    conclusions = conclude(grid, fit, boot, two, backbone)
     plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
     wall = time.perf_counter() - t0
     results = {
         "runs": [r.to_dict() for r in grid],
         "fit": fit.to_dict(),
+        "fit_backbone_n": backbone,
         "bootstrap": boot.to_dict() if boot is not None else None,
         "paper": {"source": PAPER, "dataset": "Stack-V2-Python", **PAPER_STACK},
         "two_stage": two.to_dict() if two is not None else None,
@@ -536,6 +538,25 @@ def fit_runs(runs: Sequence[RunRecord], bootstrap: int, seed: int = 0):
     fit = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
     boot = fit.bootstrap(n=bootstrap, seed=seed) if bootstrap >= 2 else None
     return fit, boot
+
+
+def fit_backbone_n(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
+    """The same fit with N = the backbone's parameters (the size's P = 1 count), i.e. without the
+    streams' prefixes and aggregator.
+
+    Why a second fit: the paper counts those parameters in N, where they are under 2% of it; in
+    models this small the aggregator alone (P·H² weights) adds up to half of N, so the main fit
+    can credit P's gain to N. Comparing the two shows how much that choice matters here.
+    """
+    from .scaling_law import fit_law
+
+    base = {r.size: r.params for r in runs if r.P == 1}
+    if set(base) != {r.size for r in runs}:
+        return None  # some size has no P = 1 run to count its backbone
+    fit = fit_law([base[r.size] for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
+    extra = [r.params / base[r.size] - 1 for r in runs if r.P > 1]
+    return {**{k: v for k, v in fit.to_dict().items() if k in ("E", "A", "alpha", "k", "r2")},
+            "stream_params_share_of_N": [min(extra), max(extra)] if extra else None}
 
 
 def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequence[RunRecord],
@@ -589,7 +610,8 @@ def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[
     return out
 
 
-def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None) -> list[str]:
+def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
+             backbone: Mapping[str, Any] | None = None) -> list[str]:
     """Plain-language conclusions, each one computed from the numbers (no fixed verdicts)."""
     import numpy as np
 
@@ -661,6 +683,11 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None) -
         inside = k_ci[0] <= PAPER_STACK["k"] <= k_ci[1]
         lines.append(f"k is clearly above 0; the paper's k = {PAPER_STACK['k']} is "
                      f"{'inside' if inside else 'outside'} our interval.")
+    if backbone is not None and backbone.get("stream_params_share_of_N"):
+        lo, hi = backbone["stream_params_share_of_N"]
+        lines.append(f"The streams' prefixes and aggregator add {100 * lo:.0f}–{100 * hi:.0f}% to N here "
+                     "(under 2% in the paper's models). Counting N without them (backbone only), the same fit "
+                     f"gives k = {backbone['k']:.3g}, α = {backbone['alpha']:.3g}, R² = {_fmt(backbone['r2'])}.")
     alpha_text = f"α = {fit.alpha:.3g}" + (f" (95% CI {a_ci[0]:.3g}–{a_ci[1]:.3g})" if a_ci else "")
     lines.append(f"{alpha_text}, paper {PAPER_STACK['alpha']}. E and A depend on the data and the "
                  "tokenizer (loss per BPE token of ours vs theirs) and are not comparable with the paper's.")
@@ -752,6 +779,12 @@ def render_report(results: Mapping[str, Any]) -> str:
             ci = f"{lo:.4g} – {hi:.4g} | "
         lines.append(f"| {name} | {fit[name]:.4g} | {ci}{PAPER_STACK[name]} |")
     lines.append(f"| R² | {_fmt(fit['r2'])} | " + ("| " if boot else "") + f"{PAPER_STACK['r2']} |")
+    bb = results.get("fit_backbone_n")
+    if bb:
+        lines += ["", f"The same fit with N = backbone parameters only (the size's P = 1 count; the streams' "
+                      f"parameters are {100 * bb['stream_params_share_of_N'][0]:.0f}–"
+                      f"{100 * bb['stream_params_share_of_N'][1]:.0f}% of N here): E = {bb['E']:.4g}, "
+                      f"A = {bb['A']:.4g}, α = {bb['alpha']:.4g}, k = {bb['k']:.4g}, R² = {_fmt(bb['r2'])}."]
     lines += ["", "| P | k·ln P + 1 (ours) | paper |", "|---|---|---|"]
     for p in sorted({r["P"] for r in runs}):
         lines.append(f"| {p} | {fit['k'] * math.log(p) + 1:.3f} | {PAPER_STACK['k'] * math.log(p) + 1:.3f} |")
