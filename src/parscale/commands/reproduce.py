@@ -21,19 +21,20 @@ finished runs and resumes interrupted ones from their last checkpoint.
 
 presets:
   quick   2 sizes x P in {1, 2, 4}, 3 MB of the stdlib; <= 10 minutes on a 2-core CPU (make demo)
-  full    3 sizes x P in {1, 2, 4, 8}, the whole stdlib, 2M tokens per run, plus two-stage;
-          about 80-90 minutes on a 2-core CPU
+  full    3 sizes x P in {1, 2, 4, 8}, the whole stdlib, 1.75M tokens per run, plus two-stage;
+          about 80 minutes on an idle 2-core CPU
   micro   seconds; a smoke test (tiny shapes, a few steps)
 """
 
 EPILOG = """\
 examples:
-  # what `make demo` runs: about 7 minutes here, then open the report
+  # what `make demo` runs: 5-7 minutes on a 2-core CPU, then open the report
   parscale reproduce --preset quick --out runs/reproduce-quick
   less runs/reproduce-quick/report.md
 
-  # the real experiment; kill it any time and run the same command to continue
-  parscale reproduce --preset full --out runs/reproduce-full --threads 2
+  # the real experiment (~80 min on an idle 2-core CPU); kill it any time and run the
+  # same command to continue where it stopped
+  parscale reproduce --preset full --out runs/reproduce-full
 
   # a smoke test on your own corpus (a directory, a .jsonl or a text file)
   parscale reproduce --preset micro --data my_corpus/ --out /tmp/micro
