@@ -2,6 +2,7 @@
 skipped, an interrupted run resumed rather than restarted), the presets' promises, conclusions
 computed from the numbers, and one-line errors."""
 
+import itertools
 import json
 import math
 import random
@@ -12,8 +13,15 @@ import pytest
 
 from parscale import ParScaleError
 from parscale.cli import main
-from parscale.reproduce import (PRESETS, RunRecord, conclude, get_preset, grid_name, plan_runs,
-                                reproduce)
+from parscale.reproduce import (
+    PRESETS,
+    RunRecord,
+    conclude,
+    get_preset,
+    grid_name,
+    plan_runs,
+    reproduce,
+)
 from parscale.scaling_law import fit_law, law
 from parscale.training import train
 
@@ -89,7 +97,7 @@ def test_writes_results_report_and_plots(first):
     for size in preset.sizes:  # the stream parameters are counted in N
         ps = sorted((r for r in runs if r["size"] == size.name), key=lambda r: r["P"])
         assert [r["P"] for r in ps] == list(preset.streams)
-        assert all(a["params"] < b["params"] for a, b in zip(ps, ps[1:]))
+        assert all(a["params"] < b["params"] for a, b in itertools.pairwise(ps))
     assert {"E", "A", "alpha", "k", "r2"} <= set(results["fit"])
     # the fit is the fit of these very losses
     assert [row["loss"] for row in results["fit"]["residuals"]] == [r["val_loss"] for r in runs]
@@ -262,7 +270,7 @@ def records(losses: dict[tuple[str, int], float], params: dict[str, int]) -> lis
 def test_conclusions_follow_the_numbers():
     params = {"a": 1_000_000, "b": 4_000_000}
     # losses from the law with k = 0.4: loss falls with P and with N everywhere
-    true = dict(E=1.5, A=0.002, alpha=0.3, k=0.4)
+    true = {"E": 1.5, "A": 0.002, "alpha": 0.3, "k": 0.4}
     losses = {(s, P): float(law(params[s] + 1000 * P, P, **true)) for s in params for P in (1, 2, 4, 8)}
     runs = records(losses, params)
     fit = fit_law([r.params for r in runs], [r.P for r in runs], [r.val_loss for r in runs])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -130,7 +131,7 @@ PRESETS: dict[str, Preset] = {
         name="micro", description="seconds; for tests (tiny shapes, a few steps)",
         sizes=(SizeSpec("xxs", 1, 32, 4, 2, 64), SizeSpec("xs", 2, 48, 4, 2, 96)),
         streams=(1, 2, 4), tokens=8 * 32 * 8, seq_len=32, batch_size=8, vocab_size=300,
-        data_max_bytes=None, prefix_tokens=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
+        data_max_bytes=200_000, prefix_tokens=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
         eval_tokens=512, checkpoint_every=3, log_every=1, bootstrap=8,
         two_stage=TwoStageSpec("xs", extra_fraction=0.25, streams=4)),
     "quick": Preset(
@@ -180,12 +181,12 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
     """Every run of ``preset`` in training order: the grid (size by size, P ascending), then the
     two-stage continuations (which start from the grid's P = 1 model of the base size)."""
     runs_dir = Path(os.path.normpath(out)) / RUNS_DIR
-    common = dict(vocab_size=preset.vocab_size, prefix_tokens=preset.prefix_tokens,
-                  seq_len=preset.seq_len, batch_size=preset.batch_size,
-                  eval_every=preset.eval_every, eval_tokens=preset.eval_tokens,
-                  checkpoint_every=preset.checkpoint_every, log_every=preset.log_every,
-                  data=data or preset.data, data_max_bytes=preset.data_max_bytes,
-                  threads=threads, quiet=True, resume=True)
+    common = {"vocab_size": preset.vocab_size, "prefix_tokens": preset.prefix_tokens,
+              "seq_len": preset.seq_len, "batch_size": preset.batch_size,
+              "eval_every": preset.eval_every, "eval_tokens": preset.eval_tokens,
+              "checkpoint_every": preset.checkpoint_every, "log_every": preset.log_every,
+              "data": data or preset.data, "data_max_bytes": preset.data_max_bytes,
+              "threads": threads, "quiet": True, "resume": True}
     plan: list[PlannedRun] = []
     for size in preset.sizes:
         for P in preset.streams:
@@ -456,7 +457,7 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
         raise ParScaleError(f"--out {out_dir}: exists and is not a directory")
     train_fn = train_fn or train
     plan = plan_runs(preset, out_dir, data=data, threads=None if threads == "auto" else threads)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     load_start = _load_average()
 
     # Data first, so its cost is visible on its own; the trainer's runs then hit the same cache.
@@ -604,7 +605,7 @@ def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[
     out = []
     for runs in groups.values():
         ordered = sorted(runs, key=key)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in itertools.pairwise(ordered):
             if b.val_loss >= a.val_loss:
                 out.append(f"{label(a)} {a.val_loss:.4f} → {label(b)} {b.val_loss:.4f}")
     return out
@@ -623,7 +624,7 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
         by_p.setdefault(r.P, []).append(r)
 
     exc = _exceptions_along(by_size, lambda r: r.P, lambda r: f"{r.size} P={r.P}")
-    if len(set(r.P for r in runs)) > 1:
+    if len({r.P for r in runs}) > 1:
         lines.append("Held-out loss falls with P at every size: " +
                      ("**yes**." if not exc else f"**no** — exceptions: {'; '.join(exc)}."))
     exc = _exceptions_along(by_p, lambda r: r.params, lambda r: f"P={r.P} {r.size}")
@@ -635,13 +636,13 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
     mean_gain = None  # mean relative loss reduction from the smallest to the largest P
     if len(ps) > 1:
         gains = []
-        for size, rs in by_size.items():
+        for rs in by_size.values():
             d = {r.P: r.val_loss for r in rs}
             if ps[0] in d and ps[-1] in d:
                 gains.append((d[ps[0]] - d[ps[-1]]) / d[ps[0]])
         sizes = sorted(by_size, key=lambda s: min(r.params for r in by_size[s]))
         size_gain = []
-        for p, rs in by_p.items():
+        for rs in by_p.values():
             d = {r.size: r.val_loss for r in rs}
             if sizes[0] in d and sizes[-1] in d:
                 size_gain.append((d[sizes[0]] - d[sizes[-1]]) / d[sizes[0]])
@@ -744,10 +745,10 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"LR {preset['lr']:g} ({preset['warmup_steps']} warm-up steps, then "
         + ("constant" if preset["schedule"] == "constant" else f"cosine to {preset['min_lr']:g}") + "), "
         f"{preset['prefix_tokens']} prefix tokens per stream and layer, seed {preset['seed']}.",
-        f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
-        "validation tokens, the same windows for every run.",
-        "- N = non-embedding parameters at the run's P (the streams' prefixes and aggregator included, "
-        "as in the paper's table).",
+        (f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
+         "validation tokens, the same windows for every run."),
+        ("- N = non-embedding parameters at the run's P (the streams' prefixes and aggregator included, "
+         "as in the paper's table)."),
         "",
         "| size | layers | hidden | heads (kv) | MLP |",
         "|---|---|---|---|---|",
@@ -781,10 +782,10 @@ def render_report(results: Mapping[str, Any]) -> str:
     lines.append(f"| R² | {_fmt(fit['r2'])} | " + ("| " if boot else "") + f"{PAPER_STACK['r2']} |")
     bb = results.get("fit_backbone_n")
     if bb:
-        lines += ["", f"The same fit with N = backbone parameters only (the size's P = 1 count; the streams' "
-                      f"parameters are {100 * bb['stream_params_share_of_N'][0]:.0f}–"
-                      f"{100 * bb['stream_params_share_of_N'][1]:.0f}% of N here): E = {bb['E']:.4g}, "
-                      f"A = {bb['A']:.4g}, α = {bb['alpha']:.4g}, k = {bb['k']:.4g}, R² = {_fmt(bb['r2'])}."]
+        lines += ["", (f"The same fit with N = backbone parameters only (the size's P = 1 count; the streams' "
+                       f"parameters are {100 * bb['stream_params_share_of_N'][0]:.0f}–"
+                       f"{100 * bb['stream_params_share_of_N'][1]:.0f}% of N here): E = {bb['E']:.4g}, "
+                       f"A = {bb['A']:.4g}, α = {bb['alpha']:.4g}, k = {bb['k']:.4g}, R² = {_fmt(bb['r2'])}.")]
     lines += ["", "| P | k·ln P + 1 (ours) | paper |", "|---|---|---|"]
     for p in sorted({r["P"] for r in runs}):
         lines.append(f"| {p} | {fit['k'] * math.log(p) + 1:.3f} | {PAPER_STACK['k'] * math.log(p) + 1:.3f} |")
@@ -800,22 +801,22 @@ def render_report(results: Mapping[str, Any]) -> str:
             "",
             "## Two-stage recipe in miniature",
             "",
-            "The paper's two-stage strategy (pre-train at P = 1, then add streams for a short second "
-            f"stage) at our scale. Stage 1 is the grid's `{b['name']}` run (learning rate "
-            f"{preset['schedule']} after warm-up; constant = the stable phase of a warmup-stable-decay "
-            "schedule). "
-            f"Stage 2 continues it for {two['extra_tokens']:,} more tokens ({100 * two['extra_fraction']:.0f}% "
-            f"of stage 1) with the learning rate decaying (cosine to {preset['min_lr']:g}), once at P = 1 "
-            f"and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, uniform "
-            "aggregation at the start). Both continuations use the same schedule and batches.",
+            ("The paper's two-stage strategy (pre-train at P = 1, then add streams for a short second "
+             f"stage) at our scale. Stage 1 is the grid's `{b['name']}` run (learning rate "
+             f"{preset['schedule']} after warm-up; constant = the stable phase of a warmup-stable-decay "
+             "schedule). "
+             f"Stage 2 continues it for {two['extra_tokens']:,} more tokens ({100 * two['extra_fraction']:.0f}% "
+             f"of stage 1) with the learning rate decaying (cosine to {preset['min_lr']:g}), once at P = 1 "
+             f"and once recycled into P = {r['P']} (a fresh stream set: small random prefixes, uniform "
+             "aggregation at the start). Both continuations use the same schedule and batches."),
             "",
             "| model | P | N | training tokens | held-out loss |",
             "|---|---|---|---|---|",
             f"| stage 1 (`{b['name']}`) | 1 | {b['params']:,} | {b['tokens']:,} | {b['val_loss']:.4f} |",
-            f"| continued (`{c['name']}`) | 1 | {c['params']:,} | {b['tokens']:,} + {c['tokens']:,} | "
-            f"{c['val_loss']:.4f} |",
-            f"| recycled (`{r['name']}`) | {r['P']} | {r['params']:,} | {b['tokens']:,} + {r['tokens']:,} | "
-            f"{r['val_loss']:.4f} |",
+            (f"| continued (`{c['name']}`) | 1 | {c['params']:,} | {b['tokens']:,} + {c['tokens']:,} | "
+             f"{c['val_loss']:.4f} |"),
+            (f"| recycled (`{r['name']}`) | {r['P']} | {r['params']:,} | {b['tokens']:,} + {r['tokens']:,} | "
+             f"{r['val_loss']:.4f} |"),
             *[f"| for reference: grid `{g['name']}` (from scratch) | {g['P']} | {g['params']:,} | "
               f"{g['tokens']:,} | {g['val_loss']:.4f} |" for g in two.get("grid_reference", [])],
             "",
@@ -832,12 +833,12 @@ def render_report(results: Mapping[str, Any]) -> str:
     lines += [
         "## Caveats",
         "",
-        "- Tiny models (tens of thousands to a million parameters) and a few million tokens at most, "
-        "against the paper's 0.5–4.4B parameters and 42B tokens; one seed per run.",
-        "- A P-stream model does about P times the backbone's work per token; the law compares models "
-        "at equal parameters and tokens, not at equal compute.",
-        f"- Raw numbers: `results.json`; each run's metrics, checkpoint and model: `{RUNS_DIR}/NAME/`. "
-        "Re-running the same command skips finished runs and rewrites this report.",
+        ("- Tiny models (tens of thousands to a million parameters) and a few million tokens at most, "
+         "against the paper's 0.5–4.4B parameters and 42B tokens; one seed per run."),
+        ("- A P-stream model does about P times the backbone's work per token; the law compares models "
+         "at equal parameters and tokens, not at equal compute."),
+        (f"- Raw numbers: `results.json`; each run's metrics, checkpoint and model: `{RUNS_DIR}/NAME/`. "
+         "Re-running the same command skips finished runs and rewrites this report."),
         "",
     ]
     return "\n".join(lines)
