@@ -103,7 +103,7 @@ def test_writes_results_report_and_plots(first):
     assert [row["loss"] for row in results["fit"]["residuals"]] == [r["val_loss"] for r in runs]
     assert set(results["bootstrap"]["intervals"]) == {"E", "A", "alpha", "k"}
     bb = results["fit_backbone_n"]  # the same fit with N = the size's P = 1 count
-    assert {"E", "A", "alpha", "k", "r2"} <= set(bb) and 0 < bb["stream_params_share_of_N"][0]
+    assert {"E", "A", "alpha", "k", "r2"} <= set(bb) and 0 < bb["stream_params_added_to_N"][0]
     two = results["two_stage"]
     assert two["stage1"]["name"] == grid_name(preset.two_stage.base_size, 1)
     assert two["continued"]["P"] == 1 and two["recycled"]["P"] == preset.two_stage.streams

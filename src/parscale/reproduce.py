@@ -557,7 +557,7 @@ def fit_backbone_n(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
     fit = fit_law([base[r.size] for r in runs], [r.P for r in runs], [r.val_loss for r in runs])
     extra = [r.params / base[r.size] - 1 for r in runs if r.P > 1]
     return {**{k: v for k, v in fit.to_dict().items() if k in ("E", "A", "alpha", "k", "r2")},
-            "stream_params_share_of_N": [min(extra), max(extra)] if extra else None}
+            "stream_params_added_to_N": [min(extra), max(extra)] if extra else None}
 
 
 def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequence[RunRecord],
@@ -684,8 +684,8 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
         inside = k_ci[0] <= PAPER_STACK["k"] <= k_ci[1]
         lines.append(f"k is clearly above 0; the paper's k = {PAPER_STACK['k']} is "
                      f"{'inside' if inside else 'outside'} our interval.")
-    if backbone is not None and backbone.get("stream_params_share_of_N"):
-        lo, hi = backbone["stream_params_share_of_N"]
+    if backbone is not None and backbone.get("stream_params_added_to_N"):
+        lo, hi = backbone["stream_params_added_to_N"]
         lines.append(f"The streams' prefixes and aggregator add {100 * lo:.0f}–{100 * hi:.0f}% to N here "
                      "(under 2% in the paper's models). Counting N without them (backbone only), the same fit "
                      f"gives k = {backbone['k']:.3g}, α = {backbone['alpha']:.3g}, R² = {_fmt(backbone['r2'])}.")
@@ -783,8 +783,8 @@ def render_report(results: Mapping[str, Any]) -> str:
     bb = results.get("fit_backbone_n")
     if bb:
         lines += ["", (f"The same fit with N = backbone parameters only (the size's P = 1 count; the streams' "
-                       f"parameters are {100 * bb['stream_params_share_of_N'][0]:.0f}–"
-                       f"{100 * bb['stream_params_share_of_N'][1]:.0f}% of N here): E = {bb['E']:.4g}, "
+                       f"parameters add {100 * bb['stream_params_added_to_N'][0]:.0f}–"
+                       f"{100 * bb['stream_params_added_to_N'][1]:.0f}% to it here): E = {bb['E']:.4g}, "
                        f"A = {bb['A']:.4g}, α = {bb['alpha']:.4g}, k = {bb['k']:.4g}, R² = {_fmt(bb['r2'])}.")]
     lines += ["", "| P | k·ln P + 1 (ours) | paper |", "|---|---|---|"]
     for p in sorted({r["P"] for r in runs}):
