@@ -5,11 +5,12 @@ computed from the numbers, and one-line errors."""
 import itertools
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import write_corpus
 
 from parscale import ParScaleError
 from parscale.cli import main
@@ -24,24 +25,6 @@ from parscale.reproduce import (
 )
 from parscale.scaling_law import fit_law, law
 from parscale.training import train
-
-WORDS = ["alpha", "beta", "gamma", "delta", "value", "count", "index", "total", "result", "item"]
-
-
-def write_corpus(root: Path, n_files: int = 24) -> Path:
-    """Deterministic Python-like text (~25 KB): enough for a validation split and a BPE of 300."""
-    rng = random.Random(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        lines = []
-        for _ in range(12):
-            lines.append(f"def {rng.choice(WORDS)}_{rng.choice(WORDS)}({', '.join(rng.sample(WORDS, 2))}):")
-            for _ in range(rng.randint(2, 4)):
-                lines.append(f"    {rng.choice(WORDS)} = {rng.choice(WORDS)} + {rng.randint(0, 9)}")
-            lines.append(f"    return {rng.choice(WORDS)}\n")
-        (root / f"mod_{i:02d}.py").write_text("\n".join(lines))
-    return root
-
 
 class Spy:
     """Wraps ``train``: counts calls and what each one did."""

@@ -3,37 +3,18 @@ backbone + dynamic P, two-stage), config files and one-line errors. Tiny models 
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_corpus
+
 from parscale import ParScaleError, ParScaleForCausalLM
 from parscale.cli import build_parser, main
 from parscale.training import TrainConfig, lr_at, plan_stages, train
 from parscale.training.options import load_config_file
-
-WORDS = ["alpha", "beta", "gamma", "delta", "value", "count", "index", "total", "result", "item",
-         "name", "data", "left", "right", "node", "tree"]
-
-
-def write_corpus(root: Path, n_files: int = 24, seed: int = 0) -> Path:
-    """Deterministic Python-like text: learnable structure, ~30 KB, no dependence on the machine."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        lines = []
-        for _ in range(12):
-            lines.append(f"def {rng.choice(WORDS)}_{rng.choice(WORDS)}({', '.join(rng.sample(WORDS, 2))}):")
-            for _ in range(rng.randint(2, 4)):
-                a, b, c = rng.choice(WORDS), rng.choice(WORDS), rng.choice(WORDS)
-                lines.append(f"    {a} = {b} + {c} * {rng.randint(0, 9)}")
-            lines.append(f"    return {rng.choice(WORDS)}\n")
-        (root / f"mod_{i:02d}.py").write_text("\n".join(lines))
-    return root
-
 
 def tiny(out, data, **kw) -> TrainConfig:
     """2 layers, hidden 32, vocab 300, seq 32: a training step takes milliseconds."""

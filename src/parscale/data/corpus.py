@@ -72,6 +72,16 @@ def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
 codecs.register_error("parscale-count-replace", _count_and_replace)
 
 
+def _read_range(path, start: int, end: int | None) -> bytes:
+    """Bytes ``start:end`` of a corpus file (``end=None``: to the end of the file)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read() if end is None else f.read(end - start)
+    except OSError as e:
+        raise ParScaleError(f"corpus file {path}: cannot read ({e.strerror})") from None
+
+
 def decode_utf8(data: bytes) -> tuple[str, int]:
     """``data.decode("utf-8", errors="replace")`` and the number of bytes that were replaced."""
     try:
@@ -158,13 +168,7 @@ class Corpus:
 
     def read(self, doc: Document) -> str:
         """The text of one document (invalid UTF-8 replaced by U+FFFD)."""
-        try:
-            with open(doc.path, "rb") as f:
-                f.seek(doc.start)
-                data = f.read() if doc.end is None else f.read(doc.end - doc.start)
-        except OSError as e:
-            raise ParScaleError(f"corpus file {doc.path}: cannot read ({e.strerror})") from None
-        text, _ = decode_utf8(data)
+        text, _ = decode_utf8(_read_range(doc.path, doc.start, doc.end))
         if doc.jsonl:
             text = _jsonl_text(text, doc.path, doc.name, self.text_field)
         return text
@@ -346,12 +350,7 @@ def _build(name: str, root: Path, cands: list[_Candidate], counts: dict[str, int
     splits = _assign_splits(cands, val_fraction)
     docs: list[Document] = []
     for c, split in zip(cands, splits):
-        try:
-            with open(c.path, "rb") as f:
-                f.seek(c.start)
-                data = f.read() if c.end is None else f.read(c.end - c.start)
-        except OSError as e:
-            raise ParScaleError(f"corpus file {c.path}: cannot read ({e.strerror})") from None
+        data = _read_range(c.path, c.start, c.end)
         _, bad = decode_utf8(data)
         # A file may have changed since it was listed: trust what was read. A JSONL document's
         # size is its text's (measured in the scan), not its line's.
