@@ -7,7 +7,7 @@ import pytest
 
 from parscale import ParScaleError
 from parscale.cli import main
-from parscale.cost import (DEFAULT_K, PAPER_PRESETS, PAPER_TOOLING, ROOFLINE, compare,
+from parscale.cost import (DEFAULT_K, PAPER_PRESETS, PAPER_TOOLING, compare,
                            custom_hardware, equal_loss_dense, estimate, forward_flops, get_hardware,
                            paper_config, param_counts, sweep)
 
