@@ -153,3 +153,12 @@ def test_checkpoint_tensor_names_cover_every_parameter(tiny_config):
     model = ParScaleForCausalLM(tiny_config(P=2, stream_sets=[2, 3], tie_word_embeddings=False))
     n_ckpt = sum(t.numel() for t in checkpoint_tensors(model).values())
     assert n_ckpt == sum(p.numel() for p in model.parameters())
+
+
+def test_loaded_model_keeps_ties_and_rope_tables(tmp_path, tiny_config):
+    """Loading allocates without random init (meta device): ties and buffers must be restored."""
+    model = ParScaleForCausalLM(tiny_config(P=2))  # tied embeddings
+    model.save_pretrained(tmp_path)
+    loaded = ParScaleForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.rotary.inv_freq, model.model.rotary.inv_freq)

@@ -233,7 +233,7 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
         if dtype not in _DTYPES:
             raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)} or 'auto')")
         dtype = _DTYPES[dtype]
-    model = ParScaleForCausalLM(cfg)
+    model = ParScaleForCausalLM.empty(cfg)  # every parameter is overwritten below (checked)
     _assign(model, tensors, source)
     model = model.to(dtype=dtype or torch.float32, device=device)
     if streams is not None:

@@ -50,8 +50,14 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d = self.head_dim
+        with torch.no_grad():
+            self.inv_freq.copy_(1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,6 +378,18 @@ class ParScaleForCausalLM(nn.Module):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def empty(cls, config: ParScaleConfig, device="cpu") -> "ParScaleForCausalLM":
+        """A model with uninitialised parameters (no random init: built on the meta device, then
+        allocated), for loaders that overwrite every parameter. Ties and buffers are restored."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        if config.tie_word_embeddings:  # to_empty allocates the two tied names separately
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary.reset_parameters()
+        return model
+
     @classmethod
     def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
