@@ -205,11 +205,11 @@ def build_mask(key_valid: torch.Tensor | None, q_start: int, q_len: int, n_prefi
     itself, so a padding row never has an empty softmax (its output is ignored anyway).
     """
     n_keys = q_start + q_len
-    if key_valid is None and n_prefix == 0:
-        if q_start == 0:
-            return None, True  # plain causal: the fused path
+    if key_valid is None:
         if q_len == 1:
-            return None, False  # one new token sees everything before it
+            return None, False  # one new token sees the prefix and everything before it
+        if n_prefix == 0 and q_start == 0:
+            return None, True  # plain causal: the fused path
     qi = torch.arange(q_start, n_keys, device=device)[:, None]
     kj = torch.arange(n_keys, device=device)[None, :]
     mask = (kj <= qi)[None]  # 1 q k
