@@ -71,6 +71,24 @@ def test_p1_is_exactly_the_plain_backbone(tiny_config):
     assert not torch.allclose(model(ids).logits, p1)  # the streams do change the output
 
 
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_seed_same_backbone_for_every_p(tiny_config, tied):
+    # paired experiments: under one seed, P only adds a stream set; the backbone draws are unchanged
+    def backbone(P):
+        torch.manual_seed(7)
+        m = ParScaleForCausalLM(tiny_config(P=P, stream_sets=sorted({1, P}), tie_word_embeddings=tied))
+        return {k: v for k, v in m.state_dict().items() if not k.startswith("stream_sets.")}
+
+    ref = backbone(1)
+    for P in (2, 4):
+        other = backbone(P)
+        assert other.keys() == ref.keys()
+        assert all(torch.equal(other[k], ref[k]) for k in ref)
+    torch.manual_seed(8)
+    different = ParScaleForCausalLM(tiny_config(P=1, tie_word_embeddings=tied)).state_dict()
+    assert not torch.equal(different["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+
 def test_stream_major_layout_and_weights(tiny_config):
     torch.manual_seed(0)
     model = ParScaleForCausalLM(tiny_config(P=3)).double()

@@ -230,13 +230,24 @@ class ParScaleForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.stream_sets = nn.ModuleDict(
-            {str(p): StreamSet(config, p) for p in config.stream_sets if p > 1})
+        # The backbone draws its init before any stream set exists, so under one seed every P
+        # starts from the same backbone: P = 1 vs P > 1 comparisons are paired.
+        self._init_backbone()
+        self.stream_sets = nn.ModuleDict()
+        for p in config.stream_sets:
+            if p > 1:
+                self.stream_sets[str(p)] = StreamSet(config, p)
+                self.stream_sets[str(p)].reset_parameters(config.initializer_range)
         self.gradient_checkpointing = False
-        self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
+        """Re-initialise everything: the backbone, then each stream set."""
+        self._init_backbone()
+        for s in self.stream_sets.values():
+            s.reset_parameters(self.config.initializer_range)
+
+    def _init_backbone(self) -> None:
         std = self.config.initializer_range
         with torch.no_grad():
             for m in self.model.modules():
@@ -250,8 +261,6 @@ class ParScaleForCausalLM(nn.Module):
                     nn.init.ones_(m.weight)
             if not self.config.tie_word_embeddings:
                 nn.init.normal_(self.lm_head.weight, std=std)
-        for s in self.stream_sets.values():
-            s.reset_parameters(std)
 
     @property
     def streams(self) -> int:
