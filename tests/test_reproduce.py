@@ -285,3 +285,24 @@ def test_conclusions_follow_the_numbers():
     assert fit0.k < 0.01 and "do **not** rule out k ≈ 0" in text
     assert "falls with P at every size: **no**" in text and "Yet the measured loss" not in text
     assert np.isfinite(fit0.r2)
+
+
+def test_ablation_script_reads_a_reproduction(first, capsys):
+    # experiments/ablate_streams.py is what docs/reproduction/README.md's tables came from
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ablate_streams.py"
+    spec = importlib.util.spec_from_file_location("ablate_streams", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, result, _ = first
+    gaps = mod.gap_table(out)
+    losses = {(r.size, r.P): r.val_loss for r in result.runs}
+    want = losses[("xs", 2)] - losses[("xs", 1)]
+    row = next(line for line in gaps.splitlines() if line.startswith("| xs-p2 − xs-p1 |"))
+    assert row.split("|")[-3].strip() == f"{want:+.3f}"  # the last evaluation is the final loss
+    assert "xxs-p4 − xxs-p1" in gaps and "twostage" not in gaps
+    same = mod.compare_table(out, out)
+    assert same.count("+0.0000") == len(list((out / "runs").iterdir()))
+    assert mod.main(["--out", str(out), "--gaps", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == gaps
