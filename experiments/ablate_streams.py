@@ -1,11 +1,12 @@
 """Ablations of the full reproduction preset: what changes whether P > 1 streams beat P = 1.
 
-The committed full run (docs/reproduction/) shows no reliable gain from P at our scale. This
-script reruns single grid cells of the ``full`` preset with one setting changed at a time (seed,
-aggregation smoothing ε, prefix length, learning rate, token budget) so that the report can say
-what was tried and how large each effect is next to the seed-to-seed noise. Each variant is an
-ordinary training run in ``OUT/NAME`` (re-running skips finished ones and resumes interrupted
-ones), and the script writes ``OUT/ablations.json`` plus a markdown table on stdout.
+The committed full run (docs/reproduction/) compares P at one seed per cell. This script reruns
+single grid cells of the ``full`` preset with one setting changed at a time (the seed, the
+aggregation smoothing ε, the prefix length; learning-rate and token-budget variants are listed,
+commented out) so that the report can say what was tried and how large each effect is next to
+the seed-to-seed noise. Each variant is an ordinary training run in ``OUT/NAME`` (re-running
+skips finished ones and resumes interrupted ones), and the script writes ``OUT/ablations.json``
+plus a markdown table on stdout.
 
     python experiments/ablate_streams.py --out runs/ablations               # every variant
     python experiments/ablate_streams.py --out runs/ablations --only s-p2-eps1 s-p1-seed1
@@ -32,15 +33,20 @@ from parscale.training.trainer import train
 
 # (name, size, P, overrides of the full preset's TrainConfig for that grid cell, what it tests)
 VARIANTS: list[tuple[str, str, int, dict, str]] = [
-    ("m-p1", "m", 1, {}, "grid cell (baseline)"),
-    ("m-p2", "m", 2, {}, "grid cell (baseline)"),
+    ("s-p1", "s", 1, {}, "grid cell (baseline)"),
+    ("s-p2", "s", 2, {}, "grid cell (baseline)"),
+    # seed-to-seed noise: the seed sets the initial weights (the same backbone for every P) and
+    # the batch order, so each seed is a paired P = 1 / P = 2 comparison of its own
+    ("s-p1-seed1", "s", 1, {"seed": 1}, "seed"),
+    ("s-p2-seed1", "s", 2, {"seed": 1}, "seed"),
+    ("s-p1-seed2", "s", 1, {"seed": 2}, "seed"),
+    ("s-p2-seed2", "s", 2, {"seed": 2}, "seed"),
     # the aggregator collapses onto one stream within ~50 steps (entropy << ln P); ε = 1 forces
     # the uniform mean of the streams, so every stream gets its full share of the gradient
-    ("m-p2-eps1", "m", 2, {"agg_smoothing": 1.0}, "aggregation"),
+    ("s-p2-eps1", "s", 2, {"agg_smoothing": 1.0}, "aggregation"),
     # prefix keys dilute attention early in a window (16 extra keys next to 1..256 real ones)
-    ("m-p2-prefix4", "m", 2, {"prefix_tokens": 4}, "prefix length"),
-    # more seeds, learning rates and budgets: add lines like these (not run for the committed report)
-    # ("s-p2-seed1", "s", 2, {"seed": 1}, "noise"),
+    ("s-p2-prefix4", "s", 2, {"prefix_tokens": 4}, "prefix length"),
+    # learning rate and budget: add lines like these (not run for the committed report)
     # ("s-p2-lr1e-3", "s", 2, {"lr": 1e-3, "min_lr": 1e-4}, "learning rate"),
     # ("s-p2-2x", "s", 2, {"tokens": 3_500_000}, "token budget"),
 ]
@@ -95,6 +101,22 @@ def table(rows: list[dict]) -> str:
         changed = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
         lines.append(f"| {r['name']} | {r['tests']} | {r['size']} | {r['P']} | {changed} | "
                      f"{r['val_loss']:.4f} | {delta} | {ent} |")
+    # paired P − (P = 1) differences over seeds (seed 0 is the grid cell itself)
+    seeds: dict[tuple[str, int], dict[int, float]] = {}
+    for r in rows:
+        if set(r["overrides"]) <= {"seed"}:
+            seeds.setdefault((r["size"], r["P"]), {})[r["overrides"].get("seed", 0)] = r["val_loss"]
+    for (size, P), by_seed in sorted(seeds.items()):
+        base = seeds.get((size, 1), {})
+        diffs = [by_seed[k] - base[k] for k in sorted(by_seed) if k in base]
+        if P == 1 or len(diffs) < 2:
+            continue
+        mean = sum(diffs) / len(diffs)
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+        p1 = [base[k] for k in sorted(base)]
+        lines.append(f"\n{size}, P = {P} − P = 1 over {len(diffs)} seeds: "
+                     f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {mean:+.4f}, sd {sd:.4f} "
+                     f"(P = 1 alone: {min(p1):.4f}–{max(p1):.4f})")
     return "\n".join(lines)
 
 
