@@ -2,16 +2,16 @@
 
 The committed full run (docs/reproduction/) compares P at one seed per cell. This script reruns
 single grid cells of the ``full`` preset with one setting changed at a time (the seed, the
-aggregation smoothing ε, the prefix length; learning-rate and token-budget variants are listed,
-commented out) so that the report can say what was tried and how large each effect is next to
-the seed-to-seed noise. Each variant is an ordinary training run in ``OUT/NAME`` (re-running
-skips finished ones and resumes interrupted ones), and the script writes ``OUT/ablations.json``
-plus a markdown table on stdout.
+aggregation smoothing ε, the prefix length, the learning rate, the token budget) so that the
+report can say what was tried and how large each effect is next to the seed-to-seed noise. Each
+variant is an ordinary training run in ``OUT/NAME`` (re-running skips finished ones and resumes
+interrupted ones), and the script writes ``OUT/ablations.json`` plus a markdown table on stdout.
 
     python experiments/ablate_streams.py --out runs/ablations               # every variant
     python experiments/ablate_streams.py --out runs/ablations --only s-p2-eps1 s-p1-seed1
     python experiments/ablate_streams.py --out runs/ablations --table       # table only
     python experiments/ablate_streams.py --out x --gaps runs/reproduce-full  # P gap during training
+    python experiments/ablate_streams.py --out x --usage runs/reproduce-full  # what the streams do
     python experiments/ablate_streams.py --out x --compare FIRST_RUN SECOND_RUN
 
 Variants named like a grid run (``s-p1``) with no overrides are read from ``--grid`` (a full
@@ -21,6 +21,7 @@ reproduction's output directory) when it has them, instead of being trained agai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,25 +32,64 @@ from parscale.atomic import atomic_write_text
 from parscale.reproduce import get_preset, grid_name, plan_runs
 from parscale.training.trainer import train
 
-# (name, size, P, overrides of the full preset's TrainConfig for that grid cell, what it tests)
+# (name, size, P, overrides of the full preset's TrainConfig for that grid cell, what it tests).
+# The override SHARED_PREFIX is not a TrainConfig option: it ties every stream to stream 0's
+# prefix, see shared_prefix().
+SHARED_PREFIX = "shared_prefix"
 VARIANTS: list[tuple[str, str, int, dict, str]] = [
+    ("xs-p1", "xs", 1, {}, "grid cell (baseline)"),
+    ("xs-p2", "xs", 2, {}, "grid cell (baseline)"),
     ("s-p1", "s", 1, {}, "grid cell (baseline)"),
     ("s-p2", "s", 2, {}, "grid cell (baseline)"),
+    # is the gain over P = 1 parallel scaling, or the learned prefix itself? Every stream uses the
+    # same prefix and the weights are uniform (ε = 1), so the P streams are identical: this is a
+    # P = 1 model with one learned 16-token prefix per layer (run P times, at P times the cost)
+    ("xs-p2-shared", "xs", 2, {"agg_smoothing": 1.0, SHARED_PREFIX: True}, "prefix only (P = 1 + prefix)"),
+    ("s-p2-shared", "s", 2, {"agg_smoothing": 1.0, SHARED_PREFIX: True}, "prefix only (P = 1 + prefix)"),
     # seed-to-seed noise: the seed sets the initial weights (the same backbone for every P) and
     # the batch order, so each seed is a paired P = 1 / P = 2 comparison of its own
     ("s-p1-seed1", "s", 1, {"seed": 1}, "seed"),
     ("s-p2-seed1", "s", 2, {"seed": 1}, "seed"),
     ("s-p1-seed2", "s", 1, {"seed": 2}, "seed"),
     ("s-p2-seed2", "s", 2, {"seed": 2}, "seed"),
-    # the aggregator collapses onto one stream within ~50 steps (entropy << ln P); ε = 1 forces
-    # the uniform mean of the streams, so every stream gets its full share of the gradient
+    # the aggregator's per-token weights are peaked (entropy << ln P); ε = 1 forces the uniform
+    # mean of the streams, so every stream gets its full share of the gradient
     ("s-p2-eps1", "s", 2, {"agg_smoothing": 1.0}, "aggregation"),
     # prefix keys dilute attention early in a window (16 extra keys next to 1..256 real ones)
     ("s-p2-prefix4", "s", 2, {"prefix_tokens": 4}, "prefix length"),
-    # learning rate and budget: add lines like these (not run for the committed report)
-    # ("s-p2-lr1e-3", "s", 2, {"lr": 1e-3, "min_lr": 1e-4}, "learning rate"),
-    # ("s-p2-2x", "s", 2, {"tokens": 3_500_000}, "token budget"),
+    # the learning rate: 3e-3 favoured P = 1 over P > 1 in the quick preset's sweep
+    ("s-p1-lr3e-3", "s", 1, {"lr": 3e-3, "min_lr": 3e-4}, "learning rate"),
+    ("s-p2-lr3e-3", "s", 2, {"lr": 3e-3, "min_lr": 3e-4}, "learning rate"),
+    # the token budget, on the cheapest size: does the streams' gain grow with training?
+    ("xs-p1-2x", "xs", 1, {"tokens": 3_500_000}, "token budget"),
+    ("xs-p2-2x", "xs", 2, {"tokens": 3_500_000}, "token budget"),
 ]
+
+
+@contextlib.contextmanager
+def shared_prefix(enabled: bool):
+    """While active, every stream of every StreamSet uses stream 0's prefix (the other streams'
+    prefixes get no gradient). With ε = 1 the P streams are then the same computation: a P = 1
+    model with one learned prefix. Only for this ablation; the library has no such mode."""
+    if not enabled:
+        yield
+        return
+    from einops import repeat
+
+    from parscale.model import StreamSet
+
+    original = StreamSet.prefix
+
+    def prefix(self, layer, batch, dtype):
+        k = repeat(self.prefix_k[layer, :1], "1 h t d -> (p b) h t d", p=self.streams, b=batch).to(dtype)
+        v = repeat(self.prefix_v[layer, :1], "1 h t d -> (p b) h t d", p=self.streams, b=batch).to(dtype)
+        return k, v
+
+    StreamSet.prefix = prefix
+    try:
+        yield
+    finally:
+        StreamSet.prefix = original
 
 
 def base_config(size: str, streams: int, out: Path):
@@ -93,7 +133,8 @@ def table(rows: list[dict]) -> str:
              "aggregation entropy / ln P |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # the P = 1 run with the same overrides (ε and prefix length do not exist at P = 1)
-        ref_over = {k: v for k, v in r["overrides"].items() if k not in ("agg_smoothing", "prefix_tokens")}
+        ref_over = {k: v for k, v in r["overrides"].items()
+                    if k not in ("agg_smoothing", "prefix_tokens", SHARED_PREFIX)}
         ref = next((q for q in rows if q["size"] == r["size"] and q["P"] == 1
                     and q["overrides"] == ref_over), None)
         delta = "" if r["P"] == 1 or ref is None else f"{r['val_loss'] - ref['val_loss']:+.4f} ({ref['name']})"
@@ -145,6 +186,77 @@ def gap_table(grid: Path) -> str:
     return "\n".join(lines)
 
 
+def stream_usage(run_dir: Path, windows: int = 256) -> dict:
+    """What the streams of one trained P > 1 model do on the held-out windows of its run.
+
+    Reads the final hidden states of every stream (a hook on the final norm, ``(p b) s h``) and
+    reports: the model's loss; the loss of each stream alone through the LM head and of their
+    uniform mean (ε = 1); the mean aggregation weight of each stream; the per-token entropy of the
+    weights as a fraction of ln P; and the share of tokens where one stream takes > 90%. A model
+    whose aggregator always picks the same stream is a P = 1 model with a prefix; one whose best
+    single stream is much worse than the aggregate really combines its streams.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from parscale import ParScaleForCausalLM
+    from parscale.data import prepare_data
+    from parscale.data.batches import validation_windows
+
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    model = ParScaleForCausalLM.from_pretrained(run_dir / "model").eval()
+    P = model.streams
+    data = prepare_data(cfg["data"], tokenizer=run_dir / "model", max_bytes=cfg["data_max_bytes"],
+                        progress=False)
+    val = validation_windows(data.validation, seq_len=cfg["seq_len"], n=windows)
+    captured = {}
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    sums = {"model": 0.0, "mean": 0.0, **{f"stream{p}": 0.0 for p in range(P)}}
+    weight_sum, ent_sum, peaked, count = torch.zeros(P), 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, val.inputs.shape[0], 16):
+            x, y = val.inputs[i:i + 16], val.labels[i:i + 16]
+            out = model(x)
+            ce = lambda logits: float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            h = captured["h"].unflatten(0, (P, x.shape[0]))  # (p b) s h -> p b s h
+            sums["model"] += ce(out.logits)
+            sums["mean"] += ce(model.lm_head(h.mean(0)))
+            for p in range(P):
+                sums[f"stream{p}"] += ce(model.lm_head(h[p]))
+            w = out.agg_weights  # b s p
+            weight_sum += w.sum((0, 1))
+            ent_sum += float(-(w * w.clamp_min(1e-12).log()).sum(-1).sum())
+            peaked += float((w.max(-1).values > 0.9).sum())
+            count += y.numel()
+    hook.remove()
+    losses = {k: v / count for k, v in sums.items()}
+    singles = [losses[f"stream{p}"] for p in range(P)]
+    return {"run": run_dir.name, "P": P, "loss": losses["model"], "uniform_mean_loss": losses["mean"],
+            "stream_losses": singles, "best_single_stream_loss": min(singles),
+            "mean_weights": [float(v) for v in weight_sum / count],
+            "entropy_over_lnP": ent_sum / count / math.log(P), "share_peaked_0.9": peaked / count}
+
+
+def usage_table(grid: Path) -> str:
+    """``stream_usage`` of every P > 1 grid run of a reproduction, as a markdown table."""
+    rows = []
+    for d in sorted((grid / "runs").iterdir()):
+        if d.name.startswith("twostage") or d.name.endswith("-p1") or not (d / "model").is_dir():
+            continue
+        print(f"[usage] {d.name}", file=sys.stderr, flush=True)
+        rows.append(stream_usage(d))
+    atomic_write_text(grid / "stream_usage.json", json.dumps(rows, indent=1) + "\n")
+    lines = ["| run | loss (aggregated) | uniform mean of streams | best single stream | worst single stream "
+             "| mean weight per stream | entropy / ln P | tokens with one stream > 90% |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ws = ", ".join(f"{w:.2f}" for w in r["mean_weights"])
+        lines.append(f"| {r['run']} | {r['loss']:.4f} | {r['uniform_mean_loss']:.4f} | "
+                     f"{r['best_single_stream_loss']:.4f} | {max(r['stream_losses']):.4f} | {ws} | "
+                     f"{r['entropy_over_lnP']:.2f} | {100 * r['share_peaked_0.9']:.0f}% |")
+    return "\n".join(lines)
+
+
 def compare_table(a: Path, b: Path) -> str:
     """Final held-out loss of the grid runs two reproductions share (b − a)."""
     def finals(grid: Path) -> dict[str, float]:
@@ -172,11 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true", help="only collect finished runs and print the table")
     ap.add_argument("--gaps", type=Path, metavar="GRID", help="print the P − (P = 1) gap during training "
                     "for a reproduction's output directory, and stop")
+    ap.add_argument("--usage", type=Path, metavar="GRID", help="what the streams of every P > 1 grid run "
+                    "do on held-out text (weights, single-stream losses), and stop")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("FIRST", "SECOND"),
                     help="print the final losses of the runs two reproductions share, and stop")
     args = ap.parse_args(argv)
     if args.gaps:
         print(gap_table(args.gaps))
+        return 0
+    if args.usage:
+        print(usage_table(args.usage))
         return 0
     if args.compare:
         print(compare_table(*args.compare))
@@ -191,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         if not overrides and args.grid and (args.grid / "runs" / grid_name(size, P) / "summary.json").exists():
             run_dir = args.grid / "runs" / grid_name(size, P)
         elif not args.table and (args.only is None or name in args.only):
-            cfg = dataclasses.replace(base_config(size, P, args.out), **overrides, out=str(run_dir),
+            options = {k: v for k, v in overrides.items() if k != SHARED_PREFIX}
+            cfg = dataclasses.replace(base_config(size, P, args.out), **options, out=str(run_dir),
                                       threads=args.threads)
             print(f"[ablate] {name}: {overrides or 'grid settings'}", file=sys.stderr, flush=True)
-            train(cfg)
+            with shared_prefix(bool(overrides.get(SHARED_PREFIX))):
+                train(cfg)
         row = summarize(name, size, P, overrides, what, run_dir)
         if row is not None:
             rows.append(row)
