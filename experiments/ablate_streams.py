@@ -186,7 +186,7 @@ def gap_table(grid: Path) -> str:
     return "\n".join(lines)
 
 
-def stream_usage(run_dir: Path, windows: int = 256) -> dict:
+def stream_usage(run_dir: Path, windows: int | None = None) -> dict:
     """What the streams of one trained P > 1 model do on the held-out windows of its run.
 
     Reads the final hidden states of every stream (a hook on the final norm, ``(p b) s h``) and
@@ -208,7 +208,9 @@ def stream_usage(run_dir: Path, windows: int = 256) -> dict:
     P = model.streams
     data = prepare_data(cfg["data"], tokenizer=run_dir / "model", max_bytes=cfg["data_max_bytes"],
                         progress=False)
-    val = validation_windows(data.validation, seq_len=cfg["seq_len"], n=windows)
+    # the run's own held-out windows, so that "loss" is its reported held-out loss
+    n = windows or max(1, cfg["eval_tokens"] // cfg["seq_len"])
+    val = validation_windows(data.validation, seq_len=cfg["seq_len"], n=n)
     captured = {}
     hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
     sums = {"model": 0.0, "mean": 0.0, **{f"stream{p}": 0.0 for p in range(P)}}

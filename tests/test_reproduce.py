@@ -107,7 +107,7 @@ def test_writes_results_report_and_plots(first):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({name})" in report
-    assert set(result.plots) == {"law_fit", "loss_vs_streams", "multiplier", "learning_curves"}
+    assert set(result.plots) == {"law_fit", "loss_vs_streams", "multiplier", "learning_curves", "stream_gap"}
 
 
 def test_second_invocation_trains_nothing(first, env):
@@ -306,3 +306,51 @@ def test_ablation_script_reads_a_reproduction(first, capsys):
     assert same.count("+0.0000") == len(list((out / "runs").iterdir()))
     assert mod.main(["--out", str(out), "--gaps", str(out)]) == 0
     assert capsys.readouterr().out.strip() == gaps
+
+
+def test_ablation_stream_usage_and_shared_prefix(first):
+    import importlib.util
+
+    import torch
+
+    from parscale import ParScaleConfig, ParScaleForCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ablate_streams.py"
+    spec = importlib.util.spec_from_file_location("ablate_streams", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, result, _ = first
+    run = next(r for r in result.runs if r.P == 4)
+    use = mod.stream_usage(out / "runs" / run.name)
+    assert use["loss"] == pytest.approx(run.val_loss, abs=1e-5)  # the same windows as the trainer's
+    assert len(use["stream_losses"]) == 4 and sum(use["mean_weights"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= use["entropy_over_lnP"] <= 1.0 and use["best_single_stream_loss"] == min(use["stream_losses"])
+
+    # the shared-prefix variant makes every stream the same computation (P = 1 + one prefix)
+    cfg = ParScaleConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, streams=3, prefix_tokens=4)
+    model = ParScaleForCausalLM(cfg).eval()
+    seen = {}
+    model.model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o.unflatten(0, (3, 2))))
+    x = torch.randint(0, 40, (2, 6))
+    with mod.shared_prefix(True):
+        model(x)
+    assert torch.equal(seen["h"][0], seen["h"][1]) and torch.equal(seen["h"][0], seen["h"][2])
+    model(x)  # restored on exit: the streams differ again
+    assert not torch.equal(seen["h"][0], seen["h"][1])
+
+
+def test_plot_stream_gap(tmp_path):
+    from parscale.plots.reproduce import plot_learning_curves, plot_stream_gap
+
+    def run(size, P, params, losses, role=""):
+        return {"name": f"{size}-p{P}", "size": size, "P": P, "params": params, "role": role,
+                "curve": [(100 * (i + 1), v) for i, v in enumerate(losses)]}
+
+    runs = [run("a", 1, 10, [5.0, 4.0]), run("a", 2, 11, [4.9, 4.1]), run("b", 1, 40, [4.5, 3.5]),
+            run("b", 4, 45, [4.4, 3.4]), run("b", 1, 40, [3.3], role="continued")]
+    for fn, name in ((plot_stream_gap, "gap.png"), (plot_learning_curves, "curves.png")):
+        data = fn(runs, tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with pytest.raises(ParScaleError, match="no size has both a P = 1 run and a P > 1 run"):
+        plot_stream_gap([run("a", 1, 10, [5.0])], tmp_path / "none.png")

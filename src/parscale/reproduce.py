@@ -54,6 +54,7 @@ PLOT_NAMES = {
     "loss_vs_streams": "loss_vs_streams.png",  # held-out loss vs P per size
     "multiplier": "multiplier.png",  # k·ln P + 1, ours vs the paper's
     "learning_curves": "learning_curves.png",  # held-out loss vs tokens for every run
+    "stream_gap": "stream_gap.png",  # loss minus the same size's P = 1 loss, during training
 }
 
 PAPER = 'Chen et al., "Parallel Scaling Law for Language Models", arXiv 2505.10475'
@@ -563,7 +564,7 @@ def fit_backbone_n(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
 def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequence[RunRecord],
                 preset: Preset) -> dict[str, Path]:
     from .plots.law import plot_law_fit, plot_multiplier
-    from .plots.reproduce import plot_learning_curves, plot_loss_vs_streams
+    from .plots.reproduce import plot_learning_curves, plot_loss_vs_streams, plot_stream_gap
 
     paths = {k: out_dir / v for k, v in PLOT_NAMES.items()}
     plot_law_fit(fit, paths["law_fit"], title=f"parscale reproduce ({preset.name}): held-out loss vs N")
@@ -573,9 +574,14 @@ def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequenc
     # continuations are drawn after their stage 1 (a grid run: the same budget), at the tokens
     # the model has seen in all
     stage1 = preset.tokens
-    curves = {r.name: [(t + (stage1 if r.role in ("continued", "recycled") else 0), loss)
-                       for t, loss in _val_curve(out_dir / RUNS_DIR / r.name)] for r in all_runs}
+    curves = [{**r.to_dict(), "curve": [(t + (stage1 if r.role in ("continued", "recycled") else 0), loss)
+                                        for t, loss in _val_curve(out_dir / RUNS_DIR / r.name)]}
+              for r in all_runs]
     plot_learning_curves(curves, paths["learning_curves"])
+    if len({r.P for r in grid}) > 1:
+        plot_stream_gap(curves, paths["stream_gap"])
+    else:
+        del paths["stream_gap"]
     return paths
 
 
@@ -827,7 +833,8 @@ def render_report(results: Mapping[str, Any]) -> str:
     captions = {"law_fit": "Held-out loss against N, one colour per P, with the fitted law",
                 "loss_vs_streams": "Held-out loss against P, one line per size (dashed: the fit)",
                 "multiplier": "Equivalent-parameter multiplier k·ln P + 1, ours and the paper's",
-                "learning_curves": "Held-out loss during training, every run"}
+                "learning_curves": "Held-out loss during training, every run (colour: size; line style: P)",
+                "stream_gap": "Held-out loss minus the same size's P = 1 loss during training (below 0: P helps)"}
     for key, name in plots.items():
         lines += [f"![{captions.get(key, key)}]({name})", "", f"*{captions.get(key, key)}.*", ""]
     lines += [

@@ -1,7 +1,10 @@
 """Plots of `parscale reproduce` that the law plots (``plots/law.py``) do not cover: held-out loss
-against P for each model size, and the held-out loss curves of every run."""
+against P for each model size, the held-out loss curves of every run, and the effect of P (loss
+minus the same size's P = 1 loss) during training."""
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,22 +55,43 @@ def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
     return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
-def plot_learning_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *,
-                         title: str | None = None) -> Path:
-    """Held-out loss against training tokens, one line per run (``{name: [(tokens, loss), ...]}``).
+# line style per P, so that a size keeps one colour across its P (P = 1 solid)
+_P_STYLES = {1: "-", 2: "--", 4: "-.", 8: ":"}
 
-    Runs without evaluations are left out. A run that continues another should count the tokens
-    its model saw before (the caller adds them).
+
+def _style(P: int) -> str:
+    return _P_STYLES.get(int(P), (0, (5, 1, 1, 1)))
+
+
+def _size_colors(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """One colour per size, smallest model first (``runs``: dicts with size and params)."""
+    first: dict[str, float] = {}
+    for r in runs:
+        first[str(r["size"])] = min(first.get(str(r["size"]), math.inf), float(r.get("params", 0)))
+    return {size: f"C{i % 10}" for i, size in enumerate(sorted(first, key=first.get))}
+
+
+def plot_learning_curves(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
+                         title: str | None = None) -> Path:
+    """Held-out loss against training tokens, one line per run: one colour per size, one line
+    style per P (solid P = 1, dashed 2, dash-dot 4, dotted 8); continuations of another run
+    (``role`` continued/recycled) are drawn with square markers.
+
+    ``runs``: dicts with ``name``, ``size``, ``P``, ``params``, optional ``role``, and ``curve``:
+    ``[(tokens, loss), ...]``, where a continuation counts the tokens its model saw before (the
+    caller adds them). Runs without evaluations are left out.
     """
     fig = Figure(figsize=(7.0, 4.6))
     ax = fig.add_subplot()
+    colors = _size_colors(runs)
     drawn = 0
-    for i, (name, points) in enumerate(curves.items()):
-        if not points:
+    for r in runs:
+        if not r.get("curve"):
             continue
-        t, loss = zip(*sorted(points))
-        # ten colours, then the same colours dashed (the full preset has 15 runs)
-        ax.plot(t, loss, marker=".", lw=1.2, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=name)
+        t, loss = zip(*sorted(r["curve"]))
+        cont = r.get("role") in ("continued", "recycled")
+        ax.plot(t, loss, marker="s" if cont else ".", ms=4 if cont else 5, lw=1.2,
+                color=colors[str(r["size"])], ls=_style(r["P"]), label=r["name"])
         drawn += 1
     if drawn == 0:
         ax.text(0.5, 0.5, "no held-out evaluations logged", ha="center", va="center", transform=ax.transAxes)
@@ -76,5 +100,38 @@ def plot_learning_curves(curves: Mapping[str, Sequence[tuple[float, float]]], pa
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.legend(fontsize="x-small", ncol=2 if drawn > 6 else 1)
-    ax.set_title(title or "Held-out loss during training", fontsize="medium")
+    ax.set_title(title or "Held-out loss during training (colour: size; line style: P)", fontsize="medium")
+    return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
+
+
+def plot_stream_gap(runs: Sequence[Mapping[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """Held-out loss of every P > 1 run minus its size's P = 1 run, at each evaluation during
+    training (one panel per size, one line per P; below zero: the streams help).
+
+    Why: a final loss is one number per run; the gap over training shows whether the streams'
+    effect grows, holds or fades as the models learn. ``runs``: as for ``plot_learning_curves``
+    (continuations are ignored).
+    """
+    grid = [r for r in runs if r.get("role") not in ("continued", "recycled") and r.get("curve")]
+    colors = _size_colors(grid)
+    sizes = [s for s in colors if any(r["size"] == s and r["P"] == 1 for r in grid)
+             and any(r["size"] == s and r["P"] > 1 for r in grid)]
+    if not sizes:
+        raise ParScaleError("plot_stream_gap: no size has both a P = 1 run and a P > 1 run with evaluations")
+    fig = Figure(figsize=(3.2 * len(sizes) + 0.6, 3.6))
+    axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
+    for ax, size in zip(axes, sizes):
+        base = dict(next(r for r in grid if r["size"] == size and r["P"] == 1)["curve"])
+        for r in sorted((r for r in grid if r["size"] == size and r["P"] > 1), key=lambda r: r["P"]):
+            pts = sorted((t, loss - base[t]) for t, loss in r["curve"] if t in base)
+            if pts:
+                t, gap = zip(*pts)
+                ax.plot(t, gap, marker=".", color=colors[size], ls=_style(r["P"]), label=f"P = {r['P']}")
+        ax.axhline(0.0, color="0.4", lw=0.8)
+        ax.set_title(f"{size}", fontsize="medium")
+        ax.set_xlabel("training tokens")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    axes[0].set_ylabel("held-out loss − same size at P = 1 (nats)")
+    fig.suptitle(title or "Effect of P during training (below 0: the streams help)", fontsize="medium")
     return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
