@@ -248,6 +248,10 @@ def usage_table(grid: Path) -> str:
         print(f"[usage] {d.name}", file=sys.stderr, flush=True)
         rows.append(stream_usage(d))
     atomic_write_text(grid / "stream_usage.json", json.dumps(rows, indent=1) + "\n")
+    return format_usage(rows)
+
+
+def format_usage(rows: list[dict]) -> str:
     lines = ["| run | loss (aggregated) | uniform mean of streams | best single stream | worst single stream "
              "| mean weight per stream | entropy / ln P | tokens with one stream > 90% |",
              "|---|---|---|---|---|---|---|---|"]
