@@ -24,7 +24,7 @@ Presets (see docs/reproduction.md for why these numbers):
 * ``micro`` — seconds; for tests (tiny shapes, a few steps, any small corpus via ``data``).
 * ``quick`` — what ``make demo`` runs: ≤ 10 minutes on a 2-core CPU including data preparation.
 * ``full``  — 3 sizes × P ∈ {1, 2, 4, 8} on the whole stdlib corpus plus the two-stage experiment;
-  about 80 minutes on an idle 2-core CPU.
+  about 2 hours on an idle 2-core CPU (115 min measured; docs/reproduction/README.md).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
         eval_every=50, eval_tokens=32768, checkpoint_every=50, log_every=5, bootstrap=100,
         two_stage=TwoStageSpec("s", extra_fraction=0.05, streams=4)),
     "full": Preset(
-        name="full", description="3 sizes x P in {1, 2, 4, 8} plus two-stage; ~80 minutes on an idle 2-core CPU",
+        name="full", description="3 sizes x P in {1, 2, 4, 8} plus two-stage; ~2 hours on an idle 2-core CPU",
         sizes=(SizeSpec("xs", 2, 64, 4, 2, 176), SizeSpec("s", 3, 96, 3, 1, 256),
                SizeSpec("m", 4, 128, 4, 2, 352)),
         streams=(1, 2, 4, 8), tokens=1_750_000, seq_len=256, batch_size=16, vocab_size=2048,

@@ -22,7 +22,7 @@ finished runs and resumes interrupted ones from their last checkpoint.
 presets:
   quick   2 sizes x P in {1, 2, 4}, 3 MB of the stdlib; <= 10 minutes on a 2-core CPU (make demo)
   full    3 sizes x P in {1, 2, 4, 8}, the whole stdlib, 1.75M tokens per run, plus two-stage;
-          about 80 minutes on an idle 2-core CPU
+          about 2 hours on an idle 2-core CPU (115 min measured)
   micro   seconds; a smoke test (tiny shapes, a few steps)
 """
 
@@ -32,7 +32,7 @@ examples:
   parscale reproduce --preset quick --out runs/reproduce-quick
   less runs/reproduce-quick/report.md
 
-  # the real experiment (~80 min on an idle 2-core CPU); kill it any time and run the
+  # the real experiment (~2 h on an idle 2-core CPU); kill it any time and run the
   # same command to continue where it stopped
   parscale reproduce --preset full --out runs/reproduce-full
 
