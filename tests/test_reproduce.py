@@ -287,14 +287,20 @@ def test_conclusions_follow_the_numbers():
     assert np.isfinite(fit0.r2)
 
 
-def test_ablation_script_reads_a_reproduction(first, capsys):
-    # experiments/ablate_streams.py is what docs/reproduction/README.md's tables came from
+@pytest.fixture(scope="module")
+def ablate():
+    """experiments/ablate_streams.py (what docs/reproduction/README.md's tables came from), as a module."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "ablate_streams.py"
     spec = importlib.util.spec_from_file_location("ablate_streams", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_script_reads_a_reproduction(first, ablate, capsys):
+    mod = ablate
     out, result, _ = first
     gaps = mod.gap_table(out)
     losses = {(r.size, r.P): r.val_loss for r in result.runs}
@@ -308,17 +314,12 @@ def test_ablation_script_reads_a_reproduction(first, capsys):
     assert capsys.readouterr().out.strip() == gaps
 
 
-def test_ablation_stream_usage_and_shared_prefix(first):
-    import importlib.util
-
+def test_ablation_stream_usage_and_shared_prefix(first, ablate):
     import torch
 
     from parscale import ParScaleConfig, ParScaleForCausalLM
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "ablate_streams.py"
-    spec = importlib.util.spec_from_file_location("ablate_streams", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = ablate
     out, result, _ = first
     run = next(r for r in result.runs if r.P == 4)
     use = mod.stream_usage(out / "runs" / run.name)
