@@ -5,7 +5,6 @@ minus the same size's P = 1 loss) during training."""
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,22 @@ from matplotlib.figure import Figure
 
 from ..atomic import atomic_savefig
 from ..errors import ParScaleError
+
+
+# line style per P, so that a size keeps one colour across its P (P = 1 solid)
+_P_STYLES = {1: "-", 2: "--", 4: "-.", 8: ":"}
+
+
+def _style(P: int) -> str | tuple:
+    return _P_STYLES.get(int(P), (0, (5, 1, 1, 1)))
+
+
+def _size_colors(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """One colour per size, smallest model first (``runs``: dicts with size and params)."""
+    first: dict[str, float] = {}
+    for r in runs:
+        first[str(r["size"])] = min(first.get(str(r["size"]), math.inf), float(r.get("params", 0)))
+    return {size: f"C{i % 10}" for i, size in enumerate(sorted(first, key=first.get))}
 
 
 def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *, fit=None,
@@ -29,15 +44,13 @@ def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
     sizes: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
         sizes.setdefault(str(r["size"]), []).append(r)
-    # smallest model first, so colours follow size
-    order = sorted(sizes, key=lambda s: min(r["params"] for r in sizes[s]))
+    colors = _size_colors(runs)  # smallest model first, the same colours as the other plots
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
-    for i, size in enumerate(order):
+    for size, color in colors.items():
         rs = sorted(sizes[size], key=lambda r: r["P"])
         P = np.array([r["P"] for r in rs], dtype=float)
         loss = np.array([r["val_loss"] for r in rs], dtype=float)
-        color = f"C{i % 10}"
         n1 = min(r["params"] for r in rs)
         ax.plot(P, loss, "o-", color=color, label=f"{size} ({n1:,.0f} params at P = 1)")
         if fit is not None:
@@ -53,22 +66,6 @@ def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
     ax.set_title(title or "Held-out loss vs P per model size" + (" (dashed: fitted law)" if fit else ""),
                  fontsize="medium")
     return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
-
-
-# line style per P, so that a size keeps one colour across its P (P = 1 solid)
-_P_STYLES = {1: "-", 2: "--", 4: "-.", 8: ":"}
-
-
-def _style(P: int) -> str:
-    return _P_STYLES.get(int(P), (0, (5, 1, 1, 1)))
-
-
-def _size_colors(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """One colour per size, smallest model first (``runs``: dicts with size and params)."""
-    first: dict[str, float] = {}
-    for r in runs:
-        first[str(r["size"])] = min(first.get(str(r["size"]), math.inf), float(r.get("params", 0)))
-    return {size: f"C{i % 10}" for i, size in enumerate(sorted(first, key=first.get))}
 
 
 def plot_learning_curves(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
