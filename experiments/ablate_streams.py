@@ -187,56 +187,19 @@ def gap_table(grid: Path) -> str:
 
 
 def stream_usage(run_dir: Path, windows: int | None = None) -> dict:
-    """What the streams of one trained P > 1 model do on the held-out windows of its run.
-
-    Reads the final hidden states of every stream (a hook on the final norm, ``(p b) s h``) and
-    reports: the model's loss; the loss of each stream alone through the LM head and of their
-    uniform mean (ε = 1); the mean aggregation weight of each stream; the per-token entropy of the
-    weights as a fraction of ln P; and the share of tokens where one stream takes > 90%. A model
-    whose aggregator always picks the same stream is a P = 1 model with a prefix; one whose best
-    single stream is much worse than the aggregate really combines its streams.
-    """
-    import torch
-    import torch.nn.functional as F
-
+    """``parscale.diagnostics.stream_usage`` of one trained P > 1 run on its own held-out windows
+    (so that ``loss`` is the run's reported held-out loss), as a dict with the run's name."""
     from parscale import ParScaleForCausalLM
-    from parscale.data import prepare_data
-    from parscale.data.batches import validation_windows
+    from parscale.data import prepare_data, validation_windows
+    from parscale.diagnostics import stream_usage as usage
 
     cfg = json.loads((run_dir / "train_config.json").read_text())
-    model = ParScaleForCausalLM.from_pretrained(run_dir / "model").eval()
-    P = model.streams
+    model = ParScaleForCausalLM.from_pretrained(run_dir / "model")
     data = prepare_data(cfg["data"], tokenizer=run_dir / "model", max_bytes=cfg["data_max_bytes"],
                         progress=False)
-    # the run's own held-out windows, so that "loss" is its reported held-out loss
     n = windows or max(1, cfg["eval_tokens"] // cfg["seq_len"])
     val = validation_windows(data.validation, seq_len=cfg["seq_len"], n=n)
-    captured = {}
-    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
-    sums = {"model": 0.0, "mean": 0.0, **{f"stream{p}": 0.0 for p in range(P)}}
-    weight_sum, ent_sum, peaked, count = torch.zeros(P), 0.0, 0.0, 0
-    with torch.no_grad():
-        for i in range(0, val.inputs.shape[0], 16):
-            x, y = val.inputs[i:i + 16], val.labels[i:i + 16]
-            out = model(x)
-            ce = lambda logits: float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-            h = captured["h"].unflatten(0, (P, x.shape[0]))  # (p b) s h -> p b s h
-            sums["model"] += ce(out.logits)
-            sums["mean"] += ce(model.lm_head(h.mean(0)))
-            for p in range(P):
-                sums[f"stream{p}"] += ce(model.lm_head(h[p]))
-            w = out.agg_weights  # b s p
-            weight_sum += w.sum((0, 1))
-            ent_sum += float(-(w * w.clamp_min(1e-12).log()).sum(-1).sum())
-            peaked += float((w.max(-1).values > 0.9).sum())
-            count += y.numel()
-    hook.remove()
-    losses = {k: v / count for k, v in sums.items()}
-    singles = [losses[f"stream{p}"] for p in range(P)]
-    return {"run": run_dir.name, "P": P, "loss": losses["model"], "uniform_mean_loss": losses["mean"],
-            "stream_losses": singles, "best_single_stream_loss": min(singles),
-            "mean_weights": [float(v) for v in weight_sum / count],
-            "entropy_over_lnP": ent_sum / count / math.log(P), "share_peaked_0.9": peaked / count}
+    return {"run": run_dir.name, **usage(model, val.inputs, val.labels).to_dict()}
 
 
 def usage_table(grid: Path) -> str:
@@ -259,7 +222,7 @@ def format_usage(rows: list[dict]) -> str:
         ws = ", ".join(f"{w:.2f}" for w in r["mean_weights"])
         lines.append(f"| {r['run']} | {r['loss']:.4f} | {r['uniform_mean_loss']:.4f} | "
                      f"{r['best_single_stream_loss']:.4f} | {max(r['stream_losses']):.4f} | {ws} | "
-                     f"{r['entropy_over_lnP']:.2f} | {100 * r['share_peaked_0.9']:.0f}% |")
+                     f"{r['entropy_over_lnP']:.2f} | {100 * r['share_peaked']:.0f}% |")
     return "\n".join(lines)
 
 

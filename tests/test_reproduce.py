@@ -109,17 +109,29 @@ def test_writes_results_report_and_plots(first):
         assert f"]({name})" in report
     assert set(result.plots) == {"law_fit", "loss_vs_streams", "multiplier", "learning_curves", "stream_gap"}
 
+    # what the streams do: every P > 1 grid model, on the same windows as its held-out loss
+    usage = results["stream_usage"]
+    assert set(usage) == {r["name"] for r in runs if r["P"] > 1}
+    for r in runs:
+        if r["P"] > 1:
+            assert usage[r["name"]]["loss"] == pytest.approx(r["val_loss"], abs=1e-5)
+            assert len(usage[r["name"]]["stream_losses"]) == r["P"]
+    assert "## What the streams do" in report and "Combining the streams:" in report
+
 
 def test_second_invocation_trains_nothing(first, env):
     out, _, _ = first
     summaries = sorted((out / "runs").glob("*/summary.json"))
     before = {p: p.stat().st_mtime_ns for p in summaries}
     old = json.loads((out / "results.json").read_text())
+    old_mtime = (out / "results.json").stat().st_mtime_ns
     spy = Spy()
     result = run_micro(out, env, spy)
     assert spy.trained == [] and len(spy.calls) == len(summaries)
     assert result.trained == [] and len(result.skipped) == len(summaries)
     assert {p: p.stat().st_mtime_ns for p in summaries} == before  # nothing rewritten
+    usage_files = sorted((out / "runs").glob("*/stream_usage.json"))
+    assert usage_files and all(p.stat().st_mtime_ns < old_mtime for p in usage_files)  # cached
     new = json.loads((out / "results.json").read_text())
     assert [r["val_loss"] for r in new["runs"]] == [r["val_loss"] for r in old["runs"]]
     assert not any(r["trained_now"] for r in new["runs"])
@@ -269,6 +281,16 @@ def test_conclusions_follow_the_numbers():
 
     text = "\n".join(conclude(runs, dataclasses.replace(fit, k=1e-8), None, None))
     assert "do **not** rule out k ≈ 0" in text and "Yet the measured loss does fall with P" in text
+
+    # stream usage: near-copies (the best single stream as good as the model) vs real combining
+    copies = {"a-p2": {"combination_gain": 0.002}, "b-p8": {"combination_gain": -0.001}}
+    text = "\n".join(conclude(runs, fit, None, None, None, copies))
+    assert "in the 2 P > 1 models the best single stream alone" in text and "-0.0010 to +0.0020" in text
+    assert "near-copies" in text
+    combined = {**copies, "b-p4": {"combination_gain": 0.05}}
+    text = "\n".join(conclude(runs, fit, None, None, None, combined))
+    assert "near-copies" not in text and "combining helps most at b-p4" in text
+    assert "Combining the streams" not in "\n".join(conclude(runs, fit, None, None))
 
     # the same numbers with one exception: b at P = 4 no better than at P = 2
     losses[("b", 4)] = losses[("b", 2)] + 0.01

@@ -504,13 +504,15 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
         stage = {r.role: records[r.name] for r in plan if r.experiment == "two_stage"}
         two = TwoStageResult(records[grid_name(ts.base_size, 1)], stage["continued"], stage["recycled"],
                              [r for r in grid if r.size == ts.base_size and r.P == ts.streams])
-    conclusions = conclude(grid, fit, boot, two, backbone)
+    usage = measure_streams(plan, prepared, preset, trained)
+    conclusions = conclude(grid, fit, boot, two, backbone, usage)
     plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
     wall = time.perf_counter() - t0
     results = {
         "runs": [r.to_dict() for r in grid],
         "fit": fit.to_dict(),
         "fit_backbone_n": backbone,
+        "stream_usage": usage,
         "bootstrap": boot.to_dict() if boot is not None else None,
         "paper": {"source": PAPER, "dataset": "Stack-V2-Python", **PAPER_STACK},
         "two_stage": two.to_dict() if two is not None else None,
@@ -531,6 +533,45 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     report_path = atomic_write_text(out_dir / REPORT_NAME, render_report(results))
     return ReproductionResult(out_dir, results_path, report_path, plots, preset, grid, fit, boot, two,
                               conclusions, wall, trained, skipped)
+
+
+USAGE_NAME = "stream_usage.json"
+
+
+def measure_streams(plan: Sequence[PlannedRun], prepared, preset: Preset,
+                    trained: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``parscale.diagnostics.stream_usage`` of every P > 1 grid model on the runs' held-out
+    windows (the same windows as their held-out loss), by run name.
+
+    Cached in each run's directory (``stream_usage.json``) and recomputed only for runs trained in
+    this invocation, so a re-run that skips every run stays quick. Runs without a saved model
+    (a ``train_fn`` that writes none) are left out.
+    """
+    from .atomic import atomic_write_text
+    from .data import validation_windows
+    from .diagnostics import stream_usage
+    from .model import ParScaleForCausalLM
+
+    val = None
+    out: dict[str, dict[str, Any]] = {}
+    for run in plan:
+        run_dir = Path(run.config.out)
+        if run.experiment != "grid" or run.streams == 1 or not (run_dir / "model").is_dir():
+            continue
+        cached = run_dir / USAGE_NAME
+        if run.name not in trained and cached.is_file():
+            try:
+                out[run.name] = json.loads(cached.read_text())
+                continue
+            except json.JSONDecodeError:
+                pass  # recompute a damaged cache
+        if val is None:
+            val = validation_windows(prepared.validation, seq_len=preset.seq_len,
+                                     n=max(1, preset.eval_tokens // preset.seq_len))
+        model = ParScaleForCausalLM.from_pretrained(run_dir / "model")
+        out[run.name] = stream_usage(model, val.inputs, val.labels, batch_size=preset.batch_size).to_dict()
+        atomic_write_text(cached, json.dumps(out[run.name], indent=1) + "\n")
+    return out
 
 
 def fit_runs(runs: Sequence[RunRecord], bootstrap: int, seed: int = 0):
@@ -605,6 +646,10 @@ def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 # --------------------------------------------------------------------------- conclusions
+# below this (nats), the aggregate is no better than its best stream for the conclusions' purposes:
+# about the seed-to-seed noise of one run's loss in the full preset (docs/reproduction/README.md)
+COMBINATION_NEGLIGIBLE = 0.01
+
 def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[RunRecord], float],
                       label: Callable[[RunRecord], str]) -> list[str]:
     """Where the held-out loss does not fall along ``key`` inside a group: 'label: a -> b'."""
@@ -618,7 +663,8 @@ def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[
 
 
 def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
-             backbone: Mapping[str, Any] | None = None) -> list[str]:
+             backbone: Mapping[str, Any] | None = None,
+             usage: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Plain-language conclusions, each one computed from the numbers (no fixed verdicts)."""
     import numpy as np
 
@@ -701,6 +747,20 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
     if fit.n_points < 8:
         lines.append(f"Only {fit.n_points} runs for 4 constants: the fit is barely determined and the "
                      "bootstrap intervals are not reliable (the full preset has 12 runs).")
+
+    if usage:
+        gains = {name: u["combination_gain"] for name, u in usage.items()}
+        top = max(gains, key=gains.get)
+        text = (f"Combining the streams: in the {len(gains)} P > 1 models the best single stream alone (through "
+                f"the LM head) is {min(gains.values()):+.4f} to {gains[top]:+.4f} nats from the model's loss "
+                "(positive: the aggregate is better)")
+        if gains[top] < COMBINATION_NEGLIGIBLE:
+            text += (f", under {COMBINATION_NEGLIGIBLE} everywhere: the streams are near-copies, so whatever P "
+                     "changes here comes from what each stream learned (its prefix, its training), not from "
+                     "combining streams.")
+        else:
+            text += f"; combining helps most at {top}."
+        lines.append(text)
 
     if two is not None:
         better = "lower" if two.gain > 0 else "not lower"
@@ -799,6 +859,26 @@ def render_report(results: Mapping[str, Any]) -> str:
     for r, row in zip(runs, fit["residuals"]):
         lines.append(f"| {r['name']} | {row['N']:,.0f} | {row['P']:g} | {row['loss']:.4f} | "
                      f"{row['predicted']:.4f} | {row['residual']:+.4f} |")
+
+    usage = results.get("stream_usage")
+    if usage:
+        lines += [
+            "",
+            "## What the streams do",
+            "",
+            ("Every P > 1 model on the same held-out tokens (`parscale.diagnostics.stream_usage`): its loss, "
+             "the loss of the streams' uniform mean and of each stream alone through the LM head, each stream's "
+             "mean aggregation weight, the per-token weight entropy as a share of ln P, and the share of tokens "
+             "where one stream takes over 90% of the weight. A best single stream as good as the model means "
+             "the streams are not being combined."),
+            "",
+            "| run | loss | uniform mean | best single stream | worst single stream | mean weight per stream "
+            "| entropy / ln P | tokens with one stream > 90% |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {name} | {u['loss']:.4f} | {u['uniform_mean_loss']:.4f} | {u['best_single_stream_loss']:.4f} | "
+              f"{max(u['stream_losses']):.4f} | {', '.join(f'{w:.2f}' for w in u['mean_weights'])} | "
+              f"{u['entropy_over_lnP']:.2f} | {100 * u['share_peaked']:.0f}% |" for name, u in usage.items()],
+        ]
 
     two = results.get("two_stage")
     if two:

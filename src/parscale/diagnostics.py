@@ -1,0 +1,90 @@
+"""What the streams of a trained ParScale model do: are they combined, or is it one stream?
+
+``stream_usage(model, inputs, labels)`` runs the model on held-out windows and reads every
+stream's final hidden state (a hook on the final norm, ``(p b) s h``). It reports the model's loss
+next to the loss of each stream alone through the LM head and of the streams' uniform mean, plus
+how the aggregator spreads its weights. A model whose best single stream is as good as the
+aggregate is, in effect, one stream with a learned prefix: its P copies add compute but not
+quality. (At `parscale reproduce`'s CPU scale that is what we measured; see
+docs/reproduction/README.md.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ParScaleError
+
+PEAKED = 0.9  # a token's weights are "peaked" when one stream takes more than this
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    """Mean next-token losses (nats) on the same tokens, and the aggregation weights' spread."""
+
+    P: int
+    tokens: int
+    loss: float  # the model as it is (learned aggregation)
+    uniform_mean_loss: float  # the P streams averaged with equal weights
+    stream_losses: tuple[float, ...]  # each stream alone through the LM head
+    mean_weights: tuple[float, ...]  # each stream's mean aggregation weight over the tokens
+    entropy_over_lnP: float  # mean per-token weight entropy / ln P (1: uniform, 0: one stream)
+    share_peaked: float  # share of tokens where one stream's weight exceeds PEAKED
+
+    @property
+    def best_single_stream_loss(self) -> float:
+        return min(self.stream_losses)
+
+    @property
+    def combination_gain(self) -> float:
+        """Best single stream's loss minus the model's: what combining the streams buys (nats)."""
+        return self.best_single_stream_loss - self.loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "best_single_stream_loss": self.best_single_stream_loss,
+                "combination_gain": self.combination_gain}
+
+
+def stream_usage(model, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 16) -> StreamUsage:
+    """``StreamUsage`` of ``model`` (active P > 1) on ``inputs``/``labels`` (``b s`` token ids;
+    ``labels[:, t]`` is the token after ``inputs[:, t]``, as in ``parscale.data.Batch``)."""
+    P = model.streams
+    if model.stream_set is None:
+        raise ParScaleError(f"stream_usage needs a model with P > 1 streams (this one has P = {P})")
+    if inputs.dim() != 2 or inputs.shape != labels.shape:
+        raise ParScaleError(f"stream_usage: inputs and labels must be the same 2-D shape, got "
+                            f"{tuple(inputs.shape)} and {tuple(labels.shape)}")
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    sums = torch.zeros(P + 2, dtype=torch.float64)  # model, uniform mean, then each stream
+    weight_sum = torch.zeros(P, dtype=torch.float64)
+    entropy, peaked, count = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, inputs.shape[0], batch_size):
+                x, y = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+                out = model(x)
+                h = captured["h"].unflatten(0, (P, x.shape[0]))  # (p b) s h -> p b s h
+                heads = [out.logits, model.lm_head(h.mean(0)), *(model.lm_head(h[p]) for p in range(P))]
+                for j, logits in enumerate(heads):
+                    sums[j] += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                w = out.agg_weights.double()  # b s p
+                weight_sum += w.sum((0, 1)).cpu()
+                entropy += float(-(w * w.clamp_min(1e-12).log()).sum())
+                peaked += int((w.max(-1).values > PEAKED).sum())
+                count += y.numel()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    mean = (sums / count).tolist()
+    return StreamUsage(P=P, tokens=count, loss=mean[0], uniform_mean_loss=mean[1],
+                       stream_losses=tuple(mean[2:]), mean_weights=tuple((weight_sum / count).tolist()),
+                       entropy_over_lnP=entropy / count / math.log(P), share_peaked=peaked / count)
