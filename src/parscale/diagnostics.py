@@ -23,6 +23,13 @@ from .errors import ParScaleError
 PEAKED = 0.9  # a token's weights are "peaked" when one stream takes more than this
 
 
+def aggregation_entropy(weights: torch.Tensor) -> float:
+    """Mean over tokens of −Σ_p w log w of aggregation weights ``... p`` (ln P = uniform weights;
+    0 = one stream takes all). The trainer logs it as ``agg_entropy``."""
+    w = weights.double()
+    return float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean())
+
+
 @dataclass(frozen=True)
 class StreamUsage:
     """Mean next-token losses (nats) on the same tokens, and the aggregation weights' spread."""
@@ -78,7 +85,7 @@ def stream_usage(model, inputs: torch.Tensor, labels: torch.Tensor, *, batch_siz
                     sums[j] += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
                 w = out.agg_weights.double()  # b s p
                 weight_sum += w.sum((0, 1)).cpu()
-                entropy += float(-(w * w.clamp_min(1e-12).log()).sum())
+                entropy += aggregation_entropy(w) * y.numel()
                 peaked += int((w.max(-1).values > PEAKED).sum())
                 count += y.numel()
     finally:

@@ -105,14 +105,6 @@ def lr_at(cfg: TrainConfig, stage: Stage, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def aggregation_entropy(weights) -> float:
-    """Mean over tokens of −Σ_p w log w (log P = uniform weights; 0 = one stream takes all)."""
-    import torch
-
-    w = weights.float()
-    return float(-(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean())
-
-
 # --------------------------------------------------------------------------- distributed
 class _Dist:
     """Rank/world from torchrun's environment; a no-op wrapper in a single process."""
@@ -409,6 +401,8 @@ class _Run:
 
         import torch
         import torch.nn.functional as F
+
+        from ..diagnostics import aggregation_entropy
 
         cfg, dist = self.cfg, self.dist
         inputs, labels = self.data.batches.batch(step, rank=dist.rank, world_size=dist.world)
