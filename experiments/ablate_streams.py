@@ -30,6 +30,7 @@ from pathlib import Path
 
 from parscale.atomic import atomic_write_text
 from parscale.reproduce import get_preset, grid_name, plan_runs
+from parscale.reproduce import usage_table as format_usage_by_run
 from parscale.training.trainer import train
 
 # (name, size, P, overrides of the full preset's TrainConfig for that grid cell, what it tests).
@@ -215,15 +216,7 @@ def usage_table(grid: Path) -> str:
 
 
 def format_usage(rows: list[dict]) -> str:
-    lines = ["| run | loss (aggregated) | uniform mean of streams | best single stream | worst single stream "
-             "| mean weight per stream | entropy / ln P | tokens with one stream > 90% |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ws = ", ".join(f"{w:.2f}" for w in r["mean_weights"])
-        lines.append(f"| {r['run']} | {r['loss']:.4f} | {r['uniform_mean_loss']:.4f} | "
-                     f"{r['best_single_stream_loss']:.4f} | {max(r['stream_losses']):.4f} | {ws} | "
-                     f"{r['entropy_over_lnP']:.2f} | {100 * r['share_peaked']:.0f}% |")
-    return "\n".join(lines)
+    return format_usage_by_run({r["run"]: r for r in rows})
 
 
 def compare_table(a: Path, b: Path) -> str:

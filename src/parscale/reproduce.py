@@ -650,6 +650,7 @@ def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
 # about the seed-to-seed noise of one run's loss in the full preset (docs/reproduction/README.md)
 COMBINATION_NEGLIGIBLE = 0.01
 
+
 def _exceptions_along(groups: Mapping[Any, Sequence[RunRecord]], key: Callable[[RunRecord], float],
                       label: Callable[[RunRecord], str]) -> list[str]:
     """Where the held-out loss does not fall along ``key`` inside a group: 'label: a -> b'."""
@@ -775,6 +776,20 @@ def conclude(runs: Sequence[RunRecord], fit, boot, two: TwoStageResult | None,
 
 
 # --------------------------------------------------------------------------- report
+def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of ``StreamUsage.to_dict()`` results by run name (report.md's "What the
+    streams do"; experiments/ablate_streams.py prints the same)."""
+    lines = ["| run | loss | uniform mean | best single stream | worst single stream | mean weight per stream "
+             "| entropy / ln P | tokens with one stream > 90% |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, u in usage.items():
+        lines.append(f"| {name} | {u['loss']:.4f} | {u['uniform_mean_loss']:.4f} | "
+                     f"{u['best_single_stream_loss']:.4f} | {max(u['stream_losses']):.4f} | "
+                     f"{', '.join(f'{w:.2f}' for w in u['mean_weights'])} | {u['entropy_over_lnP']:.2f} | "
+                     f"{100 * u['share_peaked']:.0f}% |")
+    return "\n".join(lines)
+
+
 def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -872,12 +887,7 @@ def render_report(results: Mapping[str, Any]) -> str:
              "where one stream takes over 90% of the weight. A best single stream as good as the model means "
              "the streams are not being combined."),
             "",
-            "| run | loss | uniform mean | best single stream | worst single stream | mean weight per stream "
-            "| entropy / ln P | tokens with one stream > 90% |",
-            "|---|---|---|---|---|---|---|---|",
-            *[f"| {name} | {u['loss']:.4f} | {u['uniform_mean_loss']:.4f} | {u['best_single_stream_loss']:.4f} | "
-              f"{max(u['stream_losses']):.4f} | {', '.join(f'{w:.2f}' for w in u['mean_weights'])} | "
-              f"{u['entropy_over_lnP']:.2f} | {100 * u['share_peaked']:.0f}% |" for name, u in usage.items()],
+            usage_table(usage),
         ]
 
     two = results.get("two_stage")
