@@ -132,3 +132,26 @@ def test_bad_sampling_arguments(model):
         model.generate(ids, do_sample=True, temperature=0.0)
     with pytest.raises(ParScaleError, match="seeds has 1 entries for 2 rows"):
         decode(model, ids, max_new_tokens=2, num_samples=2, temperature=1.0, seeds=[1])
+
+
+def test_logits_processor_and_on_token_hooks(model):
+    ids = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(3))
+    plain = decode(model, ids, max_new_tokens=5, return_logprobs=True)
+    banned = plain.tokens[0][0]
+    seen = []
+
+    def ban(logits, rows, toks):  # forbid the token greedy picked first for row 0
+        assert logits.shape[0] == len(rows) == len(toks)
+        assert all(len(t) == len(toks[0]) for t in toks)
+        return logits.index_fill(-1, torch.tensor([banned]), float("-inf"))
+
+    res = decode(model, ids, max_new_tokens=5, logits_processor=ban, return_logprobs=True,
+                 on_token=lambda row, tok: seen.append((row, tok)))
+    assert all(banned not in row for row in res.tokens)
+    assert sorted(seen) == sorted((r, t) for r, row in enumerate(res.tokens) for t in row)
+    # log-probs are those of the unmodified distribution: the first step's choice under the
+    # unprocessed logits matches a plain forward
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[:, -1].float(), -1)
+    for r in range(2):
+        assert abs(res.logprobs[r][0] - float(lp[r, res.tokens[r][0]])) < 1e-6

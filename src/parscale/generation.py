@@ -82,9 +82,12 @@ class _Picker:
             generator = torch.Generator().manual_seed(int(seeds))
         self.generator = generator  # one generator for the whole batch (HF-style)
 
-    def __call__(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, rows: list[int],
+                 scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose from ``scores`` (processed logits; default ``logits``); log-probs from ``logits``."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits if scores is None else scores.float()
         choice = logits.argmax(-1)
         temp = torch.tensor([self.temperature[r] for r in rows])
         sampled = (temp > 0).nonzero().flatten().tolist()
@@ -111,6 +114,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            eos_token_id: int | Iterable[int] | None = None,
            stop: Callable[[int, list[int]], bool] | None = None,
            on_finish: Callable[[int, list[int], str, int], Iterable[int] | None] | None = None,
+           logits_processor: Callable[[torch.Tensor, list[int], list[list[int]]], torch.Tensor] | None = None,
+           on_token: Callable[[int, int], None] | None = None,
            return_logprobs: bool = False, compact: bool = True) -> DecodeResult:
     """Prefill ``input_ids`` (``b s``, left-padded) once, then decode ``num_samples`` rows per prompt.
 
@@ -120,6 +125,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     the same whatever else runs in the batch). ``stop(row, new_tokens)`` ends a row with reason
     "stop". ``on_finish(row, tokens, reason, step)`` is called as each row ends (not for pruned
     rows) and may return rows to prune; pruned rows end with reason "pruned" and leave the batch.
+    ``logits_processor(logits, rows, tokens)`` may rewrite the next-token logits (``r v`` float32 for
+    the live ``rows``; ``tokens[j]`` is row ``rows[j]``'s new tokens so far) before the choice, e.g.
+    a repetition penalty; recorded log-probs stay those of the unmodified distribution.
+    ``on_token(row, token)`` is called for every new token as it is chosen (streaming).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
@@ -166,13 +175,17 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     for step in range(max_new_tokens):
         live = [j for j, r in enumerate(running) if reason[r] is None]
         rows = [running[j] for j in live]
-        choice, lp = pick(logits[live], rows)
+        step_logits = logits[live].float()
+        scores = None if logits_processor is None else logits_processor(step_logits, rows, [tokens[r] for r in rows])
+        choice, lp = pick(step_logits, rows, scores)
         for i, r in enumerate(rows):
             if reason[r] is not None:  # pruned by an earlier row's hook in this step
                 continue
             tok = int(choice[i])
             tokens[r].append(tok)
             logps[r].append(float(lp[i]))
+            if on_token is not None:
+                on_token(r, tok)
             if tok in eos:
                 end(r, "eos", step)
             elif stop is not None and stop(r, tokens[r]):
