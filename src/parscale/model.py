@@ -83,7 +83,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 #   float32  F.linear (weight n×k)     0.82 / 0.82 / 2.45 ms   (about M× the M = 1 time)
 #   float32  x @ Wᵀ stored k×n         0.81 / 0.88 / 0.99 ms   (flat: reads the weight once)
 #   bfloat16 F.linear                  0.76 / 0.82 / 0.81 ms
-#   bfloat16 W @ xᵀ (weight n×k)       0.77 / 0.54 / 0.54 ms;  torch.mv at M = 1: 0.56 ms
+#   bfloat16 W @ xᵀ (weight n×k)       0.77 / 0.54 / 0.54 ms   (M = 1 padded to 2 rows: 0.56 ms)
 # So at inference float32 weights are stored transposed (k×n) and reduced-precision ones keep
 # n×k and are multiplied as W @ xᵀ. Projections that read the same input (q/k/v, gate/up) share
 # one buffer: one matmul instead of two or three. The parameters become views into that buffer
@@ -144,10 +144,11 @@ class PackedLinear:
         w, b = self.weight, self.bias
         if self.transposed:
             out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        elif x2.shape[0] == 1:
-            out = torch.mv(w, x2[0])[None] if b is None else torch.addmv(b, w, x2[0])[None]
         elif x2.shape[0] <= _SKINNY_ROWS:
-            out = (w @ x2.t()).t()  # rows n, as a transposed view
+            rows = x2.shape[0]
+            if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
+                x2 = torch.cat([x2, x2])
+            out = (w @ x2.t()).t()[:rows]  # rows n, as a transposed view
             out = out + b if b is not None else out.contiguous()
         else:
             out = F.linear(x2, w, b)

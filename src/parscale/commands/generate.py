@@ -16,6 +16,10 @@ examples:
   parscale generate --model runs/frozen/model --streams 4 --prompt "import os" \\
       --do-sample --temperature 0.8 --top-p 0.95 --seed 0 --num-return-sequences 4
 
+  # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
+  parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2
+  parscale generate --model runs/demo/model --prompt "import os" --quantize int8
+
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
 """
@@ -41,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, or auto")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
+    p.add_argument("--threads", default="auto", metavar="N|auto",
+                   help="torch CPU threads (auto: torch's default, one per core)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--num-return-sequences must be >= 1")
     if args.streams is not None and args.streams < 1:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
-    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    if args.threads != "auto":
+        if not args.threads.isdigit() or int(args.threads) < 1:
+            raise ParScaleError(f"--threads must be a positive integer or 'auto' (got {args.threads!r})")
+        torch.set_num_threads(int(args.threads))
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype,
+                                                quantize=args.quantize)
     tok = None
     if args.prompt is not None:
         tok = _tokenizer(Path(args.tokenizer or args.model))
