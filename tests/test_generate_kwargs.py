@@ -171,3 +171,13 @@ def test_past_key_values_prefills_only_the_new_tokens(model):
     assert cache.length == IDS.shape[1] + 4  # all but the last new token
     with pytest.raises(ParScaleError, match="no room"):
         model.generate(out.sequences, max_new_tokens=5, past_key_values=cache)
+
+
+def test_truncated_cache_equals_a_fresh_one(model):
+    cache = model.new_cache(1, 32)
+    model(torch.tensor([[7, 8, 9, 10, 11, 12, 13]]), cache=cache)  # 7 tokens, of which 3 are kept
+    cache.truncate(3)
+    ids = torch.cat([torch.tensor([[7, 8, 9]]), IDS], 1)
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=[], past_key_values=cache)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=5, eos_token_id=[]))
+    assert cache.length == ids.shape[1] + 4

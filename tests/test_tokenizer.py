@@ -174,8 +174,11 @@ def test_special_tokens_and_eos_ids(tokdir):
     ours, theirs = Tokenizer.from_pretrained(tokdir), hf(tokdir)
     assert ours.eos_token == theirs.eos_token == "<|im_end|>" and ours.eos_token_id == theirs.eos_token_id
     assert ours.pad_token_id == theirs.pad_token_id and ours.bos_token is None
-    # eos_token first, then generation_config's list, without repeats
+    # eos_token first, then generation_config's list, then the separator, without repeats
     assert ours.eos_token_ids == [ours.eos_token_id, ours.token_to_id("<|endoftext|>")]
+    (tokdir / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    (tokdir / "config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    assert Tokenizer.from_pretrained(tokdir).eos_token_ids == [2, 1, 0]
     assert ours.separator == "<|endoftext|>" and ours.separator_id == 0
 
 

@@ -81,6 +81,16 @@ class KVCache:
         self._take(idx)
         return self
 
+    def truncate(self, length: int) -> "KVCache":
+        """Forget every token slot from ``length`` on (a chat whose re-rendered history differs
+        from what was cached after that point). In place."""
+        if not 0 <= length <= self.length:
+            raise ParScaleError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.key_valid[:, length:] = False
+        self.next_pos = self.key_valid.long().sum(-1)  # each row's next position: its real tokens so far
+        self.length = length
+        return self
+
     def grow(self, capacity: int) -> "KVCache":
         """Room for ``capacity`` tokens in all (a longer chat); what is cached stays. In place."""
         if capacity <= self.capacity:

@@ -23,7 +23,9 @@ Special tokens — one rule for training, generation, sampling and chat:
   token in it is parsed, separator included (as ``transformers`` does).
 
 Generation stops at any of ``eos_token_ids``: the ``eos_token``, every id of
-``generation_config.json`` and ``config.json``'s ``eos_token_id``, in that order without repeats.
+``generation_config.json``'s and ``config.json``'s ``eos_token_id``, and the separator, in that
+order without repeats (a chat model's ``<|im_end|>`` and the ``<|endoftext|>`` its pretraining
+ended documents with).
 """
 
 from __future__ import annotations
@@ -226,6 +228,8 @@ class Tokenizer:
             self._bos_eos = (bool(self.config.get("add_bos_token")) and self.bos_token_id is not None,
                              bool(self.config.get("add_eos_token")) and self.eos_token_id is not None)
         ids = ([self.eos_token_id] if self.eos_token_id is not None else []) + list(eos_token_ids)
+        if self.separator_id is not None:  # a document's end is the end of any generation too
+            ids.append(self.separator_id)
         self.eos_token_ids: list[int] = list(dict.fromkeys(int(i) for i in ids))
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
