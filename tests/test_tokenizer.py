@@ -228,3 +228,22 @@ def test_bad_files_are_one_line_errors(tmp_path, tokdir):
     (tokdir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     with pytest.raises(ParScaleError, match="not in the vocabulary"):
         Tokenizer.from_pretrained(tokdir)
+
+
+def test_training_keeps_the_chat_template_and_names_the_separator(tmp_path, tokdir, capsys):
+    """A model trained with a chat tokenizer can chat afterwards; the trainer says its separator."""
+    from conftest import write_corpus
+
+    from parscale.data import load_tokenizer
+    from parscale.training import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "corpus", n_files=6)
+    res = train(TrainConfig(data=str(corpus), tokenizer=str(tokdir), vocab_size=320, layers=1, hidden=32, heads=4,
+                            kv_heads=2, intermediate=64, prefix_tokens=2, seq_len=32, batch_size=4, steps=2,
+                            warmup_steps=1, log_every=1, eval_every=0, eval_tokens=64, checkpoint_every=0,
+                            threads=1, quiet=False, out=str(tmp_path / "run")))
+    assert "documents are separated by <|endoftext|> (id 0)" in capsys.readouterr().err
+    trained = Tokenizer.from_pretrained(res.model_dir)
+    assert trained.chat_template == CHATML and trained.eos_token == "<|im_end|>"
+    assert set(trained.eos_token_ids) == {2, 0}  # the chat EOS and the separator
+    assert load_tokenizer(res.model_dir).eos_token == "<|endoftext|>"

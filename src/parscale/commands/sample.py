@@ -65,13 +65,14 @@ def _floats(text: str, flag: str) -> list[float] | float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import load_tokenizer
+    from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
     from ..sampling.aggregators import get_strategy
     from ..sampling.estimators import score_sample_set
     from ..sampling.policies import make_policy
     from ..sampling.sampler import sample_problems
     from ..sampling.tasks import get_task
+    from ..tokenizer import Tokenizer
     from .score import parse_ks, print_report
 
     for flag, value, low in [("--n", args.n, 1), ("--problems", args.problems, 1),
@@ -86,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
     temps, top_ps = _floats(args.temperature, "--temperature"), _floats(args.top_p, "--top-p")
     ks = parse_ks(args.k) if args.k else None
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
-    tok = load_tokenizer(Path(args.tokenizer or args.model))
+    tok = Tokenizer.from_pretrained(Path(args.tokenizer or args.model))  # the same text rule as training
     problems = task.make_problems(args.problems, seed=args.problem_seed, difficulty=args.difficulty)
     sset = sample_problems(model, tok, problems, n=args.n, temperature=temps, top_p=top_ps, top_k=args.top_k,
-                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_id,
+                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=default_eos_ids(model, tok),
                            policy=args.early_stop, extractor=task.extractor,
                            batch_problems=args.batch_problems, progress=True,
                            meta={"task": task.name, "model": str(args.model), "difficulty": args.difficulty,

@@ -45,8 +45,11 @@ DEFAULT_SAMPLE_BYTES = 64_000_000  # tokenizer training sample cap (the whole st
 class TextTokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` with the few things training needs."""
 
-    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN):
+    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, config: dict | None = None):
         self._tok = tokenizer
+        # tokenizer_config.json it came with (chat template, special tokens), written back by save
+        self.config = dict(config) if config else {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                   "eos_token": eos_token}
         self._text = TextEncoder(tokenizer, eos_token)  # the encoding rule (module docstring)
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
@@ -89,9 +92,13 @@ class TextTokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/tokenizer.json`` atomically; returns its path."""
+        """Write ``directory/tokenizer.json`` and ``tokenizer_config.json`` (the one it was loaded
+        with, so a chat template survives training; ours names the EOS) atomically; returns the
+        tokenizer.json path."""
         path = Path(directory) / TOKENIZER_FILE
         atomic_write_text(path, self._tok.to_str(pretty=True))
+        atomic_write_text(path.parent / "tokenizer_config.json",
+                          json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
@@ -113,13 +120,14 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema
             raise ParScaleError(f"tokenizer file {file}: cannot load ({e})") from None
+        config = _read_config(file.parent / "tokenizer_config.json") if p.is_dir() else None
         if eos_token is None:
             eos_token = find_separator(tok, _eos_from_config(file.parent / "tokenizer_config.json"))
         if eos_token is None:
             raise ParScaleError(f"tokenizer file {file}: no document separator found (looked for "
                                 f"{', '.join(SEPARATOR_CANDIDATES)} and tokenizer_config.json's "
                                 "eos_token); pass eos_token")
-        return cls(tok, eos_token)
+        return cls(tok, eos_token, config)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -174,6 +182,18 @@ def train_tokenizer(corpus: "Corpus", *, vocab_size: int = DEFAULT_VOCAB_SIZE,
                     sample_bytes: int | None = DEFAULT_SAMPLE_BYTES) -> TextTokenizer:
     """``TextTokenizer.train_on_corpus``: a byte-level BPE trained on the corpus's train split."""
     return TextTokenizer.train_on_corpus(corpus, vocab_size, sample_bytes=sample_bytes)
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"{path}: not a readable JSON tokenizer config ({e})") from None
+    if not isinstance(data, dict):
+        raise ParScaleError(f"{path}: a tokenizer config must be a JSON object")
+    return data
 
 
 def _eos_from_config(path: Path) -> str | None:
