@@ -247,3 +247,14 @@ def test_training_keeps_the_chat_template_and_names_the_separator(tmp_path, tokd
     assert trained.chat_template == CHATML and trained.eos_token == "<|im_end|>"
     assert set(trained.eos_token_ids) == {2, 0}  # the chat EOS and the separator
     assert load_tokenizer(res.model_dir).eos_token == "<|endoftext|>"
+
+
+def test_reads_what_transformers_saves(tmp_path, tokdir):
+    """transformers 5 writes the chat template to chat_template.jinja beside the config."""
+    hf(tokdir).save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    ours, theirs = Tokenizer.from_pretrained(tmp_path / "saved"), hf(tmp_path / "saved")
+    assert ours.chat_template == CHATML
+    assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True) == \
+        theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+    assert ours.encode(TEXTS[2]) == theirs.encode(TEXTS[2])

@@ -2,7 +2,7 @@
 
 ``Tokenizer.from_pretrained(DIR)`` reads the Hugging Face files a model directory holds:
 ``tokenizer.json`` (the ``tokenizers`` pipeline), ``tokenizer_config.json`` (special tokens,
-``chat_template``; ``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor), ``generation_config.json`` and
+``chat_template``, or a ``chat_template.jinja`` file beside it as transformers 5 saves it; ``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor), ``generation_config.json`` and
 ``config.json`` (their ``eos_token_id``, an int or a list). It is used the way ``transformers``'
 tokenizers are (``tok(texts, padding=True, return_tensors="pt")``, ``decode``,
 ``apply_chat_template``) and gives the same ids on the same files (tests/test_tokenizer.py checks
@@ -42,6 +42,7 @@ from .errors import ParScaleError
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The document separator: the first of these in the vocabulary, else the config's eos_token.
 SEPARATOR_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -250,6 +251,13 @@ class Tokenizer:
             raise ParScaleError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         d = file.parent
         config = _read_json(d / TOKENIZER_CONFIG_FILE, "tokenizer_config.json") or {}
+        # transformers 5 saves the template beside the config; that file wins, as there
+        template_file = d / CHAT_TEMPLATE_FILE
+        if template_file.is_file():
+            try:
+                config["chat_template"] = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ParScaleError(f"{template_file}: cannot read the chat template ({e})") from None
         eos: list[int] = []
         for f in (GENERATION_CONFIG_FILE, "config.json"):
             eos += _ids((_read_json(d / f, f) or {}).get("eos_token_id"))
