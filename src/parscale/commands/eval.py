@@ -3,7 +3,8 @@ streams do (``parscale.diagnostics.stream_usage``) when P > 1.
 
 The text (a UTF-8 file, or JSONL with one ``{"text": ...}`` document per line) is tokenized with
 the model's own tokenizer.json, each document followed by the end-of-text token, concatenated,
-and cut into consecutive windows of ``--seq-len`` tokens (default: the model's context). Every
+and cut into consecutive windows of ``--seq-len`` tokens (default: the window the model trained
+with when ``--model`` is a ``parscale train`` run's ``model/``, else the model's context). Every
 token after the first is predicted once, from the tokens before it in its window, so the loss is
 the mean next-token cross-entropy in nats/token; perplexity is exp of it, and bits per byte
 (loss · tokens / (bytes · ln 2)) compares models with different tokenizers.
@@ -44,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="directory or file with tokenizer.json (default: --model)")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per window (default: the model's context, max_position_embeddings)")
+                   help="tokens per window (default: the seq_len the model was trained with when "
+                        "--model is a `parscale train` run's model/, else its context length)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--field", default="text", help="JSONL field holding the text")
@@ -77,6 +79,20 @@ def read_documents(path: str, field: str = "text") -> list[str]:
     return docs
 
 
+def _trained_seq_len(model_dir: str) -> int | None:
+    """The window a `parscale train` run trained with, when ``model_dir`` is such a run's model/."""
+    from ..training.trainer import CONFIG_NAME, MODEL_DIR
+
+    saved = Path(model_dir).parent / CONFIG_NAME
+    if Path(model_dir).name != MODEL_DIR or not saved.is_file():
+        return None
+    try:
+        value = json.loads(saved.read_text(encoding="utf-8")).get("seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
 def _check(args: argparse.Namespace) -> None:
     from ._common import at_least
 
@@ -106,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams,
                                                 dtype=torch_dtype(args.dtype), device=device)
     cfg = model.config
-    seq_len = args.seq_len or cfg.max_position_embeddings
+    seq_len = args.seq_len or _trained_seq_len(args.model) or cfg.max_position_embeddings
     if seq_len > cfg.max_position_embeddings:
         raise ParScaleError(f"--seq-len {seq_len}: longer than the model's context of "
                             f"{cfg.max_position_embeddings} tokens")
