@@ -70,8 +70,25 @@ def _subparser(parser: argparse.ArgumentParser, command: str | None):
     return parser
 
 
+def _unknown_long_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Report a mistyped ``--flag`` of a subcommand before argparse's own checks (which would
+    otherwise complain about a missing required flag first)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = _subparser(parser, command)
+    if sub is parser:
+        return
+    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    rest = argv[argv.index(command) + 1:]
+    for token in rest[:rest.index("--")] if "--" in rest else rest:
+        if token.startswith("--") and len(token) > 2:
+            name = token.split("=", 1)[0]
+            if not any(k.startswith(name) for k in known):  # argparse accepts unique prefixes
+                sub.unknown_flags([token])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _unknown_long_flags(parser, list(sys.argv[1:] if argv is None else argv))
     args, extras = parser.parse_known_args(argv)
     if extras:  # a mistyped flag: report it against the subcommand it was given to
         _subparser(parser, getattr(args, "command", None)).unknown_flags(extras)

@@ -433,7 +433,7 @@ class ParScaleForCausalLM(nn.Module):
                 raise ParScaleError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
             dtype = torch_dtype
         if isinstance(dtype, str):
-            dtype = ALIASES.get(dtype.strip().lower(), dtype)
+            dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
         model = load_pretrained(path, streams=streams, dtype=dtype, device=device)
         model.generation_config = GenerationConfig.load(path, model.config)
         return model

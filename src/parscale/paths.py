@@ -53,7 +53,7 @@ def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict) -
     except RecursionError:
         raise ParScaleError(f"{what}: not valid JSON (nested too deeply)") from None
     if expect is not None and not isinstance(data, expect):
-        kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
         raise ParScaleError(f"{what}: expected a JSON {kind} at the top level, got {type(data).__name__}")
     return data
 

@@ -108,7 +108,7 @@ class TrainConfig:
         from ..dtypes import ALIASES
 
         if isinstance(self.dtype, str):  # one dtype vocabulary: bf16 -> bfloat16, fp32 -> float32
-            self.dtype = ALIASES.get(self.dtype.strip().lower(), self.dtype)
+            self.dtype = ALIASES.get(self.dtype.strip().lower().removeprefix("torch."), self.dtype)
         types = _field_types()
         for name, kind in types.items():
             v = getattr(self, name)
