@@ -252,6 +252,10 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
     from .model import ParScaleForCausalLM
 
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():  # a llama.cpp file: converted in memory
+        from .gguf import load_gguf
+
+        return load_gguf(path, streams=streams, dtype=dtype, device=device)
     cfg, raw = read_config(path)
     tensors, source = read_tensors(path)
     if dtype == "auto":

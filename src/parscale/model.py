@@ -427,7 +427,8 @@ class ParScaleForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
-        Qwen2 / Llama (as P = 1). ``streams`` picks a stored stream set (dynamic P)."""
+        Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
+        a stored stream set (dynamic P)."""
         from .interop import load_pretrained
 
         return load_pretrained(path, streams=streams, dtype=dtype, device=device)
