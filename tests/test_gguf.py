@@ -427,3 +427,26 @@ def test_real_smollm2_matches_transformers(tmp_path):
     assert "Paris" in tok.decode(ours.generate(torch.tensor([tok.encode(prompts[0]).ids]), max_new_tokens=4)[0].tolist())
     gc = json.loads((tmp_path / "smol" / "generation_config.json").read_text())
     assert gc["eos_token_id"][0] == 2 and ours.config.eos_token_id == 2
+
+
+@pytest.mark.parametrize("rs", [LLAMA3, dict(LLAMA3, factor=32.0),  # Llama-3.1 and 3.2
+                                dict(LLAMA3, low_freq_factor=2.0, high_freq_factor=16.0,
+                                     original_max_position_embeddings=4096)])
+def test_llama3_scaling_recovered_from_rope_freqs(rs):
+    """Real Llama-3 head size: the fit through the interpolated band gives the same frequencies."""
+    from parscale.gguf import llama3_from_freq_factors
+    from parscale.model import RotaryEmbedding
+
+    c = {"head_dim": 128, "rope_theta": 500000.0}
+    factors = llamacpp_rope_freqs(c, rs)
+    got = llama3_from_freq_factors(factors, 128, 500000.0, None, "f")
+    assert got["factor"] == rs["factor"]
+    if rs["original_max_position_embeddings"] == 8192:
+        assert got == rs
+    ours = RotaryEmbedding(128, 500000.0, got).inv_freq
+    llamacpp = torch.tensor(500000.0 ** (-np.arange(0, 128, 2) / 128) / factors.astype(np.float64))
+    torch.testing.assert_close(ours.double(), llamacpp, rtol=1e-6, atol=0)
+    assert llama3_from_freq_factors(np.ones(64, np.float32), 128, 500000.0, None, "f") is None
+    noisy = factors * np.linspace(1.0, 1.5, 64, dtype=np.float32)
+    with pytest.raises(ParScaleError, match="rope_freqs.weight is not Llama-3 RoPE scaling"):
+        llama3_from_freq_factors(noisy, 128, 500000.0, None, "f")
