@@ -780,18 +780,19 @@ def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of ``StreamUsage.to_dict()`` results by run name (report.md's "What the
     streams do"; experiments/ablate_streams.py prints the same)."""
     lines = ["| run | loss | uniform mean | best single stream | worst single stream | mean weight per stream "
-             "| entropy / ln P | tokens with one stream > 90% |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| entropy / ln P | tokens with one stream > 90% | loss correlation ρ | pairwise JS (nats) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, u in usage.items():
         lines.append(f"| {name} | {u['loss']:.4f} | {u['uniform_mean_loss']:.4f} | "
                      f"{u['best_single_stream_loss']:.4f} | {max(u['stream_losses']):.4f} | "
                      f"{', '.join(f'{w:.2f}' for w in u['mean_weights'])} | {u['entropy_over_lnP']:.2f} | "
-                     f"{100 * u['share_peaked']:.0f}% |")
+                     f"{100 * u['share_peaked']:.0f}% | {_fmt(u.get('loss_correlation'), '.3f')} | "
+                     f"{_fmt(u.get('pairwise_js'), '.4f')} |")
     return "\n".join(lines)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
-    return "–" if v is None else format(v, spec)
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def render_report(results: Mapping[str, Any]) -> str:
