@@ -119,3 +119,15 @@ def test_a_history_that_renders_differently_cuts_the_cache_back(chat_dir):
     session.cached[cut] = -1  # as if the reply had been generated as other tokens than it renders to
     a, b = session.send(TURNS[1]), fresh.send(TURNS[1])
     assert a.reused_tokens == cut and a.tokens == b.tokens
+
+
+def test_undecodable_input_line_is_skipped(chat_dir, monkeypatch, capsys):
+    class Stdin(io.StringIO):  # a pipe: bytes underneath
+        buffer = io.BytesIO(b"\xff\xfe bad\nHello world!\n")
+
+    monkeypatch.setattr("sys.stdin", Stdin())
+    assert main(["chat", "--model", str(chat_dir), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    model, tok = load(chat_dir, 2)
+    reply = ChatSession(model, tok, max_new_tokens=3).send("Hello world!").reply
+    assert "not valid UTF-8" in out.err and out.out == reply + "\n"

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ParScaleError
+from ..paths import check_utf8_text
 
 EXAMPLE = """\
 examples:
@@ -34,6 +35,7 @@ CAPACITY_STEP = 256  # the cache grows in steps of this many tokens
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
+    from ._common import add_threads_argument, dtype_type
 
     p = sub.add_parser("chat", help="interactive chat with a model's chat template", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -42,9 +44,11 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json + tokenizer_config.json (default: --model)")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, or auto")
+    p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
+                   help="float32 (default), bfloat16, float16, or auto")
     p.add_argument("--system", help="system message at the start of the conversation")
     add_sampling_args(p)
+    add_threads_argument(p)
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print tokens prefilled / reused from the cache and speed to stderr")
     p.set_defaults(func=run)
@@ -155,7 +159,10 @@ def sampling_kwargs(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..model import ParScaleForCausalLM
     from ..tokenizer import Tokenizer
+    from ._common import apply_threads
 
+    if args.system is not None:
+        check_utf8_text(args.system, "--system")
     if args.streams is not None and args.streams < 1:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
     if args.max_new_tokens < 1:
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tok.chat_template is None:
         raise ParScaleError(f"{tok.name}: no chat template (tokenizer_config.json has no 'chat_template')")
+    apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
     if tok.vocab_size > model.config.vocab_size:
         raise ParScaleError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
@@ -181,9 +189,14 @@ def run(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        raw = getattr(sys.stdin, "buffer", sys.stdin).readline()
+        if not raw:  # end of input
             return 0
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else check_utf8_text(raw, "input")
+        except (UnicodeDecodeError, ParScaleError):
+            print("parscale chat: that line is not valid UTF-8 text; skipped", file=sys.stderr)
+            continue
         text = line.rstrip("\r\n")
         if text.strip() in ("/exit", "/quit"):
             return 0

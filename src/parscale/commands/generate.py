@@ -26,6 +26,7 @@ examples:
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
+    from ._common import add_threads_argument, dtype_type
 
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -46,7 +47,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, or auto")
+    p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
+                   help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -64,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
+    from ._common import apply_threads, check_generation_budget, check_utf8_text
 
+    if args.prompt is not None:
+        check_utf8_text(args.prompt, "--prompt")
     if args.max_new_tokens < 1:
         raise ParScaleError("--max-new-tokens must be >= 1")
     if args.num_return_sequences < 1:
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--chat needs --prompt (the user message)")
     if args.system is not None and not args.chat:
         raise ParScaleError("--system goes with --chat")
+    apply_threads(args.threads)
     tok = None
     if args.prompt is not None:
         tok = _tokenizer(Path(args.tokenizer or args.model))
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
     eos = default_eos_ids(model, tok)  # every EOS id of the config, generation_config and tokenizer
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
