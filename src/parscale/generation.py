@@ -242,13 +242,15 @@ class MinNewTokens:
     """EOS is impossible while a row has fewer than ``min_new_tokens`` new tokens."""
 
     def __init__(self, min_new_tokens: int, eos: list[int]):
-        self.min, self.eos = int(min_new_tokens), eos
+        self.min, self.eos = int(min_new_tokens), list(eos)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> torch.Tensor:
         short = [j for j, t in enumerate(tokens) if len(t) < self.min]
-        if short and self.eos:
+        eos = [e for e in self.eos if 0 <= e < logits.shape[-1]]
+        if short and eos:
             logits = logits.clone()
-            logits[torch.tensor(short)[:, None], torch.tensor(self.eos)[None, :]] = float("-inf")
+            dev = logits.device
+            logits[torch.tensor(short, device=dev)[:, None], torch.tensor(eos, device=dev)[None, :]] = float("-inf")
         return logits
 
 
@@ -420,9 +422,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             out = logits if process is None else process(logits, live, tokens)
             step_scores = out
             if temp > 0:  # the warpers: temperature, then top-k / top-p as -inf (HF's filter value)
-                probs = filter_logits(out, torch.full((len(live),), float(temp)),
-                                      torch.full((len(live),), int(top_k or 0)),
-                                      torch.full((len(live),), 1.0 if top_p is None else float(top_p)))
+                dev = out.device
+                probs = filter_logits(out, torch.full((len(live),), float(temp), device=dev),
+                                      torch.full((len(live),), int(top_k or 0), device=dev),
+                                      torch.full((len(live),), 1.0 if top_p is None else float(top_p), device=dev))
                 step_scores = torch.where(probs > 0, out / temp, torch.full_like(out, float("-inf")))
             full = torch.full((rows, out.shape[-1]), float("-inf"))
             full[live] = step_scores.cpu()
