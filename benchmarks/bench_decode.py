@@ -12,7 +12,7 @@ model), then for three shapes (random weights; the real SmolLM2 is only its shap
 
 all with 48 prefix tokens, it prints
 
-1. ms per new token (model forward with the KV cache, a 64-token prompt prefilled first) for each
+1. ms per new token (model forward with the KV cache holding 64 tokens plus the prefix) for each
    dtype and P, the ratio to float32 P = 1 and to the same dtype's P = 1, and the share of the
    roofline reached;
 2. time to first token (the prefill forward) for a 512-token prompt, P = 1 and P = 8;
@@ -105,19 +105,27 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
     return out
 
 
-@torch.inference_mode()
-def decode_ms(model, P: int, batch: int, prompt: int, steps: int) -> float:
-    """ms per decode step after prefilling a ``prompt``-token prompt (untimed)."""
-    model.set_streams(P)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    cache = model.new_cache(batch, prompt + steps + 1)
-    model(ids, cache=cache)
-    tok = ids[:, -1:]
-    model(tok, cache=cache)  # first step after prefill: allocations, packing
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model(tok, cache=cache)
-    return (time.perf_counter() - t0) / steps * 1e3
+class Stepper:
+    """One variant's decode state: a KV cache holding ``filled`` token slots (zeros: their values
+    do not change the time), kept across rounds so nothing is prefilled between timings."""
+
+    def __init__(self, model, P: int, batch: int, filled: int, capacity: int):
+        self.model, self.P = model, P
+        model.set_streams(P)
+        self.cache = model.new_cache(batch, filled + capacity)
+        self.cache.advance_positions(None, filled)  # a prompt's worth of slots, as the model would
+        self.cache.length += filled
+        self.tok = torch.zeros(batch, 1, dtype=torch.long)
+
+    @torch.inference_mode()
+    def ms(self, steps: int) -> float:
+        """ms per decode step over ``steps`` steps (after one untimed step)."""
+        self.model.set_streams(self.P)
+        self.model(self.tok, cache=self.cache)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.model(self.tok, cache=self.cache)
+        return (time.perf_counter() - t0) / steps * 1e3
 
 
 @torch.inference_mode()
@@ -130,32 +138,41 @@ def prefill_ms(model, P: int, prompt: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def build(name: str) -> ParScaleForCausalLM:
+def build(name: str, weights: str | None = None) -> ParScaleForCausalLM:
     torch.manual_seed(0)
+    if weights:  # real weights (a checkpoint directory or a .gguf); random stream sets for P > 1
+        model = ParScaleForCausalLM.from_pretrained(weights)
+        if model.config.prefix_tokens != 48:
+            model.config.prefix_tokens = 48
+        for P in PS[1:]:
+            if str(P) not in model.stream_sets:
+                model.add_stream_set(P)
+        return model.set_streams(1).eval()
     cfg = ParScaleConfig(**CONFIGS[name], prefix_tokens=48, streams=1, stream_sets=PS,
                          max_position_embeddings=4096)
     return ParScaleForCausalLM(cfg).eval()
 
 
 def run_config(name: str, args, bw: float) -> None:
-    base = build(name)
+    base = build(name, args.smollm2 if name == "smollm2-135m" else None)
     nonemb = base.set_streams(1).num_parameters(non_embedding=True)
     models = variants(base, args.dtypes)
-    print(f"\n== {name}: hidden {base.config.hidden_size}, {base.config.num_hidden_layers} layers, "
+    source = "real weights" if name == "smollm2-135m" and args.smollm2 else "random weights"
+    print(f"\n== {name} ({source}): hidden {base.config.hidden_size}, {base.config.num_hidden_layers} layers, "
           f"heads {base.config.num_attention_heads}/{base.config.num_key_value_heads}, "
           f"intermediate {base.config.intermediate_size}, vocab {base.config.vocab_size}, "
           f"{nonemb / 1e6:.1f}M non-embedding params; {load()}")
-    for m in models.values():  # warm-up: packing, first-call allocations
-        for P in PS:
-            decode_ms(m, P, 1, 8, 2)
     keys = [(d, P) for d in models for P in PS]
+    room = args.rounds * (args.steps + 1) + 1
+    steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room) for d, P in keys}
     times = {k: [] for k in keys}
     for _ in range(args.rounds):
-        for d, P in keys:
-            times[(d, P)].append(decode_ms(models[d], P, 1, args.prompt, args.steps))
+        for k in keys:
+            times[k].append(steppers[k].ms(args.steps))
+    del steppers
     best = {k: min(v) for k, v in times.items()}
     ref = best.get(("float32", 1))
-    print(f"1. decode, batch 1, {args.prompt}-token prompt, min of {args.rounds} rounds × {args.steps} steps")
+    print(f"1. decode, batch 1, {args.prompt} tokens in the cache, min of {args.rounds} rounds × {args.steps} steps")
     print(f"{'dtype':>9} {'P':>2} {'ms/token':>9} {'÷ fp32 P=1':>11} {'÷ own P=1':>10} "
           f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11}")
     for d, P in keys:
@@ -173,15 +190,20 @@ def run_config(name: str, args, bw: float) -> None:
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
             print(f"{d:>9}  P=1 {row[0]:8.0f} ms   P=8 {row[1]:8.0f} ms   ratio {row[1] / row[0]:.2f}")
     if args.batches and name == args.configs[0]:
-        print(f"3. batch sweep, ms per step (all rows), {args.prompt}-token prompts, min of "
-              f"{max(2, args.rounds // 2)} rounds")
+        print(f"3. batch sweep, ms per step (all rows), {args.prompt} tokens in the cache, min of "
+              f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
         print(f"{'dtype':>9} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
+        rounds = max(2, args.rounds // 2)
         for d in [x for x in ("float32", "bfloat16") if x in models]:
             for B in args.batches:
-                steps = max(2, args.steps // 2)
-                r = {P: min(decode_ms(models[d], P, B, args.prompt, steps)
-                            for _ in range(max(2, args.rounds // 2))) for P in (1, 8)}
+                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 1) for P in (1, 8)}
+                r = {P: [] for P in (1, 8)}
+                for _ in range(rounds):
+                    for P in (1, 8):
+                        r[P].append(st[P].ms(args.steps))
+                r = {P: min(v) for P, v in r.items()}
                 print(f"{d:>9} {B:>3} {r[1]:>8.2f} {r[8]:>8.2f} {r[8] / r[1]:>10.2f}")
+                del st
     del models, base
     gc.collect()
 
@@ -196,6 +218,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed decode steps")
     ap.add_argument("--ttft", type=int, default=512, help="prompt length for time to first token (0: skip)")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="batch sweep (none: skip)")
+    ap.add_argument("--smollm2", metavar="PATH", help="real SmolLM2-135M weights (checkpoint directory "
+                    "or .gguf) for the smollm2-135m row; default: random weights of its shape")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds × 4 steps, 33M only, short prompts")
     args = ap.parse_args()
     if args.quick:

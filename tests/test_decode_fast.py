@@ -142,10 +142,10 @@ def test_quantize_weight_bounds_and_bf16_exact_scales():
     assert (s >= w.abs().amax(1) / 127).all() and (s <= w.abs().amax(1) / 127 * 1.01).all()
 
 
-@pytest.mark.parametrize("k", [64, 24])  # 24: not a multiple of 16, the fallback path
-def test_int8_kernel_matches_dequantised_product(k):
+@pytest.mark.parametrize("k,rows", [(64, 5), (64, 40), (24, 5)])  # the kernel; many rows; odd k
+def test_int8_kernel_matches_dequantised_product(k, rows):
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(5, k, generator=g), torch.randn(48, k, generator=g)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(48, k, generator=g)
     q, s = quantize_weight(w)
     ref = x @ (q.float() * s[:, None]).T
     out = int8_matmul(x, q, s)
@@ -166,7 +166,8 @@ def test_int8_logits_close_and_greedy_decode(tiny_config, P, tie):
     # stated tolerance: 1.5% of the largest logit (int8 weights, ±0.4% of each row's largest,
     # and bf16 activations; seen: 0.35-0.65%)
     assert (full - ref).abs().max() <= 0.015 * ref.abs().max()
-    torch.testing.assert_close(incremental_logits(q, IDS), full, rtol=0, atol=1e-3 * full.abs().max().item())
+    # the full forward (> 16 rows) takes the dequantised bf16 GEMM, decode the int8 kernel
+    torch.testing.assert_close(incremental_logits(q, IDS), full, rtol=0, atol=0.01 * full.abs().max().item())
     out = q.generate(IDS, max_new_tokens=5)
     ids = IDS
     with torch.no_grad():  # greedy by full forwards of the same int8 model

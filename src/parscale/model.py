@@ -526,7 +526,9 @@ class ParScaleForCausalLM(nn.Module):
         weights = None
         if sset is not None:
             x, weights = sset(x)  # (p b) s h -> b s h
-        head = packed(self, "_head", [self.lm_head])
+        # a tied float32 head keeps the embedding's row-major layout (lookups in a transposed table are slow)
+        tied32 = self.config.tie_word_embeddings and self.lm_head.weight.dtype in (torch.float32, torch.float64)
+        head = None if tied32 else packed(self, "_head", [self.lm_head])
         logits = self.lm_head(x) if head is None else head(x)
 
         loss = None

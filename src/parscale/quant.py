@@ -7,11 +7,12 @@ so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (on
 scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
-Kernels: on CPU ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, float32
-accumulation; about as fast as reading the int8 bytes for one to four rows, then its cost grows
-with the rows); elsewhere, or for shapes it does not handle, a dequantise-then-matmul fallback.
-Activations are rounded to bfloat16 for the CPU kernel; scales are chosen exactly representable
-in bfloat16 so that rounding costs nothing extra.
+Kernels: on CPU, up to 16 rows (decode), ``torch.ops.aten._weight_int8pack_mm`` (bfloat16
+activations, float32 accumulation; about as fast as reading the int8 bytes for one to four rows,
+then its cost grows with the rows); more rows (prefill) or shapes it does not handle: the weight
+dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the input's
+dtype. Activations are rounded to bfloat16 on CPU; scales are chosen exactly representable in
+bfloat16 so that rounding costs nothing extra.
 
 Checkpoints: ``*.weight`` holds the int8 tensor and ``*.weight_scale`` the scales, under the
 usual tensor names; ``config.json`` says ``"quantization": "int8"`` (see ``parscale.interop``).
@@ -49,14 +50,21 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
     return up.view(torch.float32)
 
 
+_KERNEL_ROWS = 16  # the CPU kernel's cost grows with the rows; past this a bf16 GEMM is faster
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype."""
-    if x.device.type == "cpu" and x.shape[-1] % 16 == 0 and q.is_contiguous():
-        # the CPU kernel wants bf16 activations and scales (the scales are exact in bf16, see above);
-        # it mis-computes (or crashes) when k is not a multiple of 16, hence the check
+    if x.device.type != "cpu":
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    if x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0 and q.is_contiguous():
+        # decode: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
+        # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16))
         return out.to(x.dtype)
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    # prefill (many rows) or odd shapes: dequantise once (int8 is exact in bf16), bf16 GEMM
+    out = F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale.float()
+    return out.to(x.dtype)
 
 
 class Int8Linear(nn.Module):
