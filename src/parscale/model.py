@@ -114,8 +114,8 @@ _SKINNY_ROWS = 16  # up to this many rows the W @ xᵀ form beats F.linear in re
 class PackedLinear:
     """One or more ``nn.Linear`` layers with the same input, laid out for fast inference.
 
-    ``pack`` moves the layers' weights (and biases) into one buffer and makes each parameter a
-    view into it, so ``packed(x)`` is the concatenation of the layers' outputs from one matmul.
+    Building one moves the layers' weights (and biases) into one buffer and makes each parameter
+    a view into it; calling it on ``x`` gives the layers' outputs, concatenated, from one matmul.
     ``valid`` says whether the parameters still live there (``model.to(...)`` or ``train()``
     replaces them; the owner then packs again)."""
 
@@ -123,8 +123,9 @@ class PackedLinear:
         w0 = linears[0].weight
         self.linears, self.sizes = linears, [lin.out_features for lin in linears]
         n, k = sum(self.sizes), w0.shape[1]
-        # float32 (and float64): k×n, multiplied as x @ buf; bf16/fp16: n×k, multiplied as buf @ xᵀ
-        self.transposed = w0.dtype in (torch.float32, torch.float64)
+        # CPU float32 (and float64): k×n, multiplied as x @ buf; otherwise n×k (bf16/fp16 on CPU:
+        # buf @ xᵀ; other devices: F.linear, their BLAS has no such skinny-product penalty)
+        self.transposed = w0.dtype in (torch.float32, torch.float64) and w0.device.type == "cpu"
         with torch.inference_mode(False):
             buf = torch.empty((k, n) if self.transposed else (n, k), dtype=w0.dtype, device=w0.device)
             has_bias = any(lin.bias is not None for lin in linears)
@@ -164,7 +165,7 @@ class PackedLinear:
         w, b = self.weight, self.bias
         if self.transposed:
             out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        elif x2.shape[0] <= _SKINNY_ROWS:
+        elif x2.shape[0] <= _SKINNY_ROWS and w.device.type == "cpu":
             rows = x2.shape[0]
             if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
                 x2 = torch.cat([x2, x2])
