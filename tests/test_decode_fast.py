@@ -96,7 +96,9 @@ def test_packed_model_follows_to_dtype_and_load(tiny_config):
     m.load_state_dict(other.state_dict())  # in-place copies land in the packed buffers
     with torch.no_grad():
         torch.testing.assert_close(m(IDS).logits, plain_logits(other, IDS), rtol=1e-5, atol=1e-5)
-    b = m.to(torch.bfloat16)  # new storage: packed again for bf16 (n×k layout)
+    assert copy.deepcopy(m).model.layers[0].mlp.__dict__.get("_gate_up") is None  # a copy packs anew
+    b = m.to(torch.bfloat16)  # new storage: the float32 buffers are let go, then packed for bf16 (n×k)
+    assert "_gate_up" not in b.model.layers[0].mlp.__dict__
     with torch.no_grad():
         out = b(IDS).logits
     assert out.dtype == torch.bfloat16

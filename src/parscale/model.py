@@ -151,6 +151,9 @@ class PackedLinear:
     def valid(self) -> bool:
         return self._pointers() == self._ptrs
 
+    def __deepcopy__(self, memo):
+        return None  # a copy's parameters get their own storage; its first forward packs again
+
     def unpack(self) -> None:
         """Give every parameter its own contiguous storage again (for training)."""
         with torch.no_grad():
@@ -192,11 +195,14 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear]) -> PackedLinea
     return p
 
 
-def unpack_all(model: nn.Module) -> None:
-    """Undo every ``packed`` layout under ``model`` (training wants plain contiguous weights)."""
+def unpack_all(model: nn.Module, stale_only: bool = False) -> None:
+    """Undo every ``packed`` layout under ``model`` (training wants plain contiguous weights);
+    ``stale_only``: just forget the layouts whose parameters moved (frees their buffers)."""
     for m in model.modules():
         for key in [k for k, v in list(m.__dict__.items()) if isinstance(v, PackedLinear)]:
             if m.__dict__[key].valid():
+                if stale_only:
+                    continue
                 m.__dict__[key].unpack()
             del m.__dict__[key]
 
@@ -411,6 +417,11 @@ class ParScaleForCausalLM(nn.Module):
         if mode:  # inference packs weights into fused, transposed buffers; training wants them plain
             unpack_all(self)
         return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        out = super()._apply(*args, **kwargs)
+        unpack_all(self, stale_only=True)  # after .to(...): the old buffers are not kept alive
+        return out
 
     def reset_parameters(self) -> None:
         """Re-initialise everything: the backbone, then each stream set."""
