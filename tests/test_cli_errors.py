@@ -492,3 +492,46 @@ def test_cost_dtype_aliases_give_the_same_numbers(capsys):
         assert main(["cost", "--json", "--dtype", d]) == 0
         outs.append(json.loads(capsys.readouterr().out)["comparison"])
     assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("flags", [["--seq-len", "1000000000"], ["--batch-size", "100000000"],
+                                   ["--vocab-size", "2000000000"], ["--size", "medium", "--seq-len", "200000"]])
+def test_train_sizes_checked_against_memory_first(tmp_path, capsys, flags):
+    write_corpus(tmp_path / "corpus", n_files=2)
+    assert_clean_refusal(["train", "--data", "corpus", "--steps", "1", "--out", "run", *flags], capsys, tmp_path,
+                         "GiB available")
+
+
+def test_train_memory_estimate_allows_the_presets():
+    from parscale.commands.train import memory_estimate
+    from parscale.reproduce import get_preset, plan_runs
+
+    for name in ("quick", "full"):
+        for run in plan_runs(get_preset(name), "x"):
+            assert sum(memory_estimate(run.config)) < 4 * 2**30, run.name
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["cost", "--max-batch", "1000000000"], "at most"),
+    (["cost", "--batch", "0"], ">= 1"),
+    (["cost", "--flops-eff", "2"], "(0, 1]"),
+    (["tasks", "--task", "arithmetic", "--n", "0", "--out", "x.jsonl"], ">= 1"),
+    (["tasks", "--task", "exact", "--out", "x.jsonl"], "no problem generator"),
+    (["tasks", "--task", "arithmetic"], "--out"),
+    (["tasks", "--task", "nope", "--out", "x.jsonl"], "unknown task"),
+    (["tasks", "--task", "arithmetic", "--difficulty", "99", "--out", "x.jsonl"], "difficulty"),
+])
+def test_more_size_and_value_flags(tmp_path, capsys, argv, expect):
+    assert_clean_refusal(argv, capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("argv", [["tasks", "--task", "arithmetic", "--n", "100000000000", "--out", "x.jsonl"],
+                                  ["tasks", "--task", "arithmetic", "--eval-problems", "100000000000",
+                                   "--out", "x.jsonl"]])
+def test_counts_checked_against_memory(tmp_path, capsys, argv):
+    assert_clean_refusal(argv, capsys, tmp_path, "memory available")
+
+
+def test_sample_counts_checked_against_memory(tmp_path, capsys, model_dir):
+    assert_clean_refusal(["sample", "--model", model_dir, "--task", "arithmetic", "--problems", "1000000000",
+                          "--n", "1000"], capsys, tmp_path, "memory available")

@@ -93,6 +93,9 @@ def _problems(args: argparse.Namespace, task):
         return load_problems(text, task)
     if count < 1:
         raise ParScaleError(f"--problems must be >= 1 or a file (got {count})")
+    from ._common import check_count
+
+    check_count("--problems", count * args.n, 4096, "samples (--problems x --n)")
     if task.name == "exact":
         raise ParScaleError("--task exact has no generator: pass --problems FILE.jsonl")
     return task.make_problems(count, seed=args.problem_seed, difficulty=args.difficulty)
