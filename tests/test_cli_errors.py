@@ -535,3 +535,18 @@ def test_counts_checked_against_memory(tmp_path, capsys, argv):
 def test_sample_counts_checked_against_memory(tmp_path, capsys, model_dir):
     assert_clean_refusal(["sample", "--model", model_dir, "--task", "arithmetic", "--problems", "1000000000",
                           "--n", "1000"], capsys, tmp_path, "memory available")
+
+
+@pytest.mark.parametrize("key,saved,now,same", [
+    ("init_from", "micro/runs/xs-p1/model", "{cwd}/micro/runs/xs-p1/model", True),  # reproduce --out spelt two ways
+    ("data", "corpus", "./corpus/", True),
+    ("tokenizer", "tok", "{cwd}/tok", True),
+    ("data", "stdlib", "./stdlib", False),  # the stdlib is not the file called stdlib
+    ("data", "corpus", "other", False),
+    ("seq_len", 16, 32, False),
+])
+def test_resume_setting_comparison(tmp_path, key, saved, now, same):
+    from parscale.training.trainer import _same_setting
+
+    now = now.format(cwd=tmp_path) if isinstance(now, str) else now
+    assert _same_setting(key, saved, now) is same

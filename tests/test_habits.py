@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from parscale import ParScaleConfig, ParScaleError, ParScaleForCausalLM
+from parscale import ParScaleError, ParScaleForCausalLM
 
 from conftest import write_corpus
 
