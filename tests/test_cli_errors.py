@@ -550,3 +550,42 @@ def test_resume_setting_comparison(tmp_path, key, saved, now, same):
 
     now = now.format(cwd=tmp_path) if isinstance(now, str) else now
     assert _same_setting(key, saved, now) is same
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_help_renders_with_examples(capsys, cmd):
+    rc, out, _ = run_cli([cmd, "--help"], capsys)
+    assert rc == 0 and f"parscale {cmd}" in out and "example" in out
+
+
+@pytest.mark.parametrize("argv_tail,expect", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--temperature", "1,x"], "comma list"),
+    (["--temperature", "0.5,1"], "2 values for --n 4"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--k", "1,100"], "larger than the number of samples"),
+    (["--early-stop", "agree:0"], "W must be"),
+    (["--difficulty", "0"], "difficulty"),
+    (["--strategy", "vote"], "unknown strategy"),
+])
+def test_sample_flags_checked_before_sampling(tmp_path, capsys, model_dir, argv_tail, expect):
+    argv = ["sample", "--model", model_dir, "--task", "arithmetic", "--problems", "2", "--n", "4", *argv_tail]
+    assert_clean_refusal(argv, capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["cost", "--config", "/dev/zero"], "not a regular file"),
+    (["train", "--config", "/dev/null.toml"], "no such file"),
+    (["fit", "--data", "/dev/zero"], "not a regular file"),
+    (["score", "/dev/zero"], "not a regular file"),
+    (["fit", "--data", "paper-stack", "--bootstrap", "3", "--seed", "-1"], "--seed must be >= 0"),
+    (["fit", "--data", "paper-stack", "--bootstrap", "10000000000"], "memory available"),
+    (["score", "x.jsonl", "--seed", "-1"], "--seed must be >= 0"),
+    (["score", "x.jsonl", "--boot", "0"], "--boot must be >= 1"),
+    (["score", "x.jsonl", "--threshold", "nan"], "finite"),
+])
+def test_devices_seeds_and_counts(tmp_path, capsys, argv, expect):
+    assert_clean_refusal(argv, capsys, tmp_path, expect)
