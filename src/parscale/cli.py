@@ -18,7 +18,8 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "train", "eval", "fit", "cost", "reproduce", "sample", "score", "tasks"]
+SUBCOMMANDS = ["generate", "chat", "convert", "train", "eval", "fit", "cost", "reproduce", "sample", "score",
+               "tasks"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
