@@ -215,15 +215,18 @@ def tokenizers_by_pre():
     return {pre: train_tokenizer(pre) for pre in ("smollm", "llama-bpe", "qwen2")}
 
 
-@pytest.fixture(params=list(CASES))
-def case(request, tmp_path, tokenizers_by_pre):
-    arch, pre, qname, rs = CASES[request.param]
+def make_case(name, tmp_path, tokenizers_by_pre):
+    arch, pre, qname, rs = CASES[name]
     tok = tokenizers_by_pre[pre]
     c, W = random_hf(arch, tok.get_vocab_size())
-    f = tmp_path / f"{request.param}.gguf"
+    f = tmp_path / f"{name}.gguf"
     expected = write_gguf(f, c, W, tok, pre, qtype=gguf.GGMLQuantizationType[qname], rope_scaling=rs)
-    return dict(name=request.param, arch=arch, pre=pre, c=c, expected=expected, file=f, tok=tok, rs=rs,
-                tmp=tmp_path)
+    return dict(name=name, arch=arch, pre=pre, c=c, expected=expected, file=f, tok=tok, rs=rs, tmp=tmp_path)
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, tmp_path, tokenizers_by_pre):
+    return make_case(request.param, tmp_path, tokenizers_by_pre)
 
 
 # --------------------------------------------------------------------------- exactness
@@ -275,11 +278,11 @@ def test_llama_matches_transformers_own_gguf_loader(tmp_path, tokenizers_by_pre)
         assert torch.equal(ours(ids).logits, hf(input_ids=ids).logits)
 
 
-def test_streams_on_a_converted_model_match_the_reference(case):
+@pytest.mark.parametrize("name", ["llama-f32", "qwen3-q4_1"])
+def test_streams_on_a_converted_model_match_the_reference(name, tmp_path, tokenizers_by_pre):
     from reference import reference_logits
 
-    if case["name"] not in ("llama-f32", "qwen3-q4_1"):
-        pytest.skip("two representative cases are enough here")
+    case = make_case(name, tmp_path, tokenizers_by_pre)
     model = ParScaleForCausalLM.from_pretrained(case["file"], dtype=torch.float64)
     model.config.prefix_tokens = 2
     sset = model.add_stream_set(2)
