@@ -258,20 +258,25 @@ def test_logits_equal_transformers_class_on_the_same_tensors(case):
         ids[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=0).tolist()
 
 
-def test_llama_matches_transformers_own_gguf_loader(tmp_path, tokenizers_by_pre):
-    """transformers reads Llama GGUF files itself (dequantise, un-permute): same logits, bit for bit."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_matches_transformers_own_gguf_loader(tmp_path, tokenizers_by_pre, arch):
+    """transformers reads Llama / Qwen2 GGUF files itself (dequantise, un-permute): same logits,
+    bit for bit. (Its Qwen3 reader takes head_dim from Qwen3Config's default, so it is not used.)"""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     tok = tokenizers_by_pre["smollm"]
-    c, W = random_hf("llama", tok.get_vocab_size(), seed=3)
+    c, W = random_hf(arch, tok.get_vocab_size(), seed=3)
     f = tmp_path / "l.gguf"
     write_gguf(f, c, W, tok, "smollm", qtype=gguf.GGMLQuantizationType.Q8_0)
     parsed = load_gguf_checkpoint(str(f), return_tensors=False)["config"]
-    cfg = transformers.LlamaConfig(**{k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path")})
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cfg = classes[0](**{k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path")})
+    hf = classes[1](cfg).eval()
     tensors = load_gguf_checkpoint(str(f), return_tensors=True, model_to_load=hf)["tensors"]
     missing, _ = hf.load_state_dict(tensors, strict=False)
     assert set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
     ours = ParScaleForCausalLM.from_pretrained(f)
     ids = torch.tensor([tok.encode(TEXT[:200]).ids[:48]])
     with torch.no_grad():
