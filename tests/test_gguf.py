@@ -130,7 +130,8 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.attn_{proj[0]}.{kind}"
 
 
-def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None, extra=None, add_bos=False):
+def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None, extra=None, add_bos=False,
+               meta=None):
     """Write a GGUF file as llama.cpp does; returns the tensors a loader must recover (HF names)."""
     arch = arch or c["model_type"]
     qtype = qtype or gguf.GGMLQuantizationType.F32
@@ -180,6 +181,11 @@ def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None
         w.add_tensor("rope_freqs.weight", llamacpp_rope_freqs(c, rope_scaling))
     for name, arr in (extra or {}).items():
         w.add_tensor(name, arr)
+    for key, v in (meta or {}).items():  # edits to the metadata: None drops the key
+        if v is None:
+            w.kv_data[0].pop(key)
+        else:
+            {str: w.add_string, bool: w.add_bool, float: w.add_float32, int: w.add_uint32}[type(v)](key, v)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -355,6 +361,32 @@ def test_unsupported_architecture_tensor_type_and_tensor(small):
     with pytest.raises(ParScaleError, match="pre-tokenizer tokenizer.ggml.pre='falcon' is not supported"):
         read_gguf(tmp / "p.gguf")
     assert read_gguf(tmp / "p.gguf", tokenizer=False).config.vocab_size == c["vocab_size"]  # weights alone still load
+
+
+@pytest.mark.parametrize("meta,msg", [
+    ({"qwen2.context_length": None}, "metadata key qwen2.context_length is missing"),
+    ({"qwen2.block_count": "two"}, "metadata key qwen2.block_count must be a number"),
+    ({"qwen2.rope.scaling.type": "yarn"}, r"qwen2.rope.scaling.type='yarn' is not supported"),
+    ({"qwen2.expert_count": 8}, "mixture-of-experts models"),
+    ({"qwen2.attention.head_count_kv": 3}, "config field 'num_key_value_heads'"),
+    ({"qwen2.attention.key_length": 16, "qwen2.rope.dimension_count": 8},
+     "rope.dimension_count=8 differs from head_dim=16"),  # partial rotary
+    ({"qwen2.rope.dimension_count": 8}, r"tensor blk.0.attn_q.weight has shape \(64, 64\), the metadata says \(32, 64\)"),
+    ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.model='llama' is not supported"),
+])
+def test_bad_metadata_is_named(small, meta, msg):
+    tmp, tok, c, W = small
+    write_gguf(tmp / "b.gguf", c, W, tok, "smollm", meta=meta)
+    with pytest.raises(ParScaleError, match=msg):
+        read_gguf(tmp / "b.gguf")
+
+
+def test_partial_qkv_bias_is_refused(small):
+    tmp, tok, c, W = small
+    write_gguf(tmp / "b.gguf", c, {k: v for k, v in W.items() if k != "model.layers.1.self_attn.v_proj.bias"},
+               tok, "smollm")
+    with pytest.raises(ParScaleError, match="some but not all of attn_q/k/v carry a bias"):
+        read_gguf(tmp / "b.gguf")
 
 
 def test_truncated_and_non_gguf_files(small):
