@@ -13,6 +13,11 @@ ours               official config.json         meaning
 
 ``stream_sets`` lists every P whose prefixes/aggregator the model holds (dynamic P: one frozen
 backbone, several stream sets); ``streams`` is the active one.
+
+Architectures are switches on one backbone: ``attention_bias`` (Qwen2's q/k/v biases),
+``qk_norm`` (Qwen3's per-head q/k RMSNorm), ``head_dim`` (explicit in Qwen3) and
+``rope_scaling`` (``None`` or Llama-3's ``{"rope_type": "llama3", "factor", "low_freq_factor",
+"high_freq_factor", "original_max_position_embeddings"}``).
 """
 
 from __future__ import annotations
