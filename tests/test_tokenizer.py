@@ -189,6 +189,9 @@ def test_literal_separator_in_plain_text_stays_text(tokdir):
     ids = ours.encode(text)
     assert ours.separator_id not in ids and ours.decode(ids) == text
     assert ours.token_to_id("<|im_start|>") in ids  # other special tokens are parsed
+    bos = Tokenizer.from_pretrained(build_tokenizer(tokdir.parent / "bos", bos=True))
+    plain = bos.encode(text, add_special_tokens=False)
+    assert bos.encode(text) == [bos.bos_token_id] + plain and bos.decode(plain) == text
     # chat markup written by the template may hold the separator: parsed there
     tpl = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
     assert ours.apply_chat_template(MESSAGES[:1], chat_template=tpl)[-1] == ours.separator_id
@@ -258,3 +261,10 @@ def test_reads_what_transformers_saves(tmp_path, tokdir):
     assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True) == \
         theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
     assert ours.encode(TEXTS[2]) == theirs.encode(TEXTS[2])
+
+
+def test_save_pretrained_round_trip(tmp_path, tokdir):
+    ours = Tokenizer.from_pretrained(tokdir)
+    again = Tokenizer.from_pretrained(ours.save_pretrained(tmp_path / "copy"))
+    assert again.encode(TEXTS[2]) == ours.encode(TEXTS[2]) and again.chat_template == ours.chat_template
+    assert again.special_tokens_map == ours.special_tokens_map
