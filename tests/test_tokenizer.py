@@ -26,7 +26,8 @@ FANCY = """{{ bos_token }}
 {% if add_generation_prompt %}<|im_start|>assistant
 {% if persona is defined %}({{ persona }}) {% endif %}{% endif %}"""
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, hello parscale!", "héllo wörld — ünïcode ✓ 日本語",
+TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, hello parscale!",
+         "héllo wörld — ünïcode ✓ 日本語",
          "x = [1, 2, 3]  # numbers\n\tindent"] * 3
 
 
@@ -139,7 +140,8 @@ def test_apply_chat_template_equals_transformers(tmp_path, template, gen):
     if template is FANCY:  # trim_blocks / lstrip_blocks matter here, and match
         import jinja2
 
-        loose = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string(template).render(messages=MESSAGES, bos_token="<s>", **kw)
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        loose = env.from_string(template).render(messages=MESSAGES, bos_token="<s>", **kw)
         assert loose != text and loose.replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
 
 
@@ -167,7 +169,7 @@ def test_strftime_now_and_sandbox(tokdir):
     year = ours.apply_chat_template(MESSAGES, tokenize=False, chat_template="{{ strftime_now('%Y') }}")
     assert year == str(datetime.datetime.now().year)
     with pytest.raises(ParScaleError, match="chat template"):  # the sandbox refuses internals
-        ours.apply_chat_template(MESSAGES, chat_template="{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
+        ours.apply_chat_template(MESSAGES, chat_template="{{ ''.__class__.__subclasses__() }}")
 
 
 def test_special_tokens_and_eos_ids(tokdir):

@@ -319,7 +319,8 @@ class GenerateOutput:
 def _check_ids(input_ids, attention_mask):
     if not isinstance(input_ids, torch.Tensor):
         raise ParScaleError(f"input_ids must be a torch.Tensor of shape (batch, seq), not a "
-                            f"{type(input_ids).__name__}: use torch.tensor([ids]) or tokenizer(..., return_tensors='pt')")
+                            f"{type(input_ids).__name__}: use torch.tensor([ids]) or "
+                            "tokenizer(..., return_tensors='pt')")
     if input_ids.dim() != 2:
         raise ParScaleError(f"input_ids must be 2-D (batch, seq); got shape {tuple(input_ids.shape)}"
                             + (": use input_ids[None] for one sequence" if input_ids.dim() == 1 else ""))

@@ -2,10 +2,11 @@
 
 ``Tokenizer.from_pretrained(DIR)`` reads the Hugging Face files a model directory holds:
 ``tokenizer.json`` (the ``tokenizers`` pipeline), ``tokenizer_config.json`` (special tokens,
-``chat_template``, or a ``chat_template.jinja`` file beside it as transformers 5 saves it; ``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor), ``generation_config.json`` and
-``config.json`` (their ``eos_token_id``, an int or a list). It is used the way ``transformers``'
-tokenizers are (``tok(texts, padding=True, return_tensors="pt")``, ``decode``,
-``apply_chat_template``) and gives the same ids on the same files (tests/test_tokenizer.py checks
+``chat_template`` — or a ``chat_template.jinja`` beside it, as transformers 5 saves it —,
+``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor),
+``generation_config.json`` and ``config.json`` (their ``eos_token_id``, an int or a list). It is
+used the way ``transformers``' tokenizers are (``tok(texts, padding=True, return_tensors="pt")``,
+``decode``, ``apply_chat_template``) and gives the same ids on the same files (tests/test_tokenizer.py checks
 this against transformers), with two documented choices: padding is on the **left** by default
 (what generation needs), and the document separator (below) written in plain text stays text.
 
