@@ -118,6 +118,10 @@ def test_batch_call_left_padding_equals_transformers(tokdir):
     assert ours.batch_decode(a["input_ids"], skip_special_tokens=True) == texts
     with pytest.raises(ParScaleError, match="padding=True"):
         ours(texts, return_tensors="pt")
+    theirs.padding_side = "left"
+    cut = ours(texts, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    ref = theirs(texts, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    assert torch.equal(cut["input_ids"], ref["input_ids"]) and cut["input_ids"].shape[1] == 4
 
 
 @pytest.mark.parametrize("template", [CHATML, FANCY])
