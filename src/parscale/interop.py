@@ -14,6 +14,15 @@ stacked over layers, and listed in the config key ``parscale_stream_sets``.
 config.json keys: ``model_type: "qwen2_parscale"`` with ``parscale_n`` (P), ``parscale_n_tokens``
 (prefix length) and ``parscale_attn_smooth`` (ε). ε is always read from the file: released
 checkpoints use 0.1, the official class default is 0.01 (used only when the key is absent).
+
+Bias-free backbones (Llama, recycled): the official Qwen2 code always builds q/k/v biases, so we
+write zero bias tensors, ``attention_bias: true`` and our marker ``parscale_zero_attention_bias:
+true``; reading such a file back drops the biases again when they are still exactly zero (a
+bias-free model, bit-identical), and keeps them otherwise (someone trained them).
+
+The prefix-only control (P = 1 with one prefix, ``prefix_only``) is written with ``parscale_n: 1``,
+its prefix under the official names with P = 1 and ``parscale_prefix_only: true``; the official
+code ignores the prefix at P = 1 (it loads the plain backbone).
 """
 
 from __future__ import annotations
@@ -93,7 +102,10 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         prefix_tokens=int(d.get("parscale_n_tokens", 48)),
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
+        prefix_only=d.get("parscale_prefix_only", False),
     )
+    if d.get("parscale_zero_attention_bias"):
+        fields["attention_bias"] = False  # load_pretrained puts them back if they are not zero
     try:
         return ParScaleConfig(**fields)
     except ParScaleError as e:
@@ -120,8 +132,11 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
         "parscale_n": cfg.streams, "parscale_n_tokens": cfg.prefix_tokens,
         "parscale_attn_smooth": cfg.agg_smoothing,
     }
-    if not cfg.attention_bias:
-        d["attention_bias"] = False  # ours (e.g. a recycled Llama); official code expects biases
+    if not cfg.attention_bias:  # the official code builds q/k/v biases: save_pretrained writes zeros
+        d["attention_bias"] = True
+        d["parscale_zero_attention_bias"] = True
+    if cfg.prefix_only:
+        d["parscale_prefix_only"] = True
     if cfg.stream_sets != [cfg.streams]:
         d["parscale_stream_sets"] = cfg.stream_sets
     return d
@@ -158,8 +173,9 @@ def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
             for i in range(cfg.num_hidden_layers):
                 out[f"model.layers.{i}.self_attn.prefix_k"] = sset.prefix_k[i]
                 out[f"model.layers.{i}.self_attn.prefix_v"] = sset.prefix_v[i]
-            for n, t in sset.aggregate_layer.state_dict().items():
-                out[f"model.aggregate_layer.{n}"] = t
+            if sset.aggregate_layer is not None:  # None: the prefix-only P = 1 set
+                for n, t in sset.aggregate_layer.state_dict().items():
+                    out[f"model.aggregate_layer.{n}"] = t
         else:
             for n, t in sset.state_dict().items():
                 out[f"parscale.stream_sets.{key}.{n}"] = t
@@ -219,11 +235,17 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _open_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
 
 
-def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None):
+def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None, adapter=None):
     """See :meth:`ParScaleForCausalLM.from_pretrained`. ``dtype``: None → float32 (as HF),
-    ``"auto"`` → the stored dtype, or a torch dtype."""
+    ``"auto"`` → the stored dtype, or a torch dtype. ``adapter``: an adapter directory to load
+    onto this base (``parscale.recycle``); ``path`` may itself be an adapter directory."""
     from .model import ParScaleForCausalLM
+    from .recycle import is_adapter, load_adapter
 
+    if adapter is not None:
+        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device)
+    if is_adapter(path):
+        return load_adapter(path, streams=streams, dtype=dtype, device=device)
     path = Path(path)
     cfg, raw = read_config(path)
     tensors, source = read_tensors(path)
@@ -233,12 +255,29 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
         if dtype not in _DTYPES:
             raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)} or 'auto')")
         dtype = _DTYPES[dtype]
+    if raw.get("parscale_zero_attention_bias"):
+        cfg = _restore_zero_biases(cfg, tensors)
     model = ParScaleForCausalLM.empty(cfg)  # every parameter is overwritten below (checked)
     _assign(model, tensors, source)
     model = model.to(dtype=dtype or torch.float32, device=device)
     if streams is not None:
         model.set_streams(streams)
     return model.eval()
+
+
+def _zero_bias_names(cfg: ParScaleConfig) -> list[str]:
+    return [f"model.layers.{i}.self_attn.{x}_proj.bias" for i in range(cfg.num_hidden_layers) for x in "qkv"]
+
+
+def _restore_zero_biases(cfg: ParScaleConfig, tensors: dict[str, torch.Tensor]) -> ParScaleConfig:
+    """A file we wrote for a bias-free model carries zero q/k/v biases (for the official code):
+    drop them while they are exactly zero (bias-free again); if trained since, keep them."""
+    names = [n for n in _zero_bias_names(cfg) if n in tensors]
+    if names and all(not bool(tensors[n].any()) for n in names):
+        for n in names:
+            del tensors[n]
+        return cfg
+    return cfg.replace(attention_bias=True) if names else cfg
 
 
 # --------------------------------------------------------------------------- saving
@@ -251,6 +290,12 @@ def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in checkpoint_tensors(model).items()}
     dtype = model.model.embed_tokens.weight.dtype
+    if not model.config.attention_bias:  # zero q/k/v biases so the official code loads the file
+        cfg = model.config
+        sizes = {"q": cfg.num_attention_heads * cfg.head_dim, "k": cfg.num_key_value_heads * cfg.head_dim,
+                 "v": cfg.num_key_value_heads * cfg.head_dim}
+        for n in _zero_bias_names(cfg):
+            tensors[n] = torch.zeros(sizes[n.rsplit(".", 2)[-2][0]], dtype=dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for n, t in tensors.items():
