@@ -27,6 +27,11 @@ Choices (see docs/training.md):
 * **DDP** (under ``torchrun``): gloo on CPU, nccl on GPU; gradients are averaged by DDP (all ranks
   hold equal token counts, so this equals the global mean); train loss, entropy and eval loss are
   all-reduced; only rank 0 writes files or prints.
+* **Recycling** (``--init-from``): a new stream set's prefixes are the backbone's own keys/values
+  on P snippets of the training data (``parscale.recycle``), so the run starts at the base loss;
+  step 0 is evaluated (``val_loss`` and the init model's ``base_val_loss``). With
+  ``--freeze-backbone`` the checkpoints and ``OUT/model`` are *adapters* (stream sets + the base's
+  path and hash; the optimizer holds only the trained tensors anyway).
 """
 
 from __future__ import annotations
@@ -345,18 +350,28 @@ class _Run:
 
         cfg, model = self.cfg, self.model
         P = stage.streams
-        if P > 1 and str(P) not in model.stream_sets:
+        if (P > 1 or cfg.prefix_only) and str(P) not in model.stream_sets:
             # Seeded per stage so the new set's init does not depend on how the run got here
             # (uninterrupted or resumed): that keeps resume bit-exact across the stage boundary.
+            init, snippets = cfg.new_stream_init, None
+            if init == "snippets":
+                from ..recycle import snippets_from_tokens
+
+                need, rows, i = P * model.config.prefix_tokens, [], 0
+                while sum(r.numel() for r in rows) < need:  # the first training windows' tokens
+                    rows.append(self.data.batches.batch(i).inputs)
+                    i += 1
+                snippets = snippets_from_tokens(torch.cat([r.reshape(-1) for r in rows]), P,
+                                                model.config.prefix_tokens)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1000 + 17 + stage.index)
-                model.add_stream_set(P)
+                model.add_stream_set(P, init=init, snippets=snippets)
             model.to(self.dist.device)
         model.set_streams(P)
         if P > 1 and model.config.prefix_tokens < 1:
             raise ParScaleError("the model's prefix_tokens is 0; cannot train P > 1 streams")
 
-        trainable = set(map(id, model.stream_parameters(P))) if P > 1 else set()
+        trainable = set(map(id, model.stream_parameters(P))) if model.stream_set is not None else set()
         if not cfg.freeze_backbone:
             trainable |= set(map(id, model.backbone_parameters()))
         for p in model.parameters():
@@ -394,7 +409,7 @@ class _Run:
         import torch
 
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.dtype == "bfloat16")
+                              enabled=self.cfg.autocast_dtype == "bfloat16")
 
     def _train_step(self, step: int) -> tuple[float, float | None, float]:
         import contextlib
@@ -473,8 +488,19 @@ class _Run:
             state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "stage": self.stage.index,
                      "streams": self.stage.streams, "elapsed_s": elapsed, "total_steps": self.total_steps,
                      "finished": finished, "train_config": self.cfg.to_dict()}
-            save_checkpoint(self.out, self.model, self.optimizer, state)
+            save_checkpoint(self.out, self.model, self.optimizer, state, adapter_base=self.adapter_base)
         self.dist.barrier()
+
+    def _resolve_adapter_base(self) -> tuple[str, str] | None:
+        """(base path, base hash) when this run's model files are adapters (frozen backbone)."""
+        from ..recycle import adapter_base, is_adapter, weights_hash
+
+        cfg = self.cfg
+        if not (cfg.freeze_backbone and self.dist.main):
+            return None
+        if is_adapter(cfg.init_from):  # chained frozen runs share the one real base
+            return adapter_base(cfg.init_from)
+        return str(Path(cfg.init_from).resolve()), weights_hash(cfg.init_from)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> TrainResult:
@@ -499,6 +525,8 @@ class _Run:
         self.data = _Data(cfg, dist, out, resuming=ckpt is not None)
         tok = self.data.tokenizer
         self.model = self._build_model(ckpt, tok.vocab_size, tok.eos_id)
+        self.adapter_base = self._resolve_adapter_base()
+        base_val = self.evaluate() if (ckpt is None and cfg.init_from is not None) else None
 
         start = int(ckpt.state["step"]) if ckpt else 0
         elapsed_before = float(ckpt.state["elapsed_s"]) if ckpt else 0.0
@@ -522,6 +550,10 @@ class _Run:
             print(f"parscale train: {what}; {self.total_steps} steps of {cfg.tokens_per_step} tokens, "
                   f"P={self.stages[-1].streams}, {n:,} non-embedding params, "
                   f"world size {dist.world}, data {self.data.corpus.name}", file=sys.stderr)
+
+        if ckpt is None and cfg.init_from is not None:
+            # step 0: the recycled model before any training, next to the model it came from
+            self._log({"step": 0, "tokens": 0, "val_loss": self.evaluate(), "base_val_loss": base_val})
 
         t_session = time.perf_counter()
         t_last, tokens_last = t_session, start * cfg.tokens_per_step
@@ -577,7 +609,12 @@ class _Run:
             val_loss = self.evaluate()
         model_dir = out / MODEL_DIR
         if dist.main:
-            self.model.save_pretrained(model_dir)
+            if self.adapter_base is not None:
+                from ..recycle import save_adapter
+
+                save_adapter(self.model, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
+            else:
+                self.model.save_pretrained(model_dir)
             self.data.tokenizer.save(model_dir)
         if loss is None:  # nothing trained in this session: take the last logged loss
             last = _last_record(out / METRICS_NAME) if dist.main else {}
