@@ -15,7 +15,7 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "train", "fit", "cost", "reproduce", "sample", "score"]
+SUBCOMMANDS = ["generate", "train", "merge-adapter", "fit", "cost", "reproduce", "sample", "score"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"parscale.commands.{name}")
+        module = importlib.import_module(f"parscale.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
 

@@ -266,12 +266,20 @@ def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, dev
 
 
 def merge_adapter(adapter, out, *, base=None) -> None:
-    """Write the base + adapter as one full checkpoint directory ``out`` (official format)."""
-    from pathlib import Path
+    """Write the base + adapter as one full checkpoint directory ``out`` (official format, the
+    stored dtype), with the adapter's tokenizer.json when it has one."""
     import shutil
+    from pathlib import Path
 
+    from .atomic import atomic_write
+
+    out = Path(out)
+    if out.resolve() == Path(adapter).resolve():
+        raise ParScaleError(f"--out {out}: is the adapter directory itself; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise ParScaleError(f"--out {out}: exists and is not a directory")
     model = load_adapter(adapter, base=base, dtype="auto")
     model.save_pretrained(out)
     tok = Path(adapter) / "tokenizer.json"
     if tok.is_file():
-        shutil.copyfile(tok, Path(out) / "tokenizer.json")
+        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(tok, tmp))
