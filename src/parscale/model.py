@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import KVCache
 from .config import ParScaleConfig
 from .errors import ParScaleError
+from .generation_config import GenerationConfig
 
 
 # --------------------------------------------------------------------------- backbone pieces
@@ -252,6 +253,24 @@ class ParScaleForCausalLM(nn.Module):
                 self.stream_sets[str(p)] = StreamSet(config, p)
                 self.stream_sets[str(p)].reset_parameters(config.initializer_range)
         self.gradient_checkpointing = False
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # ------------------------------------------------------------------ Hugging Face habits
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (inputs go here)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Recompute each layer's activations in the backward pass (training mode only)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
@@ -436,20 +455,35 @@ class ParScaleForCausalLM(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, adapter=None):
+    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None,
+                        adapter=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
-        Qwen2 / Llama (as P = 1). ``streams`` picks a stored stream set (dynamic P). ``adapter``:
-        a frozen-backbone run's stream sets to load onto this base; ``path`` may also be an
-        adapter directory itself (its recorded base is loaded, the base's hash checked)."""
+        Qwen2 / Llama (as P = 1). ``streams`` picks a stored stream set (dynamic P). ``dtype``
+        (``torch_dtype`` is the Hugging Face name for it): a torch dtype, float32 / bfloat16 /
+        float16 (fp32 / bf16 / fp16), or ``"auto"`` for the stored one. ``generation_config``
+        comes from ``generation_config.json`` when the directory has one. ``adapter``: a
+        frozen-backbone run's stream sets to load onto this base; ``path`` may also be an adapter
+        directory itself (its recorded base is loaded, the base's hash checked)."""
+        from .dtypes import ALIASES
         from .interop import load_pretrained
 
-        return load_pretrained(path, streams=streams, dtype=dtype, device=device, adapter=adapter)
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ParScaleError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
+            dtype = torch_dtype
+        if isinstance(dtype, str):
+            dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
+        model = load_pretrained(path, streams=streams, dtype=dtype, device=device, adapter=adapter)
+        model.generation_config = GenerationConfig.load(path, model.config)
+        return model
 
     def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` + safetensors in the official ParScale format (atomically per file)."""
         from .interop import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        if self.generation_config != GenerationConfig.from_model_config(self.config):  # e.g. an HF model's
+            self.generation_config.save(path)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.backbone_parameters())
