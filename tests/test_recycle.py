@@ -186,3 +186,34 @@ def test_zero_bias_export_loads_in_transformers_qwen2_as_the_same_model(tmp_path
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- reproduce --baseline prefix
+def test_reproduce_baseline_prefix_runs_beside_every_p(tmp_path, monkeypatch):
+    import dataclasses
+
+    from conftest import write_corpus
+
+    from parscale.reproduce import PRESETS, plan_runs, reproduce
+
+    monkeypatch.setenv("PARSCALE_CACHE", str(tmp_path / "cache"))
+    micro = PRESETS["micro"]
+    preset = dataclasses.replace(micro, streams=(1, 2), two_stage=None, bootstrap=0)  # 2 sizes: 4 points
+    plan = plan_runs(preset, tmp_path / "r", baseline="prefix")
+    assert [(r.name, r.experiment, r.config.prefix_only) for r in plan] == [
+        ("xxs-p1", "grid", False), ("xxs-p2", "grid", False), ("xxs-p1-prefix", "baseline", True),
+        ("xs-p1", "grid", False), ("xs-p2", "grid", False), ("xs-p1-prefix", "baseline", True)]
+    with pytest.raises(ParScaleError, match="unknown baseline"):
+        plan_runs(preset, tmp_path / "r", baseline="lora")
+
+    res = reproduce(preset, tmp_path / "r", data=str(write_corpus(tmp_path / "corpus")), threads=1,
+                    progress=False, baseline="prefix")
+    results = json.loads(res.results_path.read_text())
+    assert [r["name"] for r in results["runs"]] == ["xxs-p1", "xxs-p2", "xs-p1", "xs-p2"]  # the fit's grid
+    ctrl = results["baseline_prefix"][0]
+    assert ctrl["P"] == 1 and ctrl["params"] > results["runs"][0]["params"]  # the prefix counts in N
+    report = res.report_path.read_text()
+    assert "P = 1 + one learned prefix" in report and f"| xxs-p2 | 2 |" in report
+    assert any("fair control" in c for c in results["conclusions"])
+    model = ParScaleForCausalLM.from_pretrained(tmp_path / "r" / "runs" / "xxs-p1-prefix" / "model")
+    assert model.config.prefix_only and model.stream_set.aggregate_layer is None

@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, metavar="SPEC",
                         help="corpus instead of the preset's stdlib: a directory, .jsonl or text file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--baseline", choices=["prefix"], default=None,
+                        help="prefix: add a P = 1 + one learned prefix run per size, reported beside every P > 1")
     parser.set_defaults(func=run)
 
 
@@ -72,7 +74,8 @@ def _threads(text: str) -> int | str:
 
 def _command_line(args: argparse.Namespace) -> str:
     parts = ["parscale", "reproduce", "--preset", args.preset]
-    for flag, value in (("--out", args.out), ("--threads", args.threads), ("--data", args.data)):
+    for flag, value in (("--out", args.out), ("--threads", args.threads), ("--data", args.data),
+                        ("--baseline", args.baseline)):
         if value is not None and value != "auto":
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)  # a bad name fails before anything is prepared
     result = reproduce(preset, args.out, threads=args.threads, data=args.data, progress=not args.quiet,
-                       command=_command_line(args))
+                       command=_command_line(args), baseline=args.baseline)
     fit = result.fit
     print(f"parscale reproduce: {len(result.trained)} runs trained, {len(result.skipped)} already finished; "
           f"fit E = {fit.E:.4g}, A = {fit.A:.4g}, alpha = {fit.alpha:.4g}, k = {fit.k:.4g}, R^2 = {fit.r2:.4f}")
