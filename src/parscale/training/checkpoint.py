@@ -96,9 +96,10 @@ def write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) 
 
 
 # --------------------------------------------------------------------------- optimizer state
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into safetensors tensors and a JSON-able dict."""
-    sd = optimizer.state_dict()
+def optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` (or such a state dict itself) into safetensors tensors
+    and a JSON-able dict."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -145,10 +146,10 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- save / load
-def save_checkpoint(out_dir: str | os.PathLike, model, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: str | os.PathLike, model, optimizer,
                     state: dict[str, Any], adapter_base: tuple[str, str] | None = None) -> Path:
-    """Write model + optimizer + RNG + ``state`` (JSON-able) as the new ``OUT/checkpoint``; the
-    model as an adapter of ``adapter_base`` = (base path, base hash) when given (frozen backbone)."""
+    """Write model + optimizer (or its state dict) + RNG + ``state`` (JSON-able) as the new
+    ``OUT/checkpoint``; the model as an adapter of ``adapter_base`` = (base path, base hash) when given (frozen backbone)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:

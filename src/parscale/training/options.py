@@ -93,6 +93,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     # --- execution ---
     activation_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and Adam state over torchrun ranks (FSDP2)
     dtype: str = "auto"  # bfloat16 autocast with --init-from (real models), float32 from scratch
     threads: int | None = None
     device: str = "auto"
@@ -213,6 +214,9 @@ class TrainConfig:
             if self.streams < 2 and not self.prefix_only:
                 self._fail("freeze_backbone", "with --streams 1 there would be nothing to train "
                                               "(add --prefix-only for the P = 1 + one learned prefix control)")
+        if self.fsdp and two_stage:
+            self._fail("fsdp", "two-stage training adds parameters mid-run; shard a one-stage run "
+                               "(or --init-from the stage-1 model)")
         if self.init_from is not None:
             given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
             if given:

@@ -27,6 +27,12 @@ Choices (see docs/training.md):
 * **DDP** (under ``torchrun``): gloo on CPU, nccl on GPU; gradients are averaged by DDP (all ranks
   hold equal token counts, so this equals the global mean); train loss, entropy and eval loss are
   all-reduced; only rank 0 writes files or prints.
+* **FSDP2** (``--fsdp`` under ``torchrun``): ``torch.distributed.fsdp.fully_shard`` on every
+  decoder layer and on the root (embedding, norm, LM head, stream sets), so each rank holds 1/W of
+  the parameters, gradients and Adam moments. Same batches and loss averaging as DDP. Checkpoints
+  gather the full tensors (model and Adam state) into the single-process format, so a sharded
+  run resumes exactly (bit-identical to an uninterrupted sharded run) and its files load anywhere.
+  Evaluation runs every window on every rank (FSDP's all-gathers need every rank in lockstep).
 * **Recycling** (``--init-from``): a new stream set's prefixes are the backbone's own keys/values
   on P snippets of the training data (``parscale.recycle``), so the run starts at the base loss;
   step 0 is evaluated (``val_loss`` and the init model's ``base_val_loss``). With
@@ -400,6 +406,8 @@ class _Run:
             trainable |= set(map(id, model.backbone_parameters()))
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
+        if cfg.fsdp:
+            self._shard(model)  # parameters become DTensor shards: groups are built from them below
 
         groups: list[dict[str, Any]] = []
         for part in ("backbone", "streams"):
@@ -419,7 +427,9 @@ class _Run:
                 if p.requires_grad:
                     self.optimizer.state[p] = st
         self.params = [p for g in groups for p in g["params"]]
-        if self.dist.world > 1:
+        if cfg.fsdp:
+            self.ddp = model  # fully_shard wrapped the module in place
+        elif self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -427,6 +437,52 @@ class _Run:
         else:
             self.ddp = model
         self.stage = stage
+
+    def _shard(self, model) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    def _full_state(self):
+        """(model, optimizer state dict) with full tensors for writing: under FSDP every rank
+        gathers (collectives, in the same order everywhere) and rank 0 gets an unsharded copy of
+        the model; otherwise the live ones."""
+        if not self.cfg.fsdp:
+            return self.model, self.optimizer.state_dict()
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        from ..model import ParScaleForCausalLM
+
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        weights = {n: full(t) for n, t in self.model.state_dict().items()}
+        sd = self.optimizer.state_dict()  # its state dicts are the live ones: copy, do not mutate
+        sd["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in sorted(sd["state"].items())}
+        if not self.dist.main:
+            return None, sd
+        plain = ParScaleForCausalLM.empty(self.model.config.replace(), device="cpu")
+        with torch.no_grad():
+            for n, t in plain.state_dict().items():
+                t.copy_(weights[n])
+        return plain, sd
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        """Load a single-process-format optimizer state; under FSDP each tensor is cut into this
+        rank's shard of its parameter first."""
+        if self.cfg.fsdp:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for i, st in state["state"].items():
+                p = params[int(i)]
+                for k, v in st.items():
+                    if isinstance(p, DTensor) and v.dim() > 0:
+                        st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+        self.optimizer.load_state_dict(state)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -452,7 +508,7 @@ class _Run:
         for k in range(cfg.grad_accum):
             x, y = inputs[k * micro:(k + 1) * micro], labels[k * micro:(k + 1) * micro]
             last = k == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or dist.world == 1) else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if (last or dist.world == 1 or cfg.fsdp) else self.ddp.no_sync()
             with sync:
                 with self._autocast():
                     out = self.ddp(x)
@@ -463,7 +519,8 @@ class _Run:
             if out.agg_weights is not None:
                 ent_sum += aggregation_entropy(out.agg_weights.detach())
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # FSDP: a DTensor
         self.optimizer.step()
         loss_avg, ent_avg = (v / cfg.grad_accum for v in (loss_sum, ent_sum))
         loss_avg, ent_avg = (v / dist.world for v in dist.sum([loss_avg, ent_avg]))
@@ -478,7 +535,8 @@ class _Run:
         if val is None:
             return None
         inputs, labels = val.inputs, val.labels
-        mine = range(self.dist.rank, inputs.shape[0], self.dist.world)
+        share = 1 if self.cfg.fsdp else self.dist.world  # FSDP: every rank, every window, in lockstep
+        mine = range(self.dist.rank if share > 1 else 0, inputs.shape[0], share)
         bs = max(1, self.cfg.batch_size // (self.cfg.grad_accum * self.dist.world))
         total, count = 0.0, 0
         self.model.eval()
@@ -493,7 +551,8 @@ class _Run:
                 total += float(loss.view(len(rows), -1).mean(-1).sum())
                 count += len(rows)
         self.model.train()
-        total, count = self.dist.sum([total, float(count)])
+        if share > 1:
+            total, count = self.dist.sum([total, float(count)])
         return total / count if count else None
 
     # ------------------------------------------------------------------ files
@@ -508,11 +567,12 @@ class _Run:
     def _checkpoint(self, step: int, elapsed: float, finished: bool) -> None:
         from .checkpoint import save_checkpoint
 
+        model, opt_state = self._full_state()  # every rank: FSDP gathers
         if self.dist.main:
             state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "stage": self.stage.index,
                      "streams": self.stage.streams, "elapsed_s": elapsed, "total_steps": self.total_steps,
                      "finished": finished, "train_config": self.cfg.to_dict()}
-            save_checkpoint(self.out, self.model, self.optimizer, state, adapter_base=self.adapter_base)
+            save_checkpoint(self.out, model, opt_state, state, adapter_base=self.adapter_base)
         self.dist.barrier()
 
     def _resolve_adapter_base(self) -> tuple[str, str] | None:
@@ -539,6 +599,9 @@ class _Run:
                                 f"do not split into {dist.world} rank(s) x {cfg.grad_accum} micro-batches")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        if cfg.fsdp and dist.world < 2:
+            raise ParScaleError("train option 'fsdp' (--fsdp): shards over torchrun processes; run it under "
+                                "`torchrun --nproc_per_node N` with N >= 2")
         verdict, ckpt = self._prepare_dir()
         if verdict == "finished":
             summary = _read_json(out / SUMMARY_NAME)
@@ -560,7 +623,7 @@ class _Run:
         if ckpt is not None:
             from .checkpoint import restore_rng
 
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self._load_optimizer(ckpt.optimizer_state)
             restore_rng(ckpt.rng)
 
         bar = None
@@ -643,13 +706,14 @@ class _Run:
             wall = elapsed_before  # killed after the final checkpoint: only the files below were missing
             val_loss = self.evaluate()
         model_dir = out / MODEL_DIR
+        final, _ = self._full_state()  # every rank: FSDP gathers
         if dist.main:
             if self.adapter_base is not None:
                 from ..recycle import save_adapter
 
-                save_adapter(self.model, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
+                save_adapter(final, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
             else:
-                self.model.save_pretrained(model_dir)
+                final.save_pretrained(model_dir)
             self.data.tokenizer.save(model_dir)
         if loss is None:  # nothing trained in this session: take the last logged loss
             last = _last_record(out / METRICS_NAME) if dist.main else {}
