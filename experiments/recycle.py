@@ -16,6 +16,15 @@ and the base model itself (step 0 of every run evaluates it: ``base_val_loss``).
 
     python experiments/recycle.py --base /path/to/smollm2 --data /path/to/texts --out docs/recycling/run \\
         --tokens 16384 --seeds 0 1
+
+Two measurements without training (``--measure``):
+
+* ``init``: held-out loss right after adding a P = 1 / 2 / 4 stream set to the base, for each
+  prefix initialisation (random N(0, 0.02); snippet keys/values with keys rotated to -T..-1
+  "prepend", to 0..T-1 "overlap", unrotated "none"; snippets sampled from the model; zero values
+  with keys opposite the mean query) -> ``OUT/init_methods.json`` and a table;
+* ``speed``: frozen-backbone training steps (P = 2, batch x seq) in float32 and in bfloat16
+  autocast, interleaved in one process so the machine's load hits both alike -> ``OUT/speed.json``.
 """
 
 from __future__ import annotations
@@ -48,10 +57,10 @@ def run_specs(tokens: int) -> list[tuple[str, dict]]:
             ("p1-prefix-2x", dict(streams=1, prefix_only=True, tokens=2 * tokens))]
 
 
-def window_losses(model, inputs, labels, batch: int = 4) -> list[float]:
-    """Mean next-token loss of each held-out window (bf16 autocast, as in training)."""
+def window_losses(model, inputs, labels, batch: int = 4, fp32: bool = False) -> list[float]:
+    """Mean next-token loss of each held-out window (bf16 autocast as in training, or float32)."""
     out = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
         for i in range(0, inputs.shape[0], batch):
             logits = model(inputs[i:i + batch]).logits.float()
             loss = F.cross_entropy(logits.flatten(0, 1), labels[i:i + batch].flatten(), reduction="none")
@@ -88,9 +97,18 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--only", nargs="*", help="run names to train (default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--measure", choices=["init", "speed"], default=None,
+                    help="measure init methods or fp32-vs-bf16 speed instead of training")
+    ap.add_argument("--windows", type=int, default=12, help="--measure init: held-out windows")
+    ap.add_argument("--steps", type=int, default=3, help="--measure speed: timed steps per precision")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.measure == "init":
+        return measure_init(args, out)
+    if args.measure == "speed":
+        return measure_speed(args, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
 
@@ -138,6 +156,122 @@ def main(argv=None) -> int:
     atomic_write_text(out / "report.md", report)
     plot(results, out / "loss_vs_tokens.png")
     print(report)
+    return 0
+
+
+def _data(args, batch: int):
+    from parscale.data import TokenBatches, corpus_from_spec, load_tokenizer
+
+    tok = load_tokenizer(args.base)
+    return TokenBatches.build(corpus_from_spec(args.data), tok, seq_len=args.seq_len, global_batch=batch,
+                              seed=0, progress=False)
+
+
+@torch.no_grad()
+def _negative_keys(model, ids: torch.Tensor, P: int, T: int, logit: float = -20.0):
+    """Zero values; in each layer and kv head one key opposite the mean (rotated) query of the
+    snippets, scaled so that the mean query's attention logit is ``logit``."""
+    from einops import rearrange
+
+    from parscale.model import apply_rope
+
+    bb = model.model
+    r, t = ids.shape
+    x = bb.embed_tokens(ids)
+    cos, sin = bb.rotary(torch.arange(t).expand(r, t), x.dtype)
+    ks = []
+    for layer in bb.layers:
+        a = layer.self_attn
+        q = apply_rope(rearrange(a.q_proj(layer.input_layernorm(x)), "r t (h d) -> r h t d", d=a.head_dim), cos, sin)
+        q = rearrange(q, "r (kv g) t d -> kv (r g t) d", kv=a.n_kv).mean(1)  # kv d
+        k = logit * math.sqrt(a.head_dim) * q / q.pow(2).sum(-1, keepdim=True)
+        ks.append(k[None, :, None, :].expand(P, -1, T, -1))
+        x = layer(x, cos, sin, (None, True))
+    k = torch.stack(ks)  # l p h t d
+    return k, torch.zeros_like(k)
+
+
+def measure_init(args, out: Path) -> int:
+    """Held-out loss change right after adding a stream set, per prefix initialisation."""
+    from parscale.recycle import backbone_kv, snippets_from_tokens
+
+    batches = _data(args, 8)
+    val = batches.validation_windows(args.windows)
+    model = ParScaleForCausalLM.from_pretrained(args.base)
+    T = model.config.prefix_tokens = args.prefix_tokens
+    snippets = snippets_from_tokens(batches.batch(0).inputs, 4, T)  # training text, not held-out
+
+    def loss() -> float:
+        return sum(window_losses(model, val.inputs, val.labels, fp32=True)) / args.windows
+
+    base = loss()
+    res = {"base": base, "windows": args.windows, "seq_len": args.seq_len, "prefix_tokens": T,
+           "load_start": os.getloadavg(), "losses": {}}
+    for P in (1, 2, 4):
+        for name in ("random", "prepend", "overlap", "none", "sampled", "negative-keys"):
+            torch.manual_seed(0)
+            model.add_stream_set(P, init="snippets" if name == "sampled" else "random")
+            kv = None
+            if name in ("prepend", "overlap", "none"):
+                kv = backbone_kv(model, snippets[:P], rope=name)
+            elif name == "negative-keys":
+                kv = _negative_keys(model, snippets[:P], P, T)
+            if kv is not None:
+                with torch.no_grad():
+                    model.stream_set.prefix_k.copy_(kv[0])
+                    model.stream_set.prefix_v.copy_(kv[1])
+            res["losses"][f"P{P}/{name}"] = L = loss()
+            print(f"P={P} {name:14s} {L:.4f} ({100 * (L / base - 1):+.2f}%)", file=sys.stderr, flush=True)
+            del model.stream_sets[str(P)]
+            model.config.prefix_only, model.config.stream_sets = False, [1]
+            model.set_streams(1)
+    res["load_end"] = os.getloadavg()
+    atomic_write_text(out / "init_methods.json", json.dumps(res, indent=1) + "\n")
+    print(f"base {base:.4f}")
+    print("| init | P = 1 | P = 2 | P = 4 |\n|---|---|---|---|")
+    for name in ("random", "prepend", "overlap", "none", "sampled", "negative-keys"):
+        cells = [res["losses"][f"P{P}/{name}"] for P in (1, 2, 4)]
+        print(f"| {name} | " + " | ".join(f"{c:.4f} ({100 * (c / base - 1):+.2f}%)" for c in cells) + " |")
+    return 0
+
+
+def measure_speed(args, out: Path) -> int:
+    """Tokens/s of frozen-backbone P = 2 training steps, float32 vs bfloat16 autocast, interleaved."""
+    batches = _data(args, args.batch_size)
+    model = ParScaleForCausalLM.from_pretrained(args.base)
+    model.config.prefix_tokens = args.prefix_tokens
+    model.add_stream_set(2, init="random")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.stream_parameters(2)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step(i: int, bf16: bool) -> float:
+        x, y = batches.batch(i)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    load_start = os.getloadavg()
+    times = {"float32": [], "bfloat16": []}
+    step(0, False), step(0, True)  # warm-up
+    for i in range(args.steps):
+        for name in times:
+            times[name].append(step(i + 1, name == "bfloat16"))
+    tokens = args.batch_size * args.seq_len
+    res = {"P": 2, "batch": args.batch_size, "seq_len": args.seq_len, "prefix_tokens": args.prefix_tokens,
+           "threads": args.threads, "load_start": load_start, "load_end": os.getloadavg(),
+           "step_s": times, "tokens_per_s": {k: tokens / (sum(v) / len(v)) for k, v in times.items()}}
+    res["bf16_speedup"] = res["tokens_per_s"]["bfloat16"] / res["tokens_per_s"]["float32"]
+    atomic_write_text(out / "speed.json", json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
     return 0
 
 
