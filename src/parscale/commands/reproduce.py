@@ -36,6 +36,9 @@ examples:
   # same command to continue where it stopped
   parscale reproduce --preset full --out runs/reproduce-full
 
+  # with the fair control: a P = 1 + one learned prefix run per size, shown beside every P > 1
+  parscale reproduce --preset quick --baseline prefix --out runs/reproduce-quick
+
   # a smoke test on your own corpus (a directory, a .jsonl or a text file)
   parscale reproduce --preset micro --data my_corpus/ --out /tmp/micro
 """
