@@ -220,7 +220,10 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
         steps = math.ceil(extra / (preset.batch_size * preset.seq_len))
         for P, role in ((1, "continued"), (ts.streams, "recycled")):
             name = f"twostage-{base.name}-{role}-p{P}"
+            # float32 and random prefixes, as in every committed reproduction (the trainer's
+            # --init-from defaults are bf16 autocast and snippet prefixes, docs/recycling.md)
             cfg = TrainConfig(**common, init_from=str(runs_dir / stage1_name / "model"),
+                              dtype="float32", stream_init="random",
                               streams=P, tokens=extra, lr=preset.lr, min_lr=preset.min_lr,
                               warmup_steps=max(1, steps // 10), seed=preset.seed + 1,
                               out=str(runs_dir / name))
