@@ -45,9 +45,7 @@ from .config import ParScaleConfig
 from .errors import ParScaleError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE = (
-    "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 
 # GGUF tensor names (after "blk.{i}.") -> HF names (after "model.layers.{i}.")
 _LAYER_TENSORS = {
@@ -392,9 +390,9 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         raise ParScaleError(f"{source}: missing tensor(s) for {', '.join(missing[:3])}"
                             + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
     _check_types(header, source)
-    tok = tok_cfg = gen_cfg = None
+    tok = tok_cfg = None
     if tokenizer:
-        tok, tok_cfg, gen_cfg = _tokenizer(meta, cfg, source)
+        tok, tok_cfg = _tokenizer(meta, cfg, source)
 
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
@@ -405,7 +403,7 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         elif permuted and ".k_proj." in hf:
             w = _unpermute(w, cfg.num_key_value_heads)
         tensors[hf] = w
-    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, gen_cfg or {})
+    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, _generation_config(meta, cfg))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -480,30 +478,38 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
                "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}
     if isinstance(meta.get("tokenizer.chat_template"), str):
         tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, tok_cfg
+
+
+def _generation_config(meta: dict[str, Any], cfg: ParScaleConfig) -> dict[str, Any]:
+    """HF ``generation_config.json`` keys: every id generation should stop at, the file's EOS first."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
     eos_ids = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-    eos_ids += [vocab[t] for t in END_TOKENS if t in vocab and types[vocab[t]] == _CONTROL]
-    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < len(tokens)))
-    gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id}
-    return tok, tok_cfg, gen_cfg
+    if len(types) == len(tokens):
+        position = {t: i for i, t in enumerate(tokens) if types[i] == _CONTROL}
+        eos_ids += [position[t] for t in END_TOKENS if t in position]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < cfg.vocab_size))
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids or None, "pad_token_id": cfg.pad_token_id}
 
 
 # --------------------------------------------------------------------------- model / directory
 def _dtype(dtype) -> torch.dtype:
+    from .dtypes import torch_dtype
+
     if dtype is None or dtype == "auto":
         return torch.float32  # dequantised values are float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def _build(g: GGUFModel, dtype: torch.dtype, source: str, device=None):
+    from .generation_config import GenerationConfig
     from .interop import _assign
     from .model import ParScaleForCausalLM
 
     model = ParScaleForCausalLM.empty(g.config).to(dtype=dtype)
     _assign(model, g.tensors, source)
+    model.generation_config = GenerationConfig.from_dict(g.generation_config)
     return model.to(device=device).eval()
 
 
@@ -534,8 +540,6 @@ def check_output_dir(out: str | os.PathLike) -> Path:
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="float32") -> Path:
     """Write ``out``: config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     generation_config.json, each atomically (config.json last). Returns ``out``."""
-    from .interop import save_pretrained
-
     out = check_output_dir(out)
     torch_dtype = _dtype(dtype)
     g = read_gguf(path)
@@ -544,8 +548,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="floa
     try:
         atomic_write_text(out / TOKENIZER_FILE, g.tokenizer.to_str(pretty=False))
         atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(g.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(out / GENERATION_CONFIG_FILE, json.dumps(g.generation_config, indent=2) + "\n")
-        save_pretrained(model, out)  # weights, then config.json
+        model.save_pretrained(out)  # weights, generation_config.json, then config.json
     except OSError as e:
         raise ParScaleError(f"{out}: cannot write ({e.strerror or e})") from None
     return out

@@ -461,7 +461,8 @@ class ParScaleForCausalLM(nn.Module):
         if isinstance(dtype, str):
             dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
         model = load_pretrained(path, streams=streams, dtype=dtype, device=device)
-        model.generation_config = GenerationConfig.load(path, model.config)
+        if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
+            model.generation_config = GenerationConfig.load(path, model.config)
         return model
 
     def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
