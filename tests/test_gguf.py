@@ -41,7 +41,7 @@ def train_tokenizer(pre: str) -> Tokenizer:
         from parscale.gguf import PRE_TOKENIZERS
 
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre][0]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre].split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()

@@ -1,9 +1,9 @@
 """GGUF import: a llama.cpp model file as a parscale checkpoint (P = 1), exact to its tensors.
 
-``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) with the ``gguf``
-package (optional extra ``parscale[gguf]``) and returns everything a checkpoint directory holds:
-the config from the metadata, the tensors under HF names (dequantised to float32 with
-``gguf.quants``), and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
+``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) and returns
+everything a checkpoint directory holds: the config from the metadata, the tensors under HF names
+(dequantised to float32 by the ``gguf`` package's ``quants``, optional extra ``parscale[gguf]``),
+and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
 types) with its ``tokenizer_config.json`` / ``generation_config.json`` entries. ``convert_gguf``
 writes them to a directory; ``load_gguf`` builds the model in memory (what
 ``ParScaleForCausalLM.from_pretrained("model.gguf")`` calls).
@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,9 +43,9 @@ from einops import rearrange
 from .atomic import atomic_write_text
 from .config import ParScaleConfig
 from .errors import ParScaleError
+from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
-TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 
 # GGUF tensor names (after "blk.{i}.") -> HF names (after "model.layers.{i}.")
 _LAYER_TENSORS = {
@@ -69,14 +69,20 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {  # name -> (split regex or None for GPT-2's, digits one by one, NFC, ignore_merges)
-    "gpt-2": (None, False, False, False), "default": (None, False, False, False),
-    "smollm": (None, True, False, False), "starcoder": (None, True, False, False),
-    "refact": (None, True, False, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False, False, True), "llama3": (_LLAMA3_SPLIT, False, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, False, True), "smaug-bpe": (_LLAMA3_SPLIT, False, False, True),
-    "qwen2": (_QWEN2_SPLIT, False, True, False), "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True, False),
-}
+
+
+class PreTokenizer(NamedTuple):
+    split: str | None = None  # the split regex; None: GPT-2's (ByteLevel's own)
+    digits: bool = False  # every digit its own piece first (StarCoder / SmolLM)
+    nfc: bool = False  # NFC-normalise first (Qwen2)
+    ignore_merges: bool = False  # a whole piece that is in the vocabulary is one token (Llama-3)
+
+
+_GPT2, _DIGITS = PreTokenizer(), PreTokenizer(digits=True)
+_LLAMA3, _QWEN2 = PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True), PreTokenizer(_QWEN2_SPLIT, nfc=True)
+PRE_TOKENIZERS = {"gpt-2": _GPT2, "default": _GPT2, "smollm": _DIGITS, "starcoder": _DIGITS,
+                  "refact": _DIGITS, "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3,
+                  "smaug-bpe": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
 # Control tokens that end a turn or a document: generation stops at any of them (as llama.cpp does).
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
               "<|end_of_text|>")
@@ -435,17 +441,17 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         if not sep or not a or not b or " " in b:
             raise ParScaleError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
         pairs.append((a, b))
-    split, digits, nfc, ignore_merges = PRE_TOKENIZERS[pre]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
+    how = PRE_TOKENIZERS[pre]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=how.ignore_merges, fuse_unk=False,
                                byte_fallback=False))
-    if nfc:
+    if how.nfc:
         tok.normalizer = normalizers.NFC()
     steps = []
-    if split is not None:
-        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
-    if digits:
+    if how.split is not None:
+        steps.append(pre_tokenizers.Split(Regex(how.split), behavior="isolated"))
+    if how.digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=how.split is None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
@@ -458,7 +464,7 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = named("bos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", ignore_merges))  # llama.cpp: Llama-3 adds BOS
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", how is _LLAMA3))  # llama.cpp: Llama-3 adds BOS
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos and bos is None:
         raise ParScaleError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
