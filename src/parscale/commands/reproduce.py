@@ -7,6 +7,7 @@ import argparse
 import shlex
 
 from ..cli import HelpFormatter
+from ._common import threads_type
 
 DESCRIPTION = """\
 Reproduce the parallel scaling law of Chen et al. (arXiv 2505.10475) on a CPU:
@@ -49,25 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which experiment to run (see above)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: runs/reproduce-PRESET)")
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+    parser.add_argument("--threads", type=threads_type, default="auto", metavar="N|auto",
                         help="torch CPU threads per run; auto: the cores not busy with other work when "
                              "each run starts (on a shared machine, spare threads slow training down)")
     parser.add_argument("--data", default=None, metavar="SPEC",
                         help="corpus instead of the preset's stdlib: a directory, .jsonl or text file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     parser.set_defaults(func=run)
-
-
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
 
 
 def _command_line(args: argparse.Namespace) -> str:

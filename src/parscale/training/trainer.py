@@ -276,6 +276,10 @@ class _Data:
                                           main=dist.main,
                                           barrier=dist.barrier)
         self.val = self.batches.validation_windows(max(1, cfg.eval_tokens // cfg.seq_len))
+        if dist.main and not cfg.quiet:
+            val = self.batches.validation
+            print(f"parscale train: data ready: {len(self.batches.tokens):,} training tokens, "
+                  f"{len(val) if val is not None else 0:,} validation tokens", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the run
