@@ -244,11 +244,15 @@ def test_convert_recovers_every_tensor_exactly(case):
         if name == "lm_head.weight" and "lm_head.weight" not in W:
             continue
         assert torch.equal(W[name], t), name  # bit-exact: dequantised values, HF row order
-    assert set(W) == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     cfg = json.loads((out / "config.json").read_text())
+    # a bias-free backbone is saved with zero q/k/v biases (the official code always builds them)
+    zero_bias = {n for n in W if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))} - set(case["expected"])
+    assert bool(zero_bias) is bool(cfg.get("parscale_zero_attention_bias")) is (case["arch"] != "qwen2")
+    assert all(not W[n].any() for n in zero_bias)
+    assert set(W) - zero_bias == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     assert cfg["rope_scaling"] == case["rs"] and cfg["rms_norm_eps"] == 1e-5 and cfg["head_dim"] == case["c"]["head_dim"]
     assert cfg.get("qk_norm", False) is (case["arch"] == "qwen3")
-    assert cfg.get("attention_bias", True) is (case["arch"] == "qwen2")
+    assert ParScaleForCausalLM.from_pretrained(out).config.attention_bias is (case["arch"] == "qwen2")
     assert cfg["tie_word_embeddings"] is case["c"]["tie_word_embeddings"]
 
 
