@@ -13,6 +13,11 @@ ours               official config.json         meaning
 
 ``stream_sets`` lists every P whose prefixes/aggregator the model holds (dynamic P: one frozen
 backbone, several stream sets); ``streams`` is the active one.
+
+Architectures are switches on one backbone: ``attention_bias`` (Qwen2's q/k/v biases),
+``qk_norm`` (Qwen3's per-head q/k RMSNorm), ``head_dim`` (explicit in Qwen3) and
+``rope_scaling`` (``None`` or Llama-3's ``{"rope_type": "llama3", "factor", "low_freq_factor",
+"high_freq_factor", "original_max_position_embeddings"}``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class ParScaleConfig:
     prefix_tokens: int = 48
     agg_smoothing: float = 0.01
     stream_sets: list[int] = field(default_factory=list)  # filled from `streams` when empty
+    quantization: str | None = None  # None: floating-point weights; "int8": parscale.quant's weight-only int8
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -90,6 +96,7 @@ class ParScaleConfig:
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name,
                  f"must be null or a token id in [0, {self.vocab_size})")
+        need(self.quantization in (None, "int8"), "quantization", 'must be null or "int8"')
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.streams > 1:
             need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1")

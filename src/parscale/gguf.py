@@ -105,32 +105,121 @@ def _gguf():
     return gguf
 
 
-def _open(path: Path):
-    gguf = _gguf()
+@dataclass
+class _Tensor:
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    dims: tuple[int, ...]  # GGUF order: fastest first
+    offset: int  # absolute, in the file
+    n_bytes: int
+    shape: tuple[int, ...] = ()  # numpy / torch order (dims reversed)
+
+
+class _Header:
+    """GGUF's header, read directly (key/values and tensor infos; the data stays on disk).
+
+    Our own reader because ``gguf.GGUFReader`` builds a numpy view per vocabulary string (seconds
+    for a 49k-token vocabulary); tensor data is dequantised with ``gguf.quants`` all the same."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                11: "<q", 12: "<d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.struct, self.path, self.pos = struct, path, 0
+        with open(path, "rb") as self.file:  # buffered small reads: fast for 100k strings
+            if self.file.read(4) != b"GGUF":
+                raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+            self.pos = 4
+            self._read_header()
+        size = path.stat().st_size
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        for t in self.tensors:
+            if t.offset + t.n_bytes > size:
+                raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
+
+    def _read_header(self) -> None:
+        path = self.path
+        version = self._scalar(4)
+        if version not in (2, 3):
+            raise ParScaleError(f"{path}: GGUF version {version} is not supported (2 or 3; "
+                                "big-endian files are not supported either)")
+        n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._scalar(4), key)
+        gguf = _gguf()
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = tuple(self._scalar(10) for _ in range(self._scalar(4)))
+            type_id, offset = self._scalar(4), self._scalar(10)
+            try:
+                qtype = gguf.GGMLQuantizationType(type_id)
+            except ValueError:
+                raise ParScaleError(f"{path}: tensor {name} has unknown tensor type id {type_id}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n = math.prod(dims)
+            if not dims or dims[0] % block:
+                raise ParScaleError(f"{path}: tensor {name}: {dims} does not fit {qtype.name} blocks of {block}")
+            infos.append((name, qtype, dims, offset, n // block * type_size))
+        align = self.meta.get("general.alignment", 32)
+        if not isinstance(align, int) or align < 1:
+            raise ParScaleError(f"{path}: general.alignment must be a positive integer (got {align!r})")
+        start = -(-self.pos // align) * align  # tensor data begins at the next multiple of alignment
+        self.tensors = [_Tensor(name, qtype, dims, start + offset, n_bytes, tuple(reversed(dims)))
+                        for name, qtype, dims, offset, n_bytes in infos]
+
+    def _take(self, n: int) -> bytes:
+        out = self.file.read(n)
+        if len(out) < n:
+            raise ParScaleError(f"{self.path}: truncated: the header ends early (at byte {self.pos + len(out)})")
+        self.pos += n
+        return out
+
+    def _scalar(self, type_id: int):
+        fmt = self._SCALARS[type_id]
+        return self.struct.unpack(fmt, self._take(self.struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        raw = self._take(self._scalar(10))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParScaleError(f"{self.path}: undecodable string in the header ({raw[:40]!r})") from None
+
+    def _value(self, type_id: int, key: str):
+        if type_id == self.STRING:
+            return self._string()
+        if type_id == self.ARRAY:
+            item, count = self._scalar(4), self._scalar(10)
+            if item == self.STRING:
+                return [self._string() for _ in range(count)]
+            if item in self._SCALARS:  # one read for the whole array
+                fmt = self._SCALARS[item]
+                width = self.struct.calcsize(fmt)
+                return np.frombuffer(self._take(width * count), dtype=np.dtype(fmt)).tolist()
+            return [self._value(item, key) for _ in range(count)]  # nested arrays
+        if type_id not in self._SCALARS:
+            raise ParScaleError(f"{self.path}: metadata key {key} has unknown value type {type_id}")
+        return self._scalar(type_id)
+
+    def data(self, t: _Tensor) -> np.ndarray:
+        """The tensor's raw bytes, shaped ``(*shape[:-1], row_bytes)`` as ``gguf.quants`` wants."""
+        raw = self.buf[t.offset:t.offset + t.n_bytes].view(np.ndarray)  # plain view: memmap slices are slow
+        return raw.reshape(*t.shape[:-1], -1)
+
+
+def _open(path: Path) -> _Header:
     if not path.is_file():
         raise ParScaleError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, TypeError) as e:
-        raise ParScaleError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:  # the reader maps lazily: a cut-off file shows here
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
-    return reader
-
-
-def _metadata(reader) -> dict[str, Any]:
-    out = {}
-    for key, f in reader.fields.items():
-        try:
-            out[key] = f.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise ParScaleError(f"metadata key {key}: unreadable value ({e})") from None
-    return out
+        return _Header(path)
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"{path}: not a readable GGUF file: {e}") from None
 
 
 def _float32_decimal(v: float) -> float:
@@ -241,24 +330,23 @@ def _hf_name(gguf_name: str, n_layers: int) -> str | None:
     return None
 
 
-def _check_types(reader, source: str) -> None:
+def _check_types(header: _Header, source: str) -> None:
     """Every tensor type must be one gguf's quants module can dequantise (tried on one block)."""
     gguf = _gguf()
-    for qtype in sorted({t.tensor_type for t in reader.tensors}):
+    for qtype in sorted({t.qtype for t in header.tensors}):
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:
             gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
         except NotImplementedError:
-            user = next(t.name for t in reader.tensors if t.tensor_type == qtype)
+            user = next(t.name for t in header.tensors if t.qtype == qtype)
             raise ParScaleError(f"{source}: tensor type {qtype.name} (tensor {user}) is not supported: "
                                 "gguf cannot dequantise it") from None
 
 
-def _dequantize(t) -> np.ndarray:
-    gguf = _gguf()
-    w = gguf.quants.dequantize(t.data, t.tensor_type)
-    # GGUF lists dimensions fastest-first: numpy's order is the reverse
-    return np.array(w, dtype=np.float32, copy=True).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+def _dequantize(header: _Header, t: _Tensor) -> np.ndarray:
+    """float32 values in numpy order (GGUF lists dimensions fastest-first: ``shape`` is reversed)."""
+    w = _gguf().quants.dequantize(header.data(t), t.qtype)
+    return np.array(w, dtype=np.float32, copy=True).reshape(t.shape)
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -273,10 +361,14 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
 
     path = Path(path)
     source = str(path)
-    reader = _open(path)
-    meta = _metadata(reader)
-    by_name = {t.name: t for t in reader.tensors}
-    freq_factors = _dequantize(by_name[ROPE_FREQS]) if ROPE_FREQS in by_name else None
+    header = _open(path)
+    meta = header.meta
+    by_name = {t.name: t for t in header.tensors}
+    if len(by_name) != len(header.tensors):
+        raise ParScaleError(f"{source}: duplicate tensor names")
+    if ROPE_FREQS in by_name:
+        _check_types(header, source)
+    freq_factors = _dequantize(header, by_name[ROPE_FREQS]) if ROPE_FREQS in by_name else None
     cfg = _config(meta, set(by_name), freq_factors, source)
     if cfg.attention_bias and not all(f"blk.{i}.attn_{x}.bias" in by_name
                                       for i in range(cfg.num_hidden_layers) for x in "qkv"):
@@ -292,15 +384,14 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         hf = _hf_name(name, cfg.num_hidden_layers)
         if hf is None or hf not in expected:
             raise ParScaleError(f"{source}: unsupported tensor {name} for architecture {meta['general.architecture']}")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if shape != expected[hf]:
-            raise ParScaleError(f"{source}: tensor {name} has shape {shape}, the metadata says {expected[hf]}")
+        if t.shape != expected[hf]:
+            raise ParScaleError(f"{source}: tensor {name} has shape {t.shape}, the metadata says {expected[hf]}")
         mapped[hf] = t
     missing = [n for n in expected if n not in mapped]
     if missing:
         raise ParScaleError(f"{source}: missing tensor(s) for {', '.join(missing[:3])}"
                             + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
-    _check_types(reader, source)
+    _check_types(header, source)
     tok = tok_cfg = gen_cfg = None
     if tokenizer:
         tok, tok_cfg, gen_cfg = _tokenizer(meta, cfg, source)
@@ -308,7 +399,7 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
     for hf, t in mapped.items():
-        w = torch.from_numpy(_dequantize(t))
+        w = torch.from_numpy(_dequantize(header, t))
         if permuted and ".q_proj." in hf:
             w = _unpermute(w, cfg.num_attention_heads)
         elif permuted and ".k_proj." in hf:

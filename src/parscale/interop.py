@@ -99,6 +99,7 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         prefix_tokens=int(d.get("parscale_n_tokens", 48)),
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
+        quantization=d.get("quantization"),  # ours: "int8" (parscale.quant)
     )
     try:
         return ParScaleConfig(**fields)
@@ -151,6 +152,8 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
         d["qk_norm"] = True  # ours (a Qwen3 backbone); official code has no q/k norms
     if cfg.stream_sets != [cfg.streams]:
         d["parscale_stream_sets"] = cfg.stream_sets
+    if cfg.quantization:
+        d["quantization"] = cfg.quantization
     return d
 
 
@@ -246,16 +249,21 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _open_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
 
 
-def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None):
+def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None, quantize=None):
     """See :meth:`ParScaleForCausalLM.from_pretrained`. ``dtype``: None → float32 (as HF),
     ``"auto"`` → the stored dtype, or a torch dtype."""
     from .model import ParScaleForCausalLM
+    from .quant import MODES, quantize_
+
+    if quantize is not None and quantize not in MODES:
+        raise ParScaleError(f"unknown quantization {quantize!r} (supported: {', '.join(MODES)})")
 
     path = Path(path)
     if path.suffix.lower() == ".gguf" and not path.is_dir():  # a llama.cpp file: converted in memory
         from .gguf import load_gguf
 
-        return load_gguf(path, streams=streams, dtype=dtype, device=device)
+        model = load_gguf(path, streams=streams, dtype=dtype, device=device)
+        return model if quantize is None else quantize_(model, quantize)
     cfg, raw = read_config(path)
     tensors, source = read_tensors(path)
     if dtype == "auto":
@@ -268,6 +276,8 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
     model = ParScaleForCausalLM.empty(cfg).to(dtype=dtype or torch.float32)
     _assign(model, tensors, source)
     model = model.to(device=device)
+    if quantize is not None and not cfg.quantization:
+        quantize_(model, quantize)
     if streams is not None:
         model.set_streams(streams)
     return model.eval()
@@ -282,7 +292,7 @@ def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in checkpoint_tensors(model).items()}
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype  # not the embedding's: int8 when quantised
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for n, t in tensors.items():
