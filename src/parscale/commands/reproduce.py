@@ -69,7 +69,6 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import get_preset, reproduce
-
     from ._common import ensure_writable_dir
 
     preset = get_preset(args.preset)  # a bad name fails before anything is prepared
