@@ -15,7 +15,7 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "train", "fit", "cost", "reproduce", "sample", "score"]
+SUBCOMMANDS = ["generate", "train", "fit", "cost", "reproduce", "sample", "score", "serve"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
