@@ -279,10 +279,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_logprobs(tokens: list[TokenInfo]) -> dict:
-    """The completions API's log-probs object (parallel arrays)."""
+    """The completions API's log-probs object (parallel arrays). Its top-logprobs maps token text
+    to log-prob, so tokens with the same text (e.g. partial UTF-8, shown as U+FFFD) keep the
+    likeliest; the chat format lists every token."""
+    def top(t: TokenInfo) -> dict:
+        out: dict[str, float] = {}
+        for _, text, lp in t.top:  # most likely first
+            out.setdefault(text, lp)
+        return out
+
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{s: lp for _, s, lp in t.top} for t in tokens],
-            "text_offset": [t.offset for t in tokens]}
+            "top_logprobs": [top(t) for t in tokens], "text_offset": [t.offset for t in tokens]}
 
 
 def chat_logprobs(tokens: list[TokenInfo]) -> dict:
