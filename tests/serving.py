@@ -91,10 +91,12 @@ class LocalServer:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
 
     def wait_idle(self, timeout: float = 10.0) -> dict:
-        """Engine stats once no row is running or queued (or after ``timeout``)."""
+        """Engine stats once nothing is running, queued or remembered (or after ``timeout``: then
+        the stats show what leaked). Rows are released just after their last event is sent, so
+        a client can finish a moment before its row is forgotten."""
         deadline = time.monotonic() + timeout
         while True:
             s = self.engine.stats()
-            if (s["running"] == 0 and s["queued"] == 0) or time.monotonic() > deadline:
+            if not (s["running"] or s["queued"] or s["rows"] or s["owned"]) or time.monotonic() > deadline:
                 return s
             time.sleep(0.01)
