@@ -29,9 +29,9 @@ def test_losses_weights_and_entropy_match_direct_computation():
     assert u.tokens == 35 and u.P == 3
     assert u.loss == pytest.approx(float(F.cross_entropy(out.logits.flatten(0, 1), y.flatten())), abs=1e-6)
     w = out.agg_weights.double()
-    assert list(u.mean_weights) == pytest.approx(w.mean((0, 1)).tolist(), abs=1e-9)
+    assert list(u.mean_weights) == pytest.approx(w.mean((0, 1)).tolist(), abs=1e-7)  # fp32 weights; batches of 2 vs 5 round differently
     ent = float(-(w * w.log()).sum(-1).mean()) / math.log(3)
-    assert u.entropy_over_lnP == pytest.approx(ent, abs=1e-9) and 0 < u.entropy_over_lnP < 1
+    assert u.entropy_over_lnP == pytest.approx(ent, abs=1e-7) and 0 < u.entropy_over_lnP < 1
     assert u.share_peaked == pytest.approx(float((w.max(-1).values > 0.9).double().mean()))
     assert len(u.stream_losses) == 3 and u.best_single_stream_loss == min(u.stream_losses)
     assert u.combination_gain == pytest.approx(u.best_single_stream_loss - u.loss)
@@ -58,3 +58,42 @@ def test_restores_mode_and_hooks_and_refuses_bad_input():
     model.set_streams(1)
     with pytest.raises(ParScaleError, match="P > 1"):
         stream_usage(model, x, x)
+
+
+def test_stream_diversity_matches_direct_computation():
+    model = tiny(3)
+    with torch.no_grad():  # streams that really differ
+        model.stream_set.prefix_k.normal_(std=1.0)
+        model.stream_set.prefix_v.normal_(std=1.0)
+    x, y = torch.randint(0, 50, (4, 6)), torch.randint(0, 50, (4, 6))
+    u = stream_usage(model, x, y, batch_size=3)
+    captured = {}
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    h = captured["h"].unflatten(0, (3, 4))
+    logp = [F.log_softmax(model.lm_head(h[p]).double(), -1).detach() for p in range(3)]
+    nll = torch.stack([-lp.gather(-1, y[..., None])[..., 0].flatten() for lp in logp])
+    corr = torch.corrcoef(nll)
+    rho = float((corr.sum() - corr.trace()) / 6)
+    assert u.loss_correlation == pytest.approx(rho, abs=1e-6) and -1 <= rho < 1
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    js = []
+    for i, j in pairs:
+        pi, pj = logp[i].exp(), logp[j].exp()
+        m = (pi + pj) / 2
+        js.append(float((0.5 * (pi * (pi / m).log()).sum(-1) + 0.5 * (pj * (pj / m).log()).sum(-1)).mean()))
+    assert u.pairwise_js == pytest.approx(sum(js) / 3, rel=1e-4) and u.pairwise_js > 0
+    assert u.to_dict()["loss_correlation"] == u.loss_correlation
+
+
+def test_identical_streams_have_no_diversity():
+    model = tiny(2)
+    with torch.no_grad():  # every stream gets stream 0's prefix: P copies of one stream
+        model.stream_set.prefix_k[:, 1] = model.stream_set.prefix_k[:, 0]
+        model.stream_set.prefix_v[:, 1] = model.stream_set.prefix_v[:, 0]
+    x = torch.randint(0, 50, (3, 5))
+    u = stream_usage(model, x, x)
+    assert u.loss_correlation == pytest.approx(1.0, abs=1e-6)
+    assert u.pairwise_js == pytest.approx(0.0, abs=1e-7)

@@ -1,8 +1,10 @@
-"""The model: a plain-PyTorch Qwen2/Llama decoder, and ParScale as a small diff on top of it.
+"""The model: a plain-PyTorch Qwen2/Qwen3/Llama decoder, and ParScale as a small diff on top of it.
 
 Backbone (``Backbone`` + ``ParScaleForCausalLM`` with P = 1): token embedding, ``L`` pre-norm blocks of
 grouped-query attention (RoPE, ``scaled_dot_product_attention``) and a SwiGLU MLP, a final RMSNorm
-and the LM head. Tensor names equal Hugging Face Qwen2's, so checkpoints map one to one.
+and the LM head. Tensor names equal Hugging Face Qwen2's, so checkpoints map one to one. The
+architectures differ only by config switches: q/k/v biases (Qwen2), per-head q/k RMSNorm
+(``qk_norm``, Qwen3), Llama-3 frequency scaling of RoPE (``rope_scaling``).
 
 ParScale (P > 1) adds exactly three things, all held by one ``StreamSet`` module per P:
 
@@ -19,6 +21,7 @@ Several stream sets can live on one backbone (dynamic P): ``set_streams(P)`` pic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import KVCache
 from .config import ParScaleConfig
 from .errors import ParScaleError
+from .generation_config import GenerationConfig
 
 
 # --------------------------------------------------------------------------- backbone pieces
@@ -48,16 +52,19 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         d = self.head_dim
         with torch.no_grad():
-            self.inv_freq.copy_(1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            if self.scaling is not None:  # validated by the config: rope_type "llama3"
+                inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+            self.inv_freq.copy_(inv_freq)
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +72,19 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq.float()  # b s d/2
         emb = torch.cat([freqs, freqs], dim=-1)  # b s d
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3 RoPE scaling: wavelengths longer than ``original / low_freq_factor`` are slowed by
+    ``factor``, shorter than ``original / high_freq_factor`` kept, the band between interpolated."""
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / lo, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / hi) & (wavelen <= original / lo)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +106,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d features, weights shared by the heads
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
         q = rearrange(self.q_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
+        if self.qk_norm:  # prefix keys are stored as used: not normalised here
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache already holds the prefix in its first slots
             k, v = cache.update(self.layer_idx, k, v)
@@ -136,7 +162,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 # --------------------------------------------------------------------------- the ParScale diff
@@ -238,6 +264,24 @@ class ParScaleForCausalLM(nn.Module):
             if p > 1:
                 self.stream_sets[str(p)] = StreamSet(config, p)
                 self.stream_sets[str(p)].reset_parameters(config.initializer_range)
+        self.gradient_checkpointing = False
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # ------------------------------------------------------------------ Hugging Face habits
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (inputs go here)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Recompute each layer's activations in the backward pass (training mode only)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ setup
@@ -400,18 +444,33 @@ class ParScaleForCausalLM(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None):
+    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
-        Qwen2 / Llama (as P = 1). ``streams`` picks a stored stream set (dynamic P)."""
+        Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
+        a stored stream set (dynamic P). ``dtype`` (``torch_dtype`` is the Hugging Face name for
+        it): a torch dtype, float32 / bfloat16 / float16 (fp32 / bf16 / fp16), or ``"auto"`` for the
+        stored one. ``generation_config`` comes from ``generation_config.json`` when the directory
+        has one."""
+        from .dtypes import ALIASES
         from .interop import load_pretrained
 
-        return load_pretrained(path, streams=streams, dtype=dtype, device=device)
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ParScaleError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
+            dtype = torch_dtype
+        if isinstance(dtype, str):
+            dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
+        model = load_pretrained(path, streams=streams, dtype=dtype, device=device)
+        model.generation_config = GenerationConfig.load(path, model.config)
+        return model
 
     def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` + safetensors in the official ParScale format (atomically per file)."""
         from .interop import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        if self.generation_config != GenerationConfig.from_model_config(self.config):  # e.g. an HF model's
+            self.generation_config.save(path)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.backbone_parameters())

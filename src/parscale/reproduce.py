@@ -506,7 +506,7 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
                              [r for r in grid if r.size == ts.base_size and r.P == ts.streams])
     usage = measure_streams(plan, prepared, preset, trained)
     conclusions = conclude(grid, fit, boot, two, backbone, usage)
-    plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset)
+    plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset, boot=boot)
     wall = time.perf_counter() - t0
     results = {
         "runs": [r.to_dict() for r in grid],
@@ -603,15 +603,18 @@ def fit_backbone_n(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
 
 
 def write_plots(out_dir: Path, grid: Sequence[RunRecord], fit, all_runs: Sequence[RunRecord],
-                preset: Preset) -> dict[str, Path]:
+                preset: Preset, boot=None) -> dict[str, Path]:
     from .plots.law import plot_law_fit, plot_multiplier
     from .plots.reproduce import plot_learning_curves, plot_loss_vs_streams, plot_stream_gap
 
     paths = {k: out_dir / v for k, v in PLOT_NAMES.items()}
-    plot_law_fit(fit, paths["law_fit"], title=f"parscale reproduce ({preset.name}): held-out loss vs N")
+    plot_law_fit(fit, paths["law_fit"], title=f"parscale reproduce ({preset.name}): held-out loss vs N",
+                 boot=boot)
     plot_loss_vs_streams([r.to_dict() for r in grid], paths["loss_vs_streams"], fit=fit)
+    trained_p = max(r.P for r in grid)
     plot_multiplier({"ours": fit, "paper (Stack-V2-Python)": PAPER_STACK["k"]}, paths["multiplier"],
-                    p_max=max(8, max(r.P for r in grid)))
+                    p_max=max(8, 2 * trained_p), trained_p=trained_p,
+                    bands={"ours": boot.intervals["k"]} if boot is not None else None)
     # continuations are drawn after their stage 1 (a grid run: the same budget), at the tokens
     # the model has seen in all
     stage1 = preset.tokens
@@ -780,18 +783,19 @@ def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of ``StreamUsage.to_dict()`` results by run name (report.md's "What the
     streams do"; experiments/ablate_streams.py prints the same)."""
     lines = ["| run | loss | uniform mean | best single stream | worst single stream | mean weight per stream "
-             "| entropy / ln P | tokens with one stream > 90% |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| entropy / ln P | tokens with one stream > 90% | loss correlation ρ | pairwise JS (nats) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, u in usage.items():
         lines.append(f"| {name} | {u['loss']:.4f} | {u['uniform_mean_loss']:.4f} | "
                      f"{u['best_single_stream_loss']:.4f} | {max(u['stream_losses']):.4f} | "
                      f"{', '.join(f'{w:.2f}' for w in u['mean_weights'])} | {u['entropy_over_lnP']:.2f} | "
-                     f"{100 * u['share_peaked']:.0f}% |")
+                     f"{100 * u['share_peaked']:.0f}% | {_fmt(u.get('loss_correlation'), '.3f')} | "
+                     f"{_fmt(u.get('pairwise_js'), '.4f')} |")
     return "\n".join(lines)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
-    return "–" if v is None else format(v, spec)
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def render_report(results: Mapping[str, Any]) -> str:
@@ -939,3 +943,41 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def replot(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Redraw a finished reproduction's plots from its files, without training: the law, loss-vs-P
+    and multiplier plots from ``results.json`` (the fit and its bootstrap are recomputed with the
+    recorded resamples and seed: deterministic, so the same constants), and the learning-curve and
+    stream-gap plots when the runs' ``runs/NAME/metrics.jsonl`` files are there."""
+    from .paths import read_json_file
+    from .plots.law import plot_law_fit, plot_multiplier
+    from .plots.reproduce import plot_learning_curves, plot_loss_vs_streams, plot_stream_gap
+
+    out = Path(out_dir)
+    results = read_json_file(out / RESULTS_NAME, str(out / RESULTS_NAME))
+    known = set(RunRecord.__dataclass_fields__)
+    grid = [RunRecord(**{k: v for k, v in r.items() if k in known}) for r in results["runs"]]
+    boot_info = results.get("bootstrap") or {}
+    fit, boot = fit_runs(grid, int(boot_info.get("n", 0)), seed=int(boot_info.get("seed", 0)))
+    # draw the constants the run reported (a refit can land elsewhere along the law's flat
+    # directions in E, A, alpha); the band comes from the refits above
+    fit = dataclasses.replace(fit, **{k: results["fit"][k] for k in ("E", "A", "alpha", "k", "r2")})
+    k_band = boot_info.get("intervals", {}).get("k") or (boot.intervals["k"] if boot is not None else None)
+    name = results.get("preset", {}).get("name", "?")
+    paths = {k: out / v for k, v in PLOT_NAMES.items()}
+    drawn = {"law_fit": plot_law_fit(fit, paths["law_fit"], boot=boot,
+                                     title=f"parscale reproduce ({name}): held-out loss vs N"),
+             "loss_vs_streams": plot_loss_vs_streams([r.to_dict() for r in grid], paths["loss_vs_streams"],
+                                                     fit=fit)}
+    trained_p = max(r.P for r in grid)
+    drawn["multiplier"] = plot_multiplier(
+        {"ours": fit, "paper (Stack-V2-Python)": PAPER_STACK["k"]}, paths["multiplier"],
+        p_max=max(8, 2 * trained_p), trained_p=trained_p, bands={"ours": k_band} if k_band else None)
+    runs_dir = out / RUNS_DIR
+    if all((runs_dir / r.name / "metrics.jsonl").is_file() for r in grid):
+        curves = [{**r.to_dict(), "curve": _val_curve(runs_dir / r.name)} for r in grid]
+        drawn["learning_curves"] = plot_learning_curves(curves, paths["learning_curves"])
+        if len({r.P for r in grid}) > 1:
+            drawn["stream_gap"] = plot_stream_gap(curves, paths["stream_gap"])
+    return drawn

@@ -29,7 +29,8 @@ examples:
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ..cost import DEFAULT_K, DTYPE_BYTES, HARDWARE_PRESETS, PAPER_PRESETS
+    from ..cost import DEFAULT_K, HARDWARE_PRESETS, PAPER_PRESETS
+    from ._common import dtype_type
 
     p = sub.add_parser("cost", help="inference memory/latency: ParScale vs the equal-loss dense model",
                        epilog=EXAMPLE, formatter_class=HelpFormatter,
@@ -44,8 +45,9 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generation call")
     p.add_argument("--input-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="fp16",
-                   help=f"weights and KV cache dtype: {', '.join(DTYPE_BYTES)}")
+    p.add_argument("--dtype", type=dtype_type(extra=("fp8", "int8")), default="float16",
+                   help="weights and KV cache dtype: float32, bfloat16, float16 (fp32/bf16/fp16 "
+                        "accepted), fp8, int8")
     p.add_argument("--hardware", default="A100-80GB",
                    help=f"accelerator preset: {', '.join(HARDWARE_PRESETS)}")
     p.add_argument("--flops", type=float, help="peak dense TFLOP/s (overrides the preset's)")
@@ -84,30 +86,32 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value > 1:
             raise ParScaleError(f"{flag} must be in (0, 1] (got {value})")
-    from ..cost import DTYPE_BYTES, PAPER_PRESETS
+    from ..cost import PAPER_PRESETS
+    from ._common import ensure_writable_file
 
     if args.config is None and args.preset.lower() not in PAPER_PRESETS:
         raise ParScaleError(f"--preset: unknown preset {args.preset!r}; choose one of "
                             f"{', '.join(PAPER_PRESETS)}")
-    if args.dtype.lower() not in DTYPE_BYTES:
-        raise ParScaleError(f"--dtype: unknown dtype {args.dtype!r}; choose one of "
-                            f"{', '.join(DTYPE_BYTES)}")
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise ParScaleError(f"--plot must name a .png file (got {args.plot})")
+    if args.plot is not None:
+        ensure_writable_file(args.plot, "--plot", suffixes=(".png",))
+
+
+# the cost model's own short dtype keys (parscale.cost.DTYPE_BYTES)
+_COST_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp8": "fp8", "int8": "int8"}
 
 
 def _load_config(path: Path):
     from ..config import ParScaleConfig
 
+    from ._common import read_json_file
+
+    data = read_json_file(path, f"--config {path}")  # missing, binary, not UTF-8, not JSON: one line
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ParScaleError(f"--config {path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ParScaleError(f"--config {path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ParScaleError(f"--config {path}: expected a JSON object")
-    return ParScaleConfig.from_dict(data)
+        return ParScaleConfig.from_dict(data)
+    except ParScaleError as e:
+        raise ParScaleError(f"--config {path}: {e}") from None
+    except TypeError as e:  # e.g. a list where a number belongs
+        raise ParScaleError(f"--config {path}: {e}") from None
 
 
 def _finite(obj):
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     config = _load_config(args.config) if args.config is not None else cost.paper_config(args.preset)
     name = str(args.config) if args.config is not None else args.preset
     assumptions = cost.PAPER_TOOLING if args.paper_tooling else cost.ROOFLINE
-    kw = dict(input_tokens=args.input_tokens, output_tokens=args.output_tokens, dtype=args.dtype,
+    kw = dict(input_tokens=args.input_tokens, output_tokens=args.output_tokens, dtype=_COST_DTYPE[args.dtype],
               hardware=hw, k=args.k, assumptions=assumptions)
     comp = cost.compare(config, args.streams, args.batch, **kw)
     batches = sorted(set(range(1, args.max_batch + 1)))

@@ -119,10 +119,11 @@ def _text_report(fit, source: str, boot, notes: list[str], plot: Path | None) ->
 def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ParScaleError(f"--bootstrap: need 0 (off) or at least 2 resamples (got {args.bootstrap})")
+    from ._common import ensure_writable_file
+
     plot = Path(args.plot) if args.plot else None
-    if plot is not None:
-        if plot.suffix.lower() != ".png":
-            raise ParScaleError(f"--plot: {plot} must end in .png (the plot is written as PNG)")
+    if plot is not None:  # checked before the (slow) fit and bootstrap
+        ensure_writable_file(plot, "--plot", suffixes=(".png",))
 
     from ..scaling_law import fit_law
 
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if plot is not None:
         from ..plots.law import plot_law_fit
 
-        plot_law_fit(fit, plot, title=f"parallel scaling law fit: {args.data}")
+        plot_law_fit(fit, plot, title=f"parallel scaling law fit: {args.data}", boot=boot)
     notes = _notes(fit)
 
     if args.json:

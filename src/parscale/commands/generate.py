@@ -23,6 +23,7 @@ examples:
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
+    from ._common import add_threads_argument, dtype_type
 
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -40,7 +41,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, or auto")
+    p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
+                   help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -60,13 +63,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import ParScaleForCausalLM
+    from ._common import apply_threads, check_generation_budget, check_utf8_text
 
+    if args.prompt is not None:
+        check_utf8_text(args.prompt, "--prompt")
     if args.max_new_tokens < 1:
         raise ParScaleError("--max-new-tokens must be >= 1")
     if args.num_return_sequences < 1:
         raise ParScaleError("--num-return-sequences must be >= 1")
     if args.streams is not None and args.streams < 1:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
+    apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
     tok = None
     if args.prompt is not None:
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
     eos = model.config.eos_token_id
     if eos is None and tok is not None:
         eos = tok.token_to_id("<|endoftext|>")

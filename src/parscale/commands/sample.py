@@ -21,13 +21,24 @@ examples:
   parscale sample --model runs/arith/model --task linear --n 4 --temperature 0.5,0.7,1.0,1.2 \\
       --early-stop first:2
 
+  # best-of-N by the lowest-window log-prob (scores are saved with the samples)
+  parscale sample --model runs/arith/model --task arithmetic --n 8 --scorer min_window:8 \
+      --strategy bon --out scored.jsonl
+
+  # your own problems (JSONL: {"question": "2+2=", "answer": "4"} per line), exact-match verified
+  parscale sample --model runs/arith/model --task exact --problems my_problems.jsonl --n 8
+
   # re-score later without regenerating
   parscale score samples.jsonl --strategy majority --k 1,2,4,8,16
+
+Training text that leaves these evaluation problems out: `parscale tasks --task arithmetic ...`.
 """
 
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
+    from ..sampling.scorers import SCORERS
+    from ._common import add_threads_argument
 
     p = sub.add_parser("sample", help="sample N answers per problem, aggregate, score, count the cost",
                        epilog=EXAMPLE, formatter_class=HelpFormatter,
@@ -35,12 +46,18 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
-    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku")
-    p.add_argument("--problems", type=int, default=50, help="number of problems")
+    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku | exact "
+                   "(exact: match the reference of --problems FILE)")
+    p.add_argument("--problems", default="50", metavar="N|FILE.jsonl",
+                   help="number of generated problems, or a JSONL file of your own problems "
+                        "(question/answer per line, or what `parscale tasks --eval-out` writes)")
     p.add_argument("--difficulty", type=int, default=None, help="task difficulty (task default if unset)")
     p.add_argument("--problem-seed", type=int, default=1234, help="seed of the problem generator")
     p.add_argument("--n", type=int, default=16, help="samples per problem")
-    p.add_argument("--strategy", default="majority", help="majority | weighted | shortest | first | ...")
+    p.add_argument("--strategy", default="majority",
+                   help="majority | weighted | bon | bom | verify | shortest | first (bon, bom, verify "
+                        "need --scorer)")
+    p.add_argument("--scorer", default=None, help=f"score every sample: {' | '.join(SCORERS)}")
     p.add_argument("--early-stop", default=None, help="agree:W | posterior:THRESHOLD | first:K")
     p.add_argument("--temperature", default="1.0", help="one value, or one per sample index (comma list)")
     p.add_argument("--top-p", default="1.0", help="one value, or one per sample index (comma list)")
@@ -51,6 +68,7 @@ def register(sub) -> None:
     p.add_argument("--k", default=None, help="k values for the estimators (default 1,2,4,..,n)")
     p.add_argument("--out", help="write the SampleSet here (JSONL) for `parscale score`")
     p.add_argument("--json", action="store_true", help="print the score report as JSON")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -64,36 +82,68 @@ def _floats(text: str, flag: str) -> list[float] | float:
     return vals[0] if len(vals) == 1 else vals
 
 
+def _problems(args: argparse.Namespace, task):
+    """``--problems N`` generated ones, or the problems of a JSONL file."""
+    from ..sampling.tasks import load_problems
+
+    text = str(args.problems).strip()
+    try:
+        count = int(text)
+    except ValueError:
+        return load_problems(text, task)
+    if count < 1:
+        raise ParScaleError(f"--problems must be >= 1 or a file (got {count})")
+    if task.name == "exact":
+        raise ParScaleError("--task exact has no generator: pass --problems FILE.jsonl")
+    return task.make_problems(count, seed=args.problem_seed, difficulty=args.difficulty)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.tokenizer import load_tokenizer
     from ..model import ParScaleForCausalLM
-    from ..sampling.aggregators import get_strategy
+    from ..sampling.aggregators import NEEDS_SCORES, get_strategy
     from ..sampling.estimators import score_sample_set
     from ..sampling.policies import make_policy
     from ..sampling.sampler import sample_problems
+    from ..sampling.scorers import make_scorer, score_samples
     from ..sampling.tasks import get_task
+    from ._common import apply_threads, check_generation_budget, ensure_writable_file
     from .score import parse_ks, print_report
 
-    for flag, value, low in [("--n", args.n, 1), ("--problems", args.problems, 1),
-                             ("--max-new-tokens", args.max_new_tokens, 1),
+    # everything is checked before the model loads, so a bad flag or output costs nothing
+    for flag, value, low in [("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--batch-problems", args.batch_problems, 1)]:
         if value < low:
             raise ParScaleError(f"{flag} must be >= {low} (got {value})")
     task = get_task(args.task)
     get_strategy(args.strategy)
+    if args.scorer:
+        make_scorer(args.scorer, task=task)
+    elif args.strategy in NEEDS_SCORES:
+        raise ParScaleError(f"--strategy {args.strategy} picks by sample score: add --scorer "
+                            "(e.g. mean_logprob, min_window:16, verifier)")
     if args.early_stop:
         make_policy(args.early_stop)  # a bad spec fails before the model loads
     temps, top_ps = _floats(args.temperature, "--temperature"), _floats(args.top_p, "--top-p")
     ks = parse_ks(args.k) if args.k else None
-    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
+    if args.out:
+        ensure_writable_file(args.out, "--out")
+    problems = _problems(args, task)
     tok = load_tokenizer(Path(args.tokenizer or args.model))
-    problems = task.make_problems(args.problems, seed=args.problem_seed, difficulty=args.difficulty)
+    apply_threads(args.threads)
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
+    longest = max(len(tok.encode(p.prompt)) for p in problems)
+    check_generation_budget(model.config, longest, args.max_new_tokens, rows=args.n * args.batch_problems)
+    meta = {"task": task.name, "model": str(args.model), "difficulty": args.difficulty,
+            "problem_seed": args.problem_seed, "strategy": args.strategy}
+    if not str(args.problems).strip().isdigit():
+        meta.update(problems_file=str(args.problems), difficulty=None, problem_seed=None)
     sset = sample_problems(model, tok, problems, n=args.n, temperature=temps, top_p=top_ps, top_k=args.top_k,
                            seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_id,
                            policy=args.early_stop, extractor=task.extractor,
-                           batch_problems=args.batch_problems, progress=True,
-                           meta={"task": task.name, "model": str(args.model), "difficulty": args.difficulty,
-                                 "problem_seed": args.problem_seed, "strategy": args.strategy})
+                           batch_problems=args.batch_problems, progress=True, meta=meta)
+    if args.scorer:
+        score_samples(sset, args.scorer, task=task.name)
     if args.out:
         sset.save_jsonl(args.out)
     report = score_sample_set(sset, task=task.name, strategy=args.strategy, ks=ks)

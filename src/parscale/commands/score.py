@@ -17,6 +17,7 @@ example:
   parscale score runs/arith_n16.jsonl --strategy majority --k 1,2,4,8,16
   parscale score runs/arith_n16.jsonl --strategy bom --min-fraction 0.3 --json > scores.json
   parscale score other.jsonl --task exact --extractor boxed
+  parscale score runs/arith_n16.jsonl --scorer min_window:8 --strategy bon --k 1,4,16
 
 Answers are re-extracted from each sample's text with the task's extractor unless --extractor
 is given (--extractor saved keeps the answers stored in the file).
@@ -25,6 +26,7 @@ is given (--extractor saved keeps the answers stored in the file).
 
 def register(subparsers) -> None:
     from ..cli import HelpFormatter
+    from ..sampling.scorers import SCORERS
 
     p = subparsers.add_parser("score", help="re-score saved samples: pass@k, maj@k, bon@k, strategy accuracy",
                               description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
@@ -37,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--extractor", default=None,
                    help="answer extractor: last_number, first_line, first_line_number, boxed, "
                         "regex:PATTERN, or saved (default: the task's)")
+    p.add_argument("--scorer", default=None,
+                   help=f"(re)score every sample before aggregating: {' | '.join(SCORERS)} "
+                        "(default: the scores saved in the file)")
     p.add_argument("--weights", default="mean_logprob", help="weighted strategy: mean_logprob or min_window")
     p.add_argument("--window", type=int, default=16, help="weighted strategy: window for min_window")
     p.add_argument("--keep", type=float, default=1.0, help="weighted strategy: fraction of most confident samples that vote")
@@ -82,11 +87,19 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling.estimators import score_sample_set
     from ..sampling.records import SampleSet
 
+    from ..sampling.scorers import make_scorer, score_samples
+
     get_strategy(args.strategy)  # fail on a typo before reading the file
+    if args.scorer:
+        make_scorer(args.scorer, task=args.task or "exact")  # the spec itself; the task comes later
     ks = parse_ks(args.k)
     sset = SampleSet.load_jsonl(args.samples)
+    if args.scorer:
+        task = args.task or sset.meta.get("task") or None
+        score_samples(sset, args.scorer, task=task, extractor=args.extractor)
     if args.strategy in NEEDS_SCORES and any(s.score is None for s in sset.samples):
-        raise ParScaleError(f"--strategy {args.strategy} needs sample scores, and {args.samples} has samples without one")
+        raise ParScaleError(f"--strategy {args.strategy} needs sample scores, and {args.samples} has samples "
+                            "without one: add --scorer (e.g. mean_logprob, min_window:16, verifier)")
     report = score_sample_set(sset, task=args.task, extractor=args.extractor, strategy=args.strategy,
                               strategy_options=strategy_options(args), ks=ks, n_boot=args.boot,
                               level=args.level, seed=args.seed)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
+from pathlib import Path
 
 EXAMPLE = """\
 examples:
@@ -60,16 +62,19 @@ HELP = {
     "checkpoint_every": "write OUT/checkpoint every N steps (0 = only at the end)",
     "log_every": "append a metrics.jsonl record every N steps",
     "seed": "seed of the model init and of the batch order",
-    "data": "training corpus: 'stdlib' (the Python standard library) or a file, directory or JSONL path",
-    "data_max_bytes": "use a fixed subset of the corpus of at most this many bytes (quick runs)",
+    "data": "training corpus: 'stdlib' (the Python standard library) or a file, directory or JSONL "
+            "path (default with --init-from RUN/model: the parent run's data)",
+    "data_max_bytes": "use a fixed subset of the corpus of at most this many bytes (quick runs; "
+                      "default with --init-from RUN/model: the parent run's subset)",
     "tokenizer": "directory with a tokenizer.json to use instead of training one",
     "out": "run directory (metrics.jsonl, checkpoint/, model/, summary.json)",
     "resume": "continue the run in --out from its last checkpoint (a finished run: no-op)",
     "init_from": "start from this checkpoint directory (ours or HF Qwen2/Llama); shape flags not allowed",
     "freeze_backbone": "train only the P-stream parameters (needs --init-from)",
     "activation_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
-    "dtype": "float32, or bfloat16 autocast (weights and optimizer stay float32)",
-    "threads": "torch CPU threads (resume bit-exactly with the same number)",
+    "dtype": "float32, or bfloat16 autocast (weights and optimizer stay float32); fp32/bf16 accepted",
+    "threads": "torch CPU threads, or auto: the cores not busy with other work (default: auto, or "
+               "the resumed run's count; resume bit-exactly with the same number)",
     "device": "auto (cuda if available), cpu or cuda",
     "quiet": "no progress bar or log lines",
 }
@@ -87,8 +92,9 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="TOML/YAML/JSON file whose keys are these flags (dashes or underscores); "
                         "flags given here override it")
-    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "dtype": list(DTYPES),
-               "device": list(DEVICES)}
+    from ._common import dtype_type, threads_type
+
+    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "device": list(DEVICES)}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split("|")[0].strip()
@@ -101,6 +107,10 @@ def register(sub) -> None:
         common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif f.name == "threads":
+            p.add_argument(flag, type=threads_type, metavar="N|auto", **common)
+        elif f.name == "dtype":
+            p.add_argument(flag, type=dtype_type(), metavar="|".join(DTYPES), **common)
         else:
             conv = {"int": int, "float": float, "str": str}[kind]
             p.add_argument(flag, type=conv, choices=choices.get(f.name), **common)
@@ -108,9 +118,15 @@ def register(sub) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    """TrainConfig from flags > --config file > the resumed run's saved settings > defaults."""
+    """TrainConfig from flags > --config file > the resumed run's saved settings > defaults.
+
+    Two defaults depend on other settings: ``threads`` is ``auto`` (the free cores now) unless
+    given or resumed, and with ``--init-from RUN/model`` the data (``data``, ``data_max_bytes``)
+    default to the parent run's, read from ``RUN/train_config.json``.
+    """
     from ..training.options import TrainConfig, _field_types, load_config_file, normalize_keys
     from ..training.trainer import saved_config
+    from ._common import resolve_threads
 
     fields = set(_field_types())
     given = {k: v for k, v in vars(args).items() if k in fields}
@@ -122,7 +138,29 @@ def build_config(args: argparse.Namespace):
             base = normalize_keys({k: v for k, v in saved.items() if k in fields}, "saved train_config.json")
             base.update(values)
             values = base
+    if values.get("init_from") and not values.get("resume"):
+        inherited = parent_data(values["init_from"], keys=[k for k in ("data", "data_max_bytes")
+                                                            if k not in values])
+        if inherited and not values.get("quiet"):
+            said = ", ".join(f"{k}={v!r}" for k, v in inherited.items())
+            print(f"parscale train: using the data of the run {values['init_from']} came from ({said}); "
+                  "pass --data/--data-max-bytes to change it", file=sys.stderr)
+        values.update(inherited)
+    threads = values.get("threads", "auto")
+    if isinstance(threads, str) and threads.strip().lower() == "auto":  # also `threads = "auto"` in a file
+        values["threads"] = resolve_threads("auto")
     return TrainConfig(**values)
+
+
+def parent_data(init_from: str, keys: list[str]) -> dict:
+    """``keys`` of the train_config.json of the run whose ``model/`` directory ``init_from`` is."""
+    from ..training.trainer import CONFIG_NAME, MODEL_DIR, saved_config
+
+    path = Path(init_from)
+    if not keys or path.name != MODEL_DIR or not (path.parent / CONFIG_NAME).is_file():
+        return {}
+    saved = saved_config(path.parent) or {}
+    return {k: saved[k] for k in keys if k in saved}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,14 +14,23 @@ from matplotlib.figure import Figure
 
 from ..atomic import atomic_savefig
 from ..errors import ParScaleError
+from .style import MARKERS, loss_label, p_axis, tokens_axis
 
 
-# line style per P, so that a size keeps one colour across its P (P = 1 solid)
+# line style and marker per P, so that a size keeps one colour across its P (P = 1 solid) and
+# curves that lie on top of each other still show apart
 _P_STYLES = {1: "-", 2: "--", 4: "-.", 8: ":"}
+_P_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D"}
+# the two-stage continuations: open markers, one shape per role
+_ROLE_MARKERS = {"continued": "P", "recycled": "X"}
 
 
 def _style(P: int) -> str | tuple:
     return _P_STYLES.get(int(P), (0, (5, 1, 1, 1)))
+
+
+def _marker(P: int) -> str:
+    return _P_MARKERS.get(int(P), MARKERS[int(P) % len(MARKERS)])
 
 
 def _size_colors(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -52,15 +61,13 @@ def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
         P = np.array([r["P"] for r in rs], dtype=float)
         loss = np.array([r["val_loss"] for r in rs], dtype=float)
         n1 = min(r["params"] for r in rs)
-        ax.plot(P, loss, "o-", color=color, label=f"{size} ({n1:,.0f} params at P = 1)")
+        ax.plot(P, loss, "-", marker=MARKERS[list(colors).index(size) % len(MARKERS)], color=color,
+                label=f"{size} ({n1:,.0f} params at P = 1)")
         if fit is not None:
             N = np.array([r["params"] for r in rs], dtype=float)
             ax.plot(P, fit.predict(N, P), "--", color=color, alpha=0.7)
-    ax.set_xscale("log", base=2)
-    ps = sorted({int(r["P"]) for r in runs})
-    ax.set_xticks(ps, [str(p) for p in ps])
-    ax.set_xlabel("parallel streams P")
-    ax.set_ylabel("held-out loss (nats per token)")
+    p_axis(ax, {int(r["P"]) for r in runs})
+    ax.set_ylabel(loss_label())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title or "Held-out loss vs P per model size" + (" (dashed: fitted law)" if fit else ""),
@@ -71,8 +78,9 @@ def plot_loss_vs_streams(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
 def plot_learning_curves(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
                          title: str | None = None) -> Path:
     """Held-out loss against training tokens, one line per run: one colour per size, one line
-    style per P (solid P = 1, dashed 2, dash-dot 4, dotted 8); continuations of another run
-    (``role`` continued/recycled) are drawn with square markers.
+    style and marker per P (solid P = 1, dashed 2, dash-dot 4, dotted 8); the two-stage
+    continuations of another run (``role`` continued / recycled) get their own markers (plus,
+    cross) and say their role in the legend.
 
     ``runs``: dicts with ``name``, ``size``, ``P``, ``params``, optional ``role``, and ``curve``:
     ``[(tokens, loss), ...]``, where a continuation counts the tokens its model saw before (the
@@ -86,18 +94,21 @@ def plot_learning_curves(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
         if not r.get("curve"):
             continue
         t, loss = zip(*sorted(r["curve"]))
-        cont = r.get("role") in ("continued", "recycled")
-        ax.plot(t, loss, marker="s" if cont else ".", ms=4 if cont else 5, lw=1.2,
-                color=colors[str(r["size"])], ls=_style(r["P"]), label=r["name"])
+        role = r.get("role")
+        cont = role in _ROLE_MARKERS
+        ax.plot(t, loss, marker=_ROLE_MARKERS[role] if cont else _marker(r["P"]), ms=6 if cont else 3.5,
+                lw=1.2, color=colors[str(r["size"])], ls=_style(r["P"]),
+                label=f"{r['name']} (two-stage: {role} at P = {r['P']})" if cont else r["name"])
         drawn += 1
     if drawn == 0:
         ax.text(0.5, 0.5, "no held-out evaluations logged", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out loss (nats per token)")
+    tokens_axis(ax)
+    ax.set_ylabel(loss_label())
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.legend(fontsize="x-small", ncol=2 if drawn > 6 else 1)
-    ax.set_title(title or "Held-out loss during training (colour: size; line style: P)", fontsize="medium")
+    ax.set_title(title or "Held-out loss during training (colour: size; line style and marker: P)",
+                 fontsize="medium")
     return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
@@ -123,12 +134,13 @@ def plot_stream_gap(runs: Sequence[Mapping[str, Any]], path: str | Path, *, titl
             pts = sorted((t, loss - base[t]) for t, loss in r["curve"] if t in base)
             if pts:
                 t, gap = zip(*pts)
-                ax.plot(t, gap, marker=".", color=colors[size], ls=_style(r["P"]), label=f"P = {r['P']}")
+                ax.plot(t, gap, marker=_marker(r["P"]), ms=3.5, color=colors[size], ls=_style(r["P"]),
+                        label=f"P = {r['P']}")
         ax.axhline(0.0, color="0.4", lw=0.8)
         ax.set_title(f"{size}", fontsize="medium")
-        ax.set_xlabel("training tokens")
+        tokens_axis(ax)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    axes[0].set_ylabel("held-out loss − same size at P = 1 (nats)")
+    axes[0].set_ylabel(f"held-out loss − same size at P = 1\n(nats/token)")
     fig.suptitle(title or "Effect of P during training (below 0: the streams help)", fontsize="medium")
     return atomic_savefig(fig, path, dpi=120, bbox_inches="tight")

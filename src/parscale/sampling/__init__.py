@@ -3,7 +3,8 @@
 The pure parts live here (no model needed): records and their JSONL file (``records``), answer
 extraction (``answers``), aggregators such as majority vote and best-of-N (``aggregators``),
 exact pass@k / maj@k / bon@k estimators with confidence intervals (``estimators``), early-stopping
-policies (``policies``) and offline tasks with exact verifiers (``tasks``).
+policies (``policies``), scorers for best-of-N (``scorers``) and offline tasks with exact
+verifiers (``tasks``).
 """
 
 from .aggregators import (STRATEGIES, Decision, best_of_majority, best_of_n, first_finished, get_strategy,
@@ -13,7 +14,8 @@ from .estimators import (Interval, ScoreReport, bon_at_k, bootstrap_ci, maj_at_k
                          wilson_ci)
 from .policies import CONTINUE, STOP, Action, AgreeFirstW, FirstFinish, NoStop, Policy, PosteriorSettled, make_policy
 from .records import CostLedger, Problem, Sample, SampleSet
-from .tasks import TASKS, Task, get_task, write_training_corpus
+from .scorers import SCORERS, make_scorer, score_samples
+from .tasks import TASKS, Task, get_task, load_problems, write_training_corpus
 
 __all__ = [
     "STRATEGIES", "Decision", "best_of_majority", "best_of_n", "first_finished", "get_strategy",
@@ -24,5 +26,6 @@ __all__ = [
     "CONTINUE", "STOP", "Action", "AgreeFirstW", "FirstFinish", "NoStop", "Policy", "PosteriorSettled",
     "make_policy",
     "CostLedger", "Problem", "Sample", "SampleSet",
-    "TASKS", "Task", "get_task", "write_training_corpus",
+    "SCORERS", "make_scorer", "score_samples",
+    "TASKS", "Task", "get_task", "load_problems", "write_training_corpus",
 ]

@@ -439,3 +439,67 @@ def write_training_corpus(task: str | Task, n: int, seed: int, difficulty: int |
     path = Path(path)
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
+
+
+def load_problems(path: str | os.PathLike, task: str | Task = "exact") -> list[Problem]:
+    """User problems from JSONL, one object per line, for ``parscale sample --problems FILE``.
+
+    A line is either a saved ``Problem`` (``id``, ``task``, ``prompt``, ``reference``, ``meta``:
+    what ``parscale tasks --eval-out`` writes) or a plain ``{"question": ..., "answer": ...}``
+    (also ``prompt`` instead of ``question``: the prompt as it is; ``reference`` instead of
+    ``answer``; optional ``meta``). Plain questions are rendered as ``"Q: <question>\\nA:"``.
+    Every problem's own reference answer must pass ``task``'s verifier, so a task that needs
+    parameters in ``meta`` (arithmetic's operands, ...) refuses problems that lack them.
+    """
+    from ..paths import read_text_file
+
+    t = get_task(task)
+    where = f"--problems {path}"
+    text = read_text_file(path, where)
+    problems: list[Problem] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParScaleError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ParScaleError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if "task" in obj and "id" in obj:  # a saved Problem
+            try:
+                p = Problem.from_dict(obj)
+            except ParScaleError as e:
+                raise ParScaleError(f"{where}:{lineno}: {e}") from None
+            if p.task != t.name:
+                raise ParScaleError(f"{where}:{lineno}: problem of task {p.task!r}, but --task is {t.name!r}")
+            p = Problem(len(problems), p.task, p.prompt, p.reference, p.meta)
+        else:
+            unknown = sorted(set(obj) - {"question", "prompt", "answer", "reference", "meta", "id"})
+            if unknown:
+                raise ParScaleError(f"{where}:{lineno}: unknown field(s) {', '.join(unknown)} (expected "
+                                    "question or prompt, answer or reference, meta)")
+            prompt = obj.get("prompt")
+            if prompt is None and isinstance(obj.get("question"), str):
+                prompt = t.prompt(obj["question"])
+            reference = obj.get("answer", obj.get("reference"))
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ParScaleError(f"{where}:{lineno}: needs a non-empty string 'question' or 'prompt'")
+            if not isinstance(reference, (str, int, float)) or isinstance(reference, bool):
+                raise ParScaleError(f"{where}:{lineno}: needs the reference answer as 'answer' (a string)")
+            meta = obj.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ParScaleError(f"{where}:{lineno}: 'meta' must be an object")
+            p = Problem(len(problems), t.name, prompt, str(reference), dict(meta))
+        try:
+            ok = t.verify(p, p.reference)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            ok = False
+        if not ok:
+            raise ParScaleError(f"{where}:{lineno}: task {t.name!r} cannot verify this problem's own answer "
+                                f"{p.reference!r} (missing or wrong 'meta'? use --task exact for plain "
+                                "question/answer pairs)")
+        problems.append(p)
+    if not problems:
+        raise ParScaleError(f"{where}: no problems in the file")
+    return problems

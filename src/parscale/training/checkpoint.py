@@ -175,9 +175,12 @@ def load_checkpoint(out_dir: str | os.PathLike) -> LoadedCheckpoint | None:
     path = recover(out_dir)
     if path is None:
         return None
+    from ..paths import read_json_file
+
+    # binary, non-UTF-8 or malformed JSON: one line naming the file
+    state = read_json_file(path / STATE_NAME, f"checkpoint file {path / STATE_NAME}")
+    meta = read_json_file(path / OPTIMIZER_META, f"checkpoint file {path / OPTIMIZER_META}")
     try:
-        state = json.loads((path / STATE_NAME).read_text())
-        meta = json.loads((path / OPTIMIZER_META).read_text())
         opt_tensors = load_file(str(path / OPTIMIZER_TENSORS))
         rng = load_file(str(path / RNG_NAME))
     except (OSError, json.JSONDecodeError, SafetensorError) as e:

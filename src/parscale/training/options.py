@@ -36,7 +36,7 @@ SIZE_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 }
 SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 SCHEDULES = ("cosine", "constant")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # the dtype vocabulary of parscale.dtypes (fp32/bf16 accepted)
 DEVICES = ("auto", "cpu", "cuda")
 
 # Fields that may differ between a run and its --resume without changing the maths of training.
@@ -105,6 +105,10 @@ class TrainConfig:
         raise ParScaleError(f"train option '{name}' (--{name.replace('_', '-')}): {msg}{got}")
 
     def validate(self) -> None:
+        from ..dtypes import ALIASES
+
+        if isinstance(self.dtype, str):  # one dtype vocabulary: bf16 -> bfloat16, fp32 -> float32
+            self.dtype = ALIASES.get(self.dtype.strip().lower().removeprefix("torch."), self.dtype)
         types = _field_types()
         for name, kind in types.items():
             v = getattr(self, name)
@@ -268,11 +272,13 @@ def normalize_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``, needs pyyaml) or JSON (``.json``) file
     into ``{field: value}``, checking keys (not values: TrainConfig does that)."""
+    from ..paths import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ParScaleError(f"--config {path}: no such file")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ParScaleError(f"--config {path}: unknown file type '{suffix}' (use .toml, .yaml or .json)")
+    text = read_text_file(path, f"--config {path}")  # missing, binary, not UTF-8: one line
     try:
         if suffix == ".toml":
             import tomllib
@@ -285,10 +291,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 raise ParScaleError(f"--config {path}: YAML needs pyyaml (pip install pyyaml), "
                                     "or write the file as TOML") from None
             data = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            data = json.loads(text)
         else:
-            raise ParScaleError(f"--config {path}: unknown file type '{suffix}' (use .toml, .yaml or .json)")
+            data = json.loads(text)
     except ParScaleError:
         raise
     except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError

@@ -87,10 +87,11 @@ class Stage:
 def plan_stages(cfg: TrainConfig) -> list[Stage]:
     if cfg.two_stage:
         n1, n2 = cfg.steps_for(cfg.stage1_tokens), cfg.steps_for(cfg.stage2_tokens)
-        return [Stage(0, 1, 0, n1, min(cfg.warmup_steps, n1)),
+        return [Stage(0, 1, 0, n1, min(cfg.warmup_steps, n1 // 2)),
                 Stage(1, cfg.streams, n1, n2, min(cfg.warmup_steps, max(1, n2 // 10)))]
     n = cfg.total_steps()
-    return [Stage(0, cfg.streams, 0, n, min(cfg.warmup_steps, n))]
+    # warm-up takes at most half of the run, so a short run still decays its learning rate
+    return [Stage(0, cfg.streams, 0, n, min(cfg.warmup_steps, n // 2))]
 
 
 def lr_at(cfg: TrainConfig, stage: Stage, step: int) -> float:
@@ -177,15 +178,35 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def saved_config(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The TrainConfig dict a run directory was started with (None if there is none)."""
-    return _read_json(Path(out_dir) / CONFIG_NAME)
+    """The TrainConfig dict a run directory was started with (None if there is none); a damaged
+    train_config.json is a ParScaleError naming it, not silently a fresh run."""
+    from ..paths import read_json_file
+
+    path = Path(out_dir) / CONFIG_NAME
+    if not os.path.lexists(path):
+        return None
+    return read_json_file(path, f"{path} (the run's saved settings; fix or delete it)")
+
+
+# Settings that name files: a resume compares where they point, not how they were spelt.
+_PATH_OPTIONS = ("data", "tokenizer", "init_from")
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if key in _PATH_OPTIONS and isinstance(a, str) and isinstance(b, str) and "stdlib" not in (a, b):
+        from ..paths import same_path
+
+        return same_path(a, b)
+    return False
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any], where: Path) -> None:
     for key, value in cfg.to_dict().items():
         if key in RESUME_MUTABLE or key not in saved:
             continue
-        if saved[key] != value:
+        if not _same_setting(key, saved[key], value):
             raise ParScaleError(
                 f"--resume: option '{key}' is {value!r} but the run in {where} was started with "
                 f"{saved[key]!r}; resume with the same settings (or use another --out)")
@@ -225,6 +246,8 @@ class _Data:
         from ..data import TokenBatches, corpus_from_spec, load_or_train_tokenizer, load_tokenizer
 
         self.corpus = corpus_from_spec(cfg.data, max_bytes=cfg.data_max_bytes)
+        if dist.main and not cfg.quiet:  # say what is tokenized (the first run of a corpus takes a while)
+            print(f"parscale train: data {self.corpus.describe()}", file=sys.stderr)
         tok_path = cfg.tokenizer
         if tok_path is None and cfg.init_from is not None:
             tok_path = cfg.init_from
@@ -262,6 +285,7 @@ class _Run:
         self.ddp = None
         self.optimizer = None
         self.stage: Stage | None = None
+        self.started = False  # set once training steps begin
 
     # ------------------------------------------------------------------ setup
     def _prepare_dir(self):
@@ -519,10 +543,16 @@ class _Run:
         if dist.main and not cfg.quiet:
             n = self.model.num_parameters(non_embedding=True)
             what = "resuming at step %d" % start if start else "starting"
+            if len(self.stages) > 1:  # the params counted are the current stage's (P = 1 in stage 1)
+                s1, s2 = self.stages
+                shape = (f"two-stage: {s1.steps} steps at P=1 then {s2.steps} at P={s2.streams}, "
+                         f"{n:,} non-embedding params at P={self.stage.streams}")
+            else:
+                shape = f"P={self.stage.streams}, {n:,} non-embedding params"
             print(f"parscale train: {what}; {self.total_steps} steps of {cfg.tokens_per_step} tokens, "
-                  f"P={self.stages[-1].streams}, {n:,} non-embedding params, "
-                  f"world size {dist.world}, data {self.data.corpus.name}", file=sys.stderr)
+                  f"{shape}, world size {dist.world}, data {self.data.corpus.name}", file=sys.stderr)
 
+        self.started = True  # from here on the run folder holds real work
         t_session = time.perf_counter()
         t_last, tokens_last = t_session, start * cfg.tokens_per_step
         loss = val_loss = None
@@ -531,6 +561,11 @@ class _Run:
             stage = next(s for s in self.stages if s.start <= step < s.end)
             if stage.index != self.stage.index:
                 self._enter_stage(stage)
+                if dist.main and not cfg.quiet:
+                    msg = (f"parscale train: stage {stage.index + 1} at step {step}: P={stage.streams}, "
+                           f"{self.model.num_parameters(non_embedding=True):,} non-embedding params, "
+                           f"learning rate restarts with {stage.warmup} warm-up steps")
+                    (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
             lr = lr_at(cfg, stage, step)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -613,14 +648,36 @@ def train(cfg: TrainConfig, progress_callback: Callable[[dict], None] | None = N
     ``progress_callback(record)`` is called on rank 0 with every metrics record (the dicts written
     to ``metrics.jsonl``).
     """
+    import shutil
+
+    from ..paths import ensure_writable_dir
+
     if not isinstance(cfg, TrainConfig):
         raise ParScaleError(f"train() needs a TrainConfig (got {type(cfg).__name__})")
     cfg.validate()
+    ensure_writable_dir(cfg.out, "--out")  # before any work, and creating nothing
+    created = _first_missing(Path(cfg.out))
     dist = _Dist(cfg)
+    run = _Run(cfg, dist, progress_callback)
     try:
-        return _Run(cfg, dist, progress_callback).run()
+        return run.run()
+    except ParScaleError:
+        # A run refused before its first step (bad data, missing tokenizer, too little data)
+        # leaves no folder behind to block the corrected command.
+        if created is not None and dist.main and not run.started and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         dist.close()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what mkdir -p would create)."""
+    path = path.absolute()
+    missing = None
+    while not os.path.lexists(path):
+        missing, path = path, path.parent
+    return missing
 
 
 def format_summary(result: TrainResult) -> str:
