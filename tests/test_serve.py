@@ -345,26 +345,28 @@ def test_beyond_the_queue_429(small):
     def slow(tokens):
         return post(small, "/v1/completions", {"model": "small", "prompt": "x", "max_tokens": tokens})
 
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(slow, 25)  # takes the only row
+    def fill(pool):
+        """The only row busy for >1 s, the one queue place taken."""
+        small.wait_idle()
+        busy = pool.submit(slow, 60)
         while small.engine.stats()["running"] == 0:
             time.sleep(0.005)
-        second = pool.submit(slow, 2)  # waits in the queue
+        waiting = pool.submit(slow, 2)
         while small.engine.stats()["queued"] == 0:
             time.sleep(0.005)
+        return busy, waiting
+
+    with ThreadPoolExecutor(2) as pool:
+        busy, waiting = fill(pool)
         r = slow(2)
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-        assert first.result().status_code == 200 and second.result().status_code == 200
-    with pytest.raises(openai.RateLimitError):  # the client's own error class for it
-        with ThreadPoolExecutor(2) as pool:
-            pool.submit(slow, 25)
-            while small.engine.stats()["running"] == 0:
-                time.sleep(0.005)
-            pool.submit(slow, 2)
-            while small.engine.stats()["queued"] == 0:
-                time.sleep(0.005)
+        assert busy.result().status_code == 200 and waiting.result().status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        fill(pool)
+        with pytest.raises(openai.RateLimitError):  # the client's own error class for it
             small.client().completions.create(model="small", prompt="x", max_tokens=2)
-    assert small.wait_idle()["rows"] == 0
+    s = small.wait_idle()
+    assert (s["running"], s["rows"], s["owned"]) == (0, 0, 0)
 
 
 def test_a_request_that_fails_in_the_model_fails_alone(server, ref):

@@ -26,20 +26,9 @@ SIGTERM or Ctrl-C stops accepting connections, finishes the running requests, th
 """
 
 
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
-
-
 def register(sub) -> None:
     from ..cli import HelpFormatter
+    from ._common import add_threads_argument, dtype_type
 
     p = sub.add_parser("serve", help="serve a checkpoint over OpenAI's HTTP API", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -50,30 +39,30 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send as \"model\" (default: the directory's name)")
     p.add_argument("--streams", type=int, default=None, help="default stream set P (default: the checkpoint's)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, float64, or auto")
+    p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
+                   help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (all requests, all P)")
     p.add_argument("--max-tokens-per-request", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: HTTP 429")
-    p.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
-                   help="torch CPU threads; auto: the cores not busy with other work at start")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._common import apply_threads, at_least
+
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-per-request", args.max_tokens_per_request, 1),
-                        ("--max-queue", args.max_queue, 0), ("--port", args.port, 0)):
-        if v < lo:
-            raise ParScaleError(f"{flag} must be >= {lo} (got {v})")
+                        ("--max-queue", args.max_queue, 0), ("--port", args.port, 0), ("--streams", args.streams, 1)):
+        at_least(flag, v, lo)
     if args.port > 65535:
         raise ParScaleError(f"--port must be <= 65535 (got {args.port})")
-    if args.streams is not None and args.streams < 1:
-        raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
     model_dir = Path(args.model)
     if not (model_dir / "tokenizer.json").is_file():
-        raise ParScaleError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer)")
+        raise ParScaleError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer; "
+                            "for a .gguf file run `parscale convert` first)")
     try:
         import uvicorn  # noqa: F401
         import starlette  # noqa: F401
@@ -82,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import ParScaleForCausalLM
-    from ..reproduce import auto_threads
     from ..serve import build_app, load_tokenizer
 
     device = args.device
@@ -95,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ParScaleError("--device cuda: no CUDA device is available")
     if device.type == "cpu":
-        torch.set_num_threads(auto_threads() if args.threads == "auto" else args.threads)
+        apply_threads(args.threads)
     tokenizer = load_tokenizer(model_dir)
     model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype, device=device)
     name = args.served_model_name or model_dir.resolve().name

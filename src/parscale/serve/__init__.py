@@ -30,8 +30,9 @@ def build_app(model, tokenizer, *, model_id: str, max_batch: int = 16, max_queue
         raise ParScaleError("max_batch and max_tokens_per_request must be >= 1, max_queue >= 0")
     cfg = model.config
     eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
-    if cfg.eos_token_id is not None:
-        eos.add(cfg.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    for ids in (cfg.eos_token_id, getattr(gen, "eos_token_id", None)):
+        eos.update([] if ids is None else [ids] if isinstance(ids, int) else ids)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, eos_token_ids=sorted(eos))
     limits = Limits(model_id=model_id, context=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
                     max_tokens=max_tokens_per_request, max_rows=max_batch,
