@@ -251,3 +251,27 @@ def test_a_failing_prefill_changes_nothing(model):
     while dec.live:
         dec.step()
     assert dec.rows[keep].tokens == decode(model, _prompt(14, 4), max_new_tokens=5).tokens[0]
+
+
+def test_one_add_with_per_row_budgets_equals_rows_alone(model):
+    # several requests prefilled in one left-padded forward, each with its own budget and settings
+    prompts = [_prompt(20 + i, n) for i, n in enumerate((2, 6, 4))]
+    width = 6
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.shape[1]:], mask[b, width - p.shape[1]:] = p[0], 1
+    budgets, temps, seeds, tops = [3, 7, 5], [0.0, 1.0, 0.8], [None, 4, 9], [0, 2, 1]
+    dec = Decoder(model)
+    rows = dec.add(ids, mask, max_new_tokens=budgets, temperature=temps, seeds=seeds, top_logprobs=tops)
+    while dec.live:
+        dec.step()
+    for b, r in enumerate(rows):
+        alone = decode(model, prompts[b], max_new_tokens=budgets[b], temperature=[temps[b]],
+                       seeds=None if seeds[b] is None else [seeds[b]], return_logprobs=True)
+        row = dec.rows[r]
+        assert row.tokens == alone.tokens[0] and len(row.tokens) == budgets[b]
+        assert row.logprobs == pytest.approx(alone.logprobs[0], abs=1e-10)
+        assert [len(t) for t in row.top] == ([tops[b]] * budgets[b] if tops[b] else [])
+    with pytest.raises(ParScaleError, match="max_new_tokens has 2 entries for 3 rows"):
+        dec.add(ids, mask, max_new_tokens=[1, 2])

@@ -134,17 +134,22 @@ class Decoder:
     # ------------------------------------------------------------------ rows in and out
     @torch.no_grad()
     def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            max_new_tokens: int, num_samples: int = 1,
+            max_new_tokens: int | Sequence[int], num_samples: int = 1,
             temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] | None = None,
             top_p: float | Sequence[float] | None = None, seeds: Sequence[int | None] | None = None,
-            eos_token_id: int | Iterable[int] | None = None, top_logprobs: int = 0) -> list[int]:
+            eos_token_id: int | Iterable[int] | None = None,
+            top_logprobs: int | Sequence[int] = 0) -> list[int]:
         """Prefill ``input_ids`` (``b s``, left-padded) once and queue ``num_samples`` rows per
-        prompt (prompt-major); returns their row ids. Settings are a scalar or one value per row;
-        ``seeds`` (one per row, None = the shared generator) give rows their own generators.
-        Everything is validated before the prefill, and nothing changes if the prefill raises."""
+        prompt (prompt-major); returns their row ids. Settings (``max_new_tokens``, sampling,
+        ``top_logprobs``) are a scalar or one value per row; ``seeds`` (one per row, None = the
+        shared generator) give rows their own generators. Everything is validated before the
+        prefill, and nothing changes if the prefill raises."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
-        if max_new_tokens < 1 or num_samples < 1:
+        b, s = input_ids.shape
+        n_rows = b * max(num_samples, 1)
+        budgets = _per_row(max_new_tokens, n_rows, "max_new_tokens", int)
+        if min(budgets) < 1 or num_samples < 1:
             raise ParScaleError("max_new_tokens and num_samples must be >= 1")
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -152,14 +157,13 @@ class Decoder:
                                     f"{tuple(input_ids.shape)}")
             if not bool(attention_mask[:, -1].bool().all()):
                 raise ParScaleError("prompts must be left-padded (attention_mask[:, -1] has a 0)")
-        if top_logprobs < 0:
-            raise ParScaleError(f"top_logprobs must be >= 0 (got {top_logprobs})")
+        tops = _per_row(top_logprobs, n_rows, "top_logprobs", int)
+        if min(tops) < 0:
+            raise ParScaleError(f"top_logprobs must be >= 0 (got {min(tops)})")
         if seeds is not None and not isinstance(seeds, (list, tuple)):
             raise ParScaleError("seeds must be a list with one seed (or None) per row")
         eos = frozenset() if eos_token_id is None else frozenset(
             {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
-        b, s = input_ids.shape
-        n_rows = b * num_samples
         temps = _per_row(temperature, n_rows, "temperature", float)
         top_ks = _per_row(top_k or 0, n_rows, "top_k", int)
         top_ps = _per_row(1.0 if top_p is None else top_p, n_rows, "top_p", float)
@@ -173,7 +177,7 @@ class Decoder:
         gens = [None if x is None else torch.Generator(device=self.device).manual_seed(int(x)) for x in row_seeds]
 
         with _StreamsAs(self.model, self.streams):
-            cache = self.model.new_cache(b, s + max_new_tokens)
+            cache = self.model.new_cache(b, s + max(budgets))
             logits = self.model(input_ids.to(self.device), None if attention_mask is None
                                 else attention_mask.to(self.device), cache=cache).logits[:, -1]
         real = attention_mask.sum(-1).tolist() if attention_mask is not None else [s] * b
@@ -184,8 +188,8 @@ class Decoder:
         self._next_id += n_rows
         for j, r in enumerate(ids):
             self.rows[r] = Row(id=r, prompt_index=j // num_samples, prompt_tokens=int(real[j // num_samples]),
-                               max_new_tokens=max_new_tokens, temperature=temps[j], top_k=top_ks[j],
-                               top_p=top_ps[j], generator=gens[j], eos=eos, top_logprobs=top_logprobs)
+                               max_new_tokens=budgets[j], temperature=temps[j], top_k=top_ks[j],
+                               top_p=top_ps[j], generator=gens[j], eos=eos, top_logprobs=tops[j])
         self.prefill_tokens += int(sum(real))
         self._pending.append((cache, logits, ids))
         return ids

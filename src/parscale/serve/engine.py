@@ -270,8 +270,8 @@ class Engine:
                         admit.append(job)
                 for job in cancels:
                     self._drop(job)
-                for job in admit:
-                    self._admit(job)
+                if admit:
+                    self._admit(admit)
                 for P, dec in list(self._decoders.items()):
                     if len(dec):
                         self._step(P, dec)
@@ -313,29 +313,61 @@ class Engine:
         choice.offsets.append(len(choice.text.text))
         return choice.text.push(tokens[-1])
 
-    def _admit(self, job: Job) -> None:
-        dec = self._decoder(job.streams)
-        job.admitted = True
-        job.choices = [Choice(index=i, text=TextStream(self.tokenizer, job.stop)) for i in range(job.rows)]
-        sampled = job.temperature > 0
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the admitted jobs: one left-padded forward per group of jobs with the same P
+        and n (prompts of similar length together, so padding stays under half the work)."""
+        groups: dict[tuple[int, int], list[Job]] = {}
+        for job in jobs:
+            job.admitted = True
+            job.choices = [Choice(index=i, text=TextStream(self.tokenizer, job.stop)) for i in range(job.rows)]
+            groups.setdefault((job.streams, job.n), []).append(job)
+        for (P, n), group in groups.items():
+            group.sort(key=lambda j: max(map(len, j.prompts)))
+            chunk: list[Job] = []
+            for job in group:
+                lengths = [len(p) for j in chunk + [job] for p in j.prompts]
+                if chunk and max(lengths) * len(lengths) > 2 * sum(lengths):
+                    self._prefill(P, n, chunk)
+                    chunk = []
+                chunk.append(job)
+            self._prefill(P, n, chunk)
+
+    def _prefill(self, P: int, n: int, jobs: list[Job]) -> None:
+        prompts = [(job, i, p) for job in jobs for i, p in enumerate(job.prompts)]
+        width = max(len(p) for _, _, p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for b, (_, _, p) in enumerate(prompts):  # left padding
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        settings = {k: [] for k in ("budget", "temp", "top_p", "seed", "top")}
+        for job, i, _ in prompts:
+            # every choice its own generator: its samples do not depend on the batch
+            base = (self._rng.getrandbits(63) if job.seed is None else job.seed) if job.temperature > 0 else None
+            for j in range(n):
+                settings["budget"].append(job.max_tokens)
+                settings["temp"].append(job.temperature)
+                settings["top_p"].append(job.top_p)
+                settings["seed"].append(None if base is None else row_seed(base, i, j))
+                settings["top"].append(job.top_logprobs or 0)
         try:
-            for i, prompt in enumerate(job.prompts):
-                # every choice its own generator: its samples do not depend on the batch
-                seeds = None
-                if sampled:
-                    base = self._rng.getrandbits(63) if job.seed is None else job.seed
-                    seeds = [row_seed(base, i, j) for j in range(job.n)]
-                rows = dec.add(torch.tensor([prompt]), max_new_tokens=job.max_tokens, num_samples=job.n,
-                               temperature=job.temperature, top_p=job.top_p, seeds=seeds,
-                               eos_token_id=self.eos, top_logprobs=job.top_logprobs or 0)
-                for j, r in enumerate(rows):
-                    choice = job.choices[i * job.n + j]
-                    choice.row = r
-                    self._owner[(job.streams, r)] = (job, choice)
-        except Exception as e:  # this job's prefill failed: it fails alone
+            rows = self._decoder(P).add(ids, None if bool(mask.all()) else mask, num_samples=n,
+                                        max_new_tokens=settings["budget"], temperature=settings["temp"],
+                                        top_p=settings["top_p"], seeds=settings["seed"], eos_token_id=self.eos,
+                                        top_logprobs=settings["top"])
+        except Exception as e:
+            if len(jobs) > 1:  # find the job that fails: each alone, so the others go on
+                for job in jobs:
+                    self._prefill(P, n, [job])
+                return
             traceback.print_exc(file=sys.stderr)
-            self._fail(job, f"the model failed on this request: {e}")
-            self._drop(job)
+            self._fail(jobs[0], f"the model failed on this request: {e}")
+            return
+        for b, (job, i, _) in enumerate(prompts):
+            for j in range(n):
+                choice = job.choices[i * n + j]
+                choice.row = rows[b * n + j]
+                self._owner[(P, choice.row)] = (job, choice)
 
     def _drop(self, job: Job) -> None:
         """End a job's rows (cancelled or failed): they leave at the decoder's next step."""
