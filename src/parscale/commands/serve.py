@@ -46,7 +46,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (all requests, all P)")
     p.add_argument("--max-tokens-per-request", type=int, default=1024, help="largest max_tokens a request may ask")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: HTTP 429")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for rows (admitted at the next step); beyond it: HTTP 429")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ._common import apply_threads, at_least
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-per-request", args.max_tokens_per_request, 1),
-                        ("--max-queue", args.max_queue, 0), ("--port", args.port, 0), ("--streams", args.streams, 1)):
+                        ("--max-queue", args.max_queue, 1), ("--port", args.port, 0), ("--streams", args.streams, 1)):
         at_least(flag, v, lo)
     if args.port > 65535:
         raise ParScaleError(f"--port must be <= 65535 (got {args.port})")

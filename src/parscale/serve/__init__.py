@@ -26,8 +26,8 @@ def build_app(model, tokenizer, *, model_id: str, max_batch: int = 16, max_queue
     from .engine import Engine
     from .protocol import Limits
 
-    if max_batch < 1 or max_queue < 0 or max_tokens_per_request < 1:
-        raise ParScaleError("max_batch and max_tokens_per_request must be >= 1, max_queue >= 0")
+    if min(max_batch, max_queue, max_tokens_per_request) < 1:
+        raise ParScaleError("max_batch, max_queue and max_tokens_per_request must be >= 1")
     cfg = model.config
     eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
     gen = getattr(model, "generation_config", None)

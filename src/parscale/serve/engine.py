@@ -183,8 +183,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  eos_token_ids: list[int] | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise ParScaleError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:  # a request waits in the queue until the next step
+            raise ParScaleError("max_batch and max_queue must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos = frozenset(eos_token_ids or ())
