@@ -61,7 +61,7 @@ def ref(model_dir):
         res = decode(model, torch.tensor([ids]), max_new_tokens=max_tokens, eos_token_id=eos,
                      return_logprobs=True, **kw)
         toks = res.tokens[0]
-        text = tok.decode([t for t in toks if t not in eos])
+        text = tok.decode([t for t in toks if t not in eos], skip_special_tokens=True)
         return toks, text, res.logprobs[0], {"eos": "stop", "length": "length"}[res.finish_reason[0]]
 
     run.tok = tok

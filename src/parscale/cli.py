@@ -18,8 +18,8 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "convert", "train", "eval", "fit", "cost", "reproduce", "sample", "score", "tasks",
-               "serve"]
+SUBCOMMANDS = ["generate", "chat", "convert", "train", "eval", "fit", "cost", "reproduce", "sample", "score",
+               "tasks", "serve"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

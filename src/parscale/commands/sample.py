@@ -99,7 +99,7 @@ def _problems(args: argparse.Namespace, task):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import load_tokenizer
+    from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
     from ..sampling.aggregators import NEEDS_SCORES, get_strategy
     from ..sampling.estimators import score_sample_set
@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling.sampler import sample_problems
     from ..sampling.scorers import make_scorer, score_samples
     from ..sampling.tasks import get_task
+    from ..tokenizer import Tokenizer
     from ._common import apply_threads, check_generation_budget, ensure_writable_file
     from .score import parse_ks, print_report
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         ensure_writable_file(args.out, "--out")
     problems = _problems(args, task)
-    tok = load_tokenizer(Path(args.tokenizer or args.model))
+    tok = Tokenizer.from_pretrained(Path(args.tokenizer or args.model))  # the same text rule as training
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
     longest = max(len(tok.encode(p.prompt)) for p in problems)
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if not str(args.problems).strip().isdigit():
         meta.update(problems_file=str(args.problems), difficulty=None, problem_seed=None)
     sset = sample_problems(model, tok, problems, n=args.n, temperature=temps, top_p=top_ps, top_k=args.top_k,
-                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_id,
+                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=default_eos_ids(model, tok),
                            policy=args.early_stop, extractor=task.extractor,
                            batch_problems=args.batch_problems, progress=True, meta=meta)
     if args.scorer:

@@ -12,10 +12,8 @@ from ..errors import ParScaleError
 
 def load_tokenizer(path):
     """The model directory's tokenizer (``tokenizer.json``, ``tokenizer_config.json``)."""
-    try:
-        from ..tokenizer import Tokenizer
-    except ImportError:  # until parscale.tokenizer is merged
-        from ._tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
+
     return Tokenizer.from_pretrained(path)
 
 
@@ -28,12 +26,11 @@ def build_app(model, tokenizer, *, model_id: str, max_batch: int = 16, max_queue
 
     if min(max_batch, max_queue, max_tokens_per_request) < 1:
         raise ParScaleError("max_batch, max_queue and max_tokens_per_request must be >= 1")
+    from ..generation import default_eos_ids
+
     cfg = model.config
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
-    gen = getattr(model, "generation_config", None)
-    for ids in (cfg.eos_token_id, getattr(gen, "eos_token_id", None)):
-        eos.update([] if ids is None else [ids] if isinstance(ids, int) else ids)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, eos_token_ids=sorted(eos))
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                    eos_token_ids=default_eos_ids(model, tokenizer))
     limits = Limits(model_id=model_id, context=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
                     max_tokens=max_tokens_per_request, max_rows=max_batch,
                     streams=sorted({1, *cfg.stream_sets}), default_streams=model.streams)

@@ -44,37 +44,29 @@ class ShuttingDown(ParScaleError):
 
 
 class TextStream:
-    """Incremental detokenization of one row, with stop strings.
+    """One row's text as it is generated, with stop strings.
 
-    Tokens are decoded with a little left context (a token's text can depend on its neighbours,
-    and a multi-byte character can span tokens: text ending in U+FFFD waits for the next token).
-    Text is released only when no stop string can still begin in it; when a stop string appears
-    the text ends before it, as OpenAI's API does.
+    The tokenizer's ``StreamDecoder`` turns tokens into final text (a multi-byte character split
+    over tokens waits for its last byte). Text is handed out only when no stop string can still
+    begin in it; when a stop string appears the text ends before it, as OpenAI's API does.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
-        self.tok, self.stop = tokenizer, stop
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.stop = stop
         self.longest = max((len(s) for s in stop), default=0)
-        self.ids: list[int] = []
-        self.prefix_offset = self.read_offset = 0
         self.text = ""
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
 
     def push(self, token: int) -> bool:
         """Add a generated token; True when a stop string has appeared (the row should end)."""
-        self.ids.append(token)
-        return self._advance(final=False)
+        return self.stopped or self._extend(self.decoder.put(token))
 
-    def _advance(self, final: bool) -> bool:
-        if self.stopped or self.read_offset == len(self.ids):
-            return self.stopped
-        prefix = self.tok.decode(self.ids[self.prefix_offset: self.read_offset])
-        full = self.tok.decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            start = max(0, len(self.text) - self.longest + 1)
-            self.text += full[len(prefix):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+    def _extend(self, new: str) -> bool:
+        if new:
+            start = max(0, len(self.text) - self.longest + 1)  # a stop string may end in ``new``
+            self.text += new
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
@@ -84,8 +76,8 @@ class TextStream:
 
     def delta(self, final: bool = False) -> str:
         """The text not handed out yet that is safe to hand out (all of it when ``final``)."""
-        if final:
-            self._advance(final=True)
+        if final and not self.stopped:
+            self._extend(self.decoder.flush())
         end = len(self.text)
         if not (final or self.stopped):
             for s in self.stop:  # hold back a tail that may be the start of a stop string

@@ -244,11 +244,10 @@ def parse_chat(body: dict, limits: Limits, tokenizer) -> Parsed:
     if tokenizer.chat_template is None:
         raise APIError("this model has no chat template (no 'chat_template' in its tokenizer_config.json); "
                        "use /v1/completions", param="messages")
-    try:
-        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:  # the template's markup is the model's own: its special tokens are parsed
+        ids = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
     except ParScaleError as e:
         raise APIError(str(e), param="messages") from None
-    ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise APIError("the rendered prompt is empty", param="messages")
     prompts = [list(ids)]

@@ -266,6 +266,10 @@ class _Data:
                 self.tokenizer, _ = load_or_train_tokenizer(self.corpus, vocab_size=cfg.vocab_size)
         if dist.main:
             self.tokenizer.save(out)
+            if not cfg.quiet:
+                t = self.tokenizer
+                print(f"parscale train: documents are separated by {t.eos_token} (id {t.eos_id}); the same "
+                      "token ends generation (parscale generate, chat, sample)", file=sys.stderr)
         self.batches = TokenBatches.build(self.corpus, self.tokenizer, seq_len=cfg.seq_len,
                                           global_batch=cfg.batch_size, seed=cfg.seed,
                                           progress=dist.main and not cfg.quiet and sys.stderr.isatty(),
