@@ -74,9 +74,10 @@ def test_concat_interleaves_streams(tiny_config):
     joined = KVCache.concat(caches)
     t = model.config.prefix_tokens
     for layer in range(len(joined.k)):
-        got = joined.k[layer].view(3, 3, *joined.k[layer].shape[1:])
+        got = joined.k[layer].view(3, 3, *joined.k[layer].shape[1:])  # (p b) h n d -> p b h n d
+        first = caches[0].k[layer].view(3, 2, *caches[0].k[layer].shape[1:])
         for p in range(3):
-            assert torch.equal(got[p, :2, :, t: t + 4], caches[0].k[layer].view(3, 2, *caches[0].k[layer].shape[1:])[p, :, :, t: t + 4])
+            assert torch.equal(got[p, :2, :, t: t + 4], first[p, :, :, t: t + 4])
             assert torch.equal(got[p, 2, :, t + 1: t + 4], caches[1].k[layer][p, :, t: t + 3])
             assert torch.equal(got[p, :, :, :t], caches[0].k[layer][p * 2: p * 2 + 1, :, :t].expand(3, -1, -1, -1))
 

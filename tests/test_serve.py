@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -99,7 +98,8 @@ def test_completion_equals_decode(server, ref):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(toks)
     assert r.usage.total_tokens == len(ids) + len(toks) and r.object == "text_completion"
     assert c.logprobs.token_logprobs == pytest.approx(lps[: len(c.logprobs.tokens)], abs=1e-5)
-    assert c.logprobs.tokens == [ref.tok.decode([t], skip_special_tokens=False) for t in toks if t not in ref.tok.eos_token_ids]
+    eos = ref.tok.eos_token_ids
+    assert c.logprobs.tokens == [ref.tok.decode([t], skip_special_tokens=False) for t in toks if t not in eos]
     for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs):
         # greedy takes the top one; tokens sharing a text (partial UTF-8) share a key
         assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(lp, abs=1e-6)
@@ -203,6 +203,8 @@ def test_seeded_sampling_is_reproducible(server):
     a = [c.text for c in client.completions.create(seed=5, **kw).choices]
     assert a == [c.text for c in client.completions.create(seed=5, **kw).choices]
     assert a != [c.text for c in client.completions.create(seed=6, **kw).choices]
+    b = [c.text for c in client.completions.create(seed=-(2**63), **kw).choices]  # any int64
+    assert b == [c.text for c in client.completions.create(seed=-(2**63), **kw).choices] != a
     assert len(set(a)) == 3  # n samples, each its own generator
 
 
@@ -253,6 +255,7 @@ ERRORS = [  # (path, body, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "' + b"x" * (33 * 2**20) + b'"}', 413, None),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": "3"}, 400, "logprobs"),
     ("/v1/completions", {"model": 7, "prompt": "x"}, 400, "model"),

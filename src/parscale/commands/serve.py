@@ -55,8 +55,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ._common import apply_threads, at_least
 
-    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-per-request", args.max_tokens_per_request, 1),
-                        ("--max-queue", args.max_queue, 1), ("--port", args.port, 0), ("--streams", args.streams, 1)):
+    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                        ("--max-tokens-per-request", args.max_tokens_per_request, 1), ("--port", args.port, 0),
+                        ("--streams", args.streams, 1)):
         at_least(flag, v, lo)
     if args.port > 65535:
         raise ParScaleError(f"--port must be <= 65535 (got {args.port})")

@@ -24,6 +24,9 @@ from .protocol import (APIError, Limits, chat_choice, chat_logprobs, completion_
                        now, parse_chat, parse_completion, usage)
 
 
+MAX_BODY_BYTES = 32 * 2**20  # a prompt of a million tokens is far below this
+
+
 def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -60,6 +63,9 @@ def create_app(engine: Engine, limits: Limits, tokenizer) -> Starlette:
     created = now()
 
     async def _json(request: Request) -> dict:
+        length = request.headers.get("content-length", "0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):

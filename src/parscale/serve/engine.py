@@ -21,7 +21,6 @@ import collections
 import random
 import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -335,7 +334,9 @@ class Engine:
         settings = {k: [] for k in ("budget", "temp", "top_p", "seed", "top")}
         for job, i, _ in prompts:
             # every choice its own generator: its samples do not depend on the batch
-            base = (self._rng.getrandbits(63) if job.seed is None else job.seed) if job.temperature > 0 else None
+            base = None
+            if job.temperature > 0:  # any int64 seed (OpenAI's range), as a non-negative one
+                base = self._rng.getrandbits(64) if job.seed is None else job.seed % (1 << 64)
             for j in range(n):
                 settings["budget"].append(job.max_tokens)
                 settings["temp"].append(job.temperature)
