@@ -589,3 +589,9 @@ def test_sample_flags_checked_before_sampling(tmp_path, capsys, model_dir, argv_
 ])
 def test_devices_seeds_and_counts(tmp_path, capsys, argv, expect):
     assert_clean_refusal(argv, capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("kind", DIR_KINDS)
+def test_reproduce_out_unwritable(tmp_path, capsys, kind):
+    out, expect = _unwritable(kind, tmp_path, "dir")
+    assert_clean_refusal(["reproduce", "--preset", "micro", "--out", out, "--quiet"], capsys, tmp_path, expect)

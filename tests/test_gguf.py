@@ -41,7 +41,7 @@ def train_tokenizer(pre: str) -> Tokenizer:
         from parscale.gguf import PRE_TOKENIZERS
 
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre][0]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre].split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()
@@ -334,7 +334,10 @@ def test_tokenizer_round_trip(tmp_path, tokenizers_by_pre, pre):
     assert tc["chat_template"] == TEMPLATE and tc["bos_token"] == "<|im_start|>" and tc["eos_token"] == "<|im_end|>"
     assert tc["pad_token"] == "<|endoftext|>" and tc["add_bos_token"] is (pre == "llama-bpe")
     gc = json.loads((tmp_path / "d" / "generation_config.json").read_text())
-    assert gc["eos_token_id"] == [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    assert gc["eos_token_id"] == eos and gc["bos_token_id"] == bos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "m.gguf").generation_config.eos_token_id == eos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "d").generation_config.eos_token_id == eos
 
 
 # --------------------------------------------------------------------------- errors

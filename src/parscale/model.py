@@ -633,7 +633,8 @@ class ParScaleForCausalLM(nn.Module):
             dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
         model = load_pretrained(path, streams=streams, dtype=dtype, device=device, quantize=quantize,
                                 adapter=adapter)
-        model.generation_config = GenerationConfig.load(path, model.config)
+        if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
+            model.generation_config = GenerationConfig.load(path, model.config)
         return model
 
     def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":
