@@ -41,7 +41,7 @@ def train_tokenizer(pre: str) -> Tokenizer:
         from parscale.gguf import PRE_TOKENIZERS
 
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre][0]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre].split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()
@@ -244,11 +244,15 @@ def test_convert_recovers_every_tensor_exactly(case):
         if name == "lm_head.weight" and "lm_head.weight" not in W:
             continue
         assert torch.equal(W[name], t), name  # bit-exact: dequantised values, HF row order
-    assert set(W) == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     cfg = json.loads((out / "config.json").read_text())
+    # a bias-free backbone is saved with zero q/k/v biases (the official code always builds them)
+    zero_bias = {n for n in W if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))} - set(case["expected"])
+    assert bool(zero_bias) is bool(cfg.get("parscale_zero_attention_bias")) is (case["arch"] != "qwen2")
+    assert all(not W[n].any() for n in zero_bias)
+    assert set(W) - zero_bias == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     assert cfg["rope_scaling"] == case["rs"] and cfg["rms_norm_eps"] == 1e-5 and cfg["head_dim"] == case["c"]["head_dim"]
     assert cfg.get("qk_norm", False) is (case["arch"] == "qwen3")
-    assert cfg.get("attention_bias", True) is (case["arch"] == "qwen2")
+    assert ParScaleForCausalLM.from_pretrained(out).config.attention_bias is (case["arch"] == "qwen2")
     assert cfg["tie_word_embeddings"] is case["c"]["tie_word_embeddings"]
 
 
@@ -330,7 +334,10 @@ def test_tokenizer_round_trip(tmp_path, tokenizers_by_pre, pre):
     assert tc["chat_template"] == TEMPLATE and tc["bos_token"] == "<|im_start|>" and tc["eos_token"] == "<|im_end|>"
     assert tc["pad_token"] == "<|endoftext|>" and tc["add_bos_token"] is (pre == "llama-bpe")
     gc = json.loads((tmp_path / "d" / "generation_config.json").read_text())
-    assert gc["eos_token_id"] == [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    assert gc["eos_token_id"] == eos and gc["bos_token_id"] == bos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "m.gguf").generation_config.eos_token_id == eos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "d").generation_config.eos_token_id == eos
 
 
 # --------------------------------------------------------------------------- errors

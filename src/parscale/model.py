@@ -17,6 +17,9 @@ ParScale (P > 1) adds exactly three things, all held by one ``StreamSet`` module
    weights, and the LM head runs once.
 
 Several stream sets can live on one backbone (dynamic P): ``set_streams(P)`` picks the active one.
+A P = 1 stream set (config ``prefix_only``) holds a prefix and no aggregator: the prefix-only
+control, one learned prefix on the plain backbone (the weighted sum of one stream is the identity).
+Without it, P = 1 is exactly the plain backbone.
 """
 
 from __future__ import annotations
@@ -289,28 +292,36 @@ class Backbone(nn.Module):
 class StreamSet(nn.Module):
     """Everything that depends on P: per-layer, per-stream prefixes and the aggregator.
 
-    Initialisation (the official code leaves prefixes as ``torch.empty`` — garbage, often NaN):
-    prefix keys/values ~ N(0, initializer_range), different per stream so the streams differ from
-    step one; the aggregator's first Linear ~ N(0, initializer_range) and its last Linear all
-    zeros, so training starts from uniform weights 1/P, i.e. the mean of the P streams. Small
-    prefixes perturb each stream only slightly, so a recycled P = 1 model starts near its own loss.
+    Initialisation here (the official code leaves prefixes as ``torch.empty`` — garbage, often
+    NaN): prefix keys/values ~ N(0, initializer_range), different per stream so the streams differ
+    from step one; the aggregator's first Linear ~ N(0, initializer_range) and its last Linear all
+    zeros, so training starts from uniform weights 1/P, i.e. the mean of the P streams. That suits
+    training from scratch. On a *pretrained* backbone near-zero prefix keys pull attention mass
+    off the real tokens (+24% loss on SmolLM2-135M at P = 2, 48 tokens), so
+    ``ParScaleForCausalLM.add_stream_set`` overwrites the prefixes with keys/values of real text
+    snippets by default (``parscale.recycle``; docs/recycling.md).
+
+    P = 1 (the prefix-only control) has prefixes and no aggregator.
     """
 
     def __init__(self, cfg: ParScaleConfig, streams: int):
         super().__init__()
-        if streams < 2:
-            raise ParScaleError(f"a stream set needs P >= 2 (got {streams})")
+        if streams < 1:
+            raise ParScaleError(f"a stream set needs P >= 1 (got {streams})")
         self.streams, self.smoothing = streams, cfg.agg_smoothing
         shape = (cfg.num_hidden_layers, streams, cfg.num_key_value_heads, cfg.prefix_tokens, cfg.head_dim)
         self.prefix_k = nn.Parameter(torch.zeros(shape))  # l p h t d
         self.prefix_v = nn.Parameter(torch.zeros(shape))
         h = cfg.hidden_size
-        self.aggregate_layer = nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
+        self.aggregate_layer = (nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
+                                if streams > 1 else None)
 
     def reset_parameters(self, std: float) -> None:
         with torch.no_grad():
             nn.init.normal_(self.prefix_k, std=std)
             nn.init.normal_(self.prefix_v, std=std)
+            if self.aggregate_layer is None:
+                return
             nn.init.normal_(self.aggregate_layer[0].weight, std=std)
             nn.init.zeros_(self.aggregate_layer[0].bias)
             nn.init.zeros_(self.aggregate_layer[2].weight)
@@ -328,7 +339,9 @@ class StreamSet(nn.Module):
         w = torch.softmax(self.aggregate_layer(mixed).float(), dim=-1)
         return w * (1 - self.smoothing) + self.smoothing / self.streams
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.aggregate_layer is None:  # P = 1: one stream, nothing to mix
+            return hidden, None
         w = self.weights(hidden)
         streams = rearrange(hidden, "(p b) s h -> b s p h", p=self.streams)
         return (streams * w[..., None]).sum(dim=2).to(hidden.dtype), w
@@ -381,7 +394,7 @@ class ParScaleForCausalLM(nn.Module):
         self._init_backbone()
         self.stream_sets = nn.ModuleDict()
         for p in config.stream_sets:
-            if p > 1:
+            if p > 1 or config.prefix_only:
                 self.stream_sets[str(p)] = StreamSet(config, p)
                 self.stream_sets[str(p)].reset_parameters(config.initializer_range)
         self.gradient_checkpointing = False
@@ -439,28 +452,51 @@ class ParScaleForCausalLM(nn.Module):
 
     @property
     def stream_set(self) -> StreamSet | None:
-        return self.stream_sets[str(self.streams)] if self.streams > 1 else None
+        return self.stream_sets[str(self.streams)] if str(self.streams) in self.stream_sets else None
 
     def set_streams(self, streams: int) -> "ParScaleForCausalLM":
-        """Pick the active stream set (dynamic P). P = 1 is always available: the backbone alone."""
+        """Pick the active stream set (dynamic P). P = 1 is always available: the backbone alone
+        (or, in a ``prefix_only`` model, the backbone with its one learned prefix)."""
         if not isinstance(streams, int) or streams < 1:
             raise ParScaleError(f"streams must be an integer >= 1 (got {streams!r})")
         if streams > 1 and str(streams) not in self.stream_sets:
-            raise ParScaleError(f"this model has no stream set for P={streams}; "
-                                f"available: {sorted({1, *map(int, self.stream_sets)})}")
+            raise ParScaleError(f"this model has no stream set for P={streams} (available: "
+                                f"{sorted({1, *map(int, self.stream_sets)})}); add one with "
+                                f"model.add_stream_set({streams}) or train one with "
+                                f"`parscale train --init-from DIR --streams {streams}`")
         self.config.streams = streams
         return self
 
-    def add_stream_set(self, streams: int) -> StreamSet:
-        """Add (and activate) a freshly initialised stream set for P = ``streams`` on this backbone."""
-        if streams < 2:
-            raise ParScaleError(f"streams must be >= 2 for a new stream set (got {streams})")
+    def add_stream_set(self, streams: int, *, init: str = "snippets", snippets: torch.Tensor | None = None,
+                       std: float | None = None) -> StreamSet:
+        """Add (and activate) a new stream set for P = ``streams`` on this backbone; P = 1 adds the
+        prefix-only control (one learned prefix, no aggregator).
+
+        ``init="snippets"`` (default): stream p's prefix is the backbone's own keys/values on text
+        snippet p (``snippets``: token ids ``p t``, e.g. from the training data; None: sampled from
+        the model itself), so the recycled model starts at its base loss (docs/recycling.md).
+        ``init="random"``: prefixes ~ N(0, ``std``, default ``initializer_range``), the from-scratch
+        init. Either way the aggregator starts uniform.
+        """
+        from .recycle import INITS, snippet_prefixes
+
+        if not isinstance(streams, int) or streams < 1:
+            raise ParScaleError(f"streams must be an integer >= 1 (got {streams!r})")
+        if init not in INITS:
+            raise ParScaleError(f"unknown stream-set init {init!r} (use one of {', '.join(INITS)})")
         if self.config.prefix_tokens < 1:
-            raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add streams")
+            raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add a stream set")
         ref = self.model.norm.weight  # the compute dtype (the embedding may be int8)
         s = StreamSet(self.config, streams).to(device=ref.device, dtype=ref.dtype)
-        s.reset_parameters(self.config.initializer_range)
+        s.reset_parameters(self.config.initializer_range if std is None else std)
+        if init == "snippets":
+            k, v = snippet_prefixes(self, streams, snippets)
+            with torch.no_grad():
+                s.prefix_k.copy_(k)
+                s.prefix_v.copy_(v)
         self.stream_sets[str(streams)] = s
+        if streams == 1:
+            self.config.prefix_only = True
         self.config.stream_sets = sorted(set(self.config.stream_sets) | {streams})
         return self.set_streams(streams).stream_set
 
@@ -576,14 +612,16 @@ class ParScaleForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None,
-                        quantize: str | None = None):
+                        quantize: str | None = None, adapter=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
         Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
         a stored stream set (dynamic P). ``dtype`` (``torch_dtype`` is the Hugging Face name for
         it): a torch dtype, float32 / bfloat16 / float16 (fp32 / bf16 / fp16), or ``"auto"`` for the
         stored one. ``quantize="int8"``: weight-only int8 after loading (see :mod:`parscale.quant`;
         a checkpoint saved quantised loads quantised anyway). ``generation_config`` comes from
-        ``generation_config.json`` when the directory has one."""
+        ``generation_config.json`` when the directory has one. ``adapter``: a frozen-backbone run's
+        stream sets to load onto this base; ``path`` may also be an adapter directory itself (its
+        recorded base is loaded, the base's hash checked)."""
         from .dtypes import ALIASES
         from .interop import load_pretrained
 
@@ -593,8 +631,10 @@ class ParScaleForCausalLM(nn.Module):
             dtype = torch_dtype
         if isinstance(dtype, str):
             dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
-        model = load_pretrained(path, streams=streams, dtype=dtype, device=device, quantize=quantize)
-        model.generation_config = GenerationConfig.load(path, model.config)
+        model = load_pretrained(path, streams=streams, dtype=dtype, device=device, quantize=quantize,
+                                adapter=adapter)
+        if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
+            model.generation_config = GenerationConfig.load(path, model.config)
         return model
 
     def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":

@@ -28,8 +28,18 @@ examples:
   # two-stage: P = 1 for 2M tokens, then add 4 streams and train 200k more tokens
   parscale train --size small --streams 4 --stage1-tokens 2000000 --stage2-tokens 200000 --out runs/two
 
-  # recycle a trained backbone: freeze it and train only a new 4-stream set (dynamic P)
+  # recycle a trained backbone: freeze it and train only a new 4-stream set (dynamic P); the new
+  # prefixes are the backbone's own keys/values on training text (starts at the base's loss), and
+  # runs/p4/model is an adapter (stream sets + the base's path and hash; merge-adapter for one dir)
   parscale train --init-from runs/two/model --streams 4 --freeze-backbone --tokens 500000 --out runs/p4
+
+  # the fair control: P = 1 with one learned prefix, the same backbone and tokens
+  parscale train --init-from runs/two/model --streams 1 --prefix-only --freeze-backbone \\
+      --tokens 500000 --out runs/p1-prefix
+
+  # shard parameters, gradients and Adam state over 2 processes (FSDP2; gloo on CPU)
+  torchrun --nproc_per_node 2 -m parscale.cli train --init-from runs/two/model --streams 4 \\
+      --freeze-backbone --fsdp --tokens 500000 --out runs/p4-fsdp
 
   # the same settings from a file (flags override it); 2 processes with DDP
   torchrun --nproc_per_node 2 -m parscale.cli train --config run.toml --out runs/ddp
@@ -74,7 +84,8 @@ HELP = {
     "init_from": "start from this checkpoint directory (ours or HF Qwen2/Llama); shape flags not allowed",
     "freeze_backbone": "train only the P-stream parameters (needs --init-from)",
     "activation_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
-    "dtype": "float32, or bfloat16 autocast (weights and optimizer stay float32); fp32/bf16 accepted",
+    "dtype": "auto (bfloat16 with --init-from, float32 from scratch), float32, or bfloat16 autocast "
+             "(weights and optimizer stay float32); fp32/bf16 accepted",
     "threads": "torch CPU threads, or auto: the cores not busy with other work (default: auto, or "
                "the resumed run's count; resume bit-exactly with the same number)",
     "device": "auto (cuda if available), cpu or cuda",
@@ -84,7 +95,7 @@ HELP = {
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ..training.options import DEVICES, DTYPES, SCHEDULES, SIZE_PRESETS, TrainConfig
+    from ..training.options import DEVICES, DTYPES, SCHEDULES, SIZE_PRESETS, STREAM_INITS, TrainConfig
 
     p = sub.add_parser("train", help="train a ParScale model (scratch, two-stage, recycling, DDP)",
                        formatter_class=HelpFormatter, epilog=EXAMPLE,
@@ -96,7 +107,8 @@ def register(sub) -> None:
                         "flags given here override it")
     from ._common import dtype_type, threads_type
 
-    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "device": list(DEVICES)}
+    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "device": list(DEVICES),
+               "stream_init": list(STREAM_INITS)}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split("|")[0].strip()
@@ -112,7 +124,7 @@ def register(sub) -> None:
         elif f.name == "threads":
             p.add_argument(flag, type=threads_type, metavar="N|auto", **common)
         elif f.name == "dtype":
-            p.add_argument(flag, type=dtype_type(), metavar="|".join(DTYPES), **common)
+            p.add_argument(flag, type=dtype_type(extra=("auto",)), metavar="|".join(DTYPES), **common)
         else:
             conv = {"int": int, "float": float, "str": str}[kind]
             p.add_argument(flag, type=conv, choices=choices.get(f.name), **common)
