@@ -132,12 +132,12 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
 def ensure_writable_file(path: str | os.PathLike, flag: str, *, suffixes: tuple[str, ...] = ()) -> Path:
     """Check that ``path`` can be written as a file (creates nothing); ``suffixes`` (e.g.
     ``(".png",)``) are the allowed extensions."""
-    path = Path(path)
+    raw, path = os.fspath(path), Path(path)
     if str(path) in ("", "."):
         raise ParScaleError(f"{flag}: empty path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ParScaleError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if str(path).endswith(os.sep) or path.is_dir():
+    if raw.endswith(os.sep) or path.is_dir():  # "out/" names a directory even before it exists
         raise ParScaleError(f"{flag} {path}: is a directory (a file name is needed)")
     if os.path.lexists(path) and not path.is_file():
         raise ParScaleError(f"{flag} {path}: exists and is not a regular file")
