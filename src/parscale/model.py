@@ -429,7 +429,7 @@ class ParScaleForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True) -> "ParScaleForCausalLM":
-        if mode:  # inference packs weights into fused, transposed buffers; training wants them plain
+        if mode:  # decode steps pack weights into fused buffers; training wants each its own storage
             unpack_all(self)
         return super().train(mode)
 
