@@ -173,3 +173,11 @@ def test_hf_config_dicts_of_both_transformers_generations():
                               "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 11,
                               "intermediate_size": 8})
     assert q3.qk_norm and q3.head_dim == 128 and not q3.attention_bias  # Qwen3Config's defaults
+
+
+def test_cost_model_counts_the_switches(arch):
+    from parscale.cost import param_counts
+
+    name, hf, tmp = arch
+    model = ParScaleForCausalLM.from_pretrained(tmp / "hf")
+    assert param_counts(model.config).total == model.num_parameters() == hf.num_parameters()

@@ -41,7 +41,7 @@ def train_tokenizer(pre: str) -> Tokenizer:
         from parscale.gguf import PRE_TOKENIZERS
 
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre][0]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre].split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()
@@ -130,7 +130,8 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.attn_{proj[0]}.{kind}"
 
 
-def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None, extra=None, add_bos=False):
+def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None, extra=None, add_bos=False,
+               meta=None):
     """Write a GGUF file as llama.cpp does; returns the tensors a loader must recover (HF names)."""
     arch = arch or c["model_type"]
     qtype = qtype or gguf.GGMLQuantizationType.F32
@@ -180,6 +181,11 @@ def write_gguf(path, c, W, tok, pre, *, qtype=None, rope_scaling=None, arch=None
         w.add_tensor("rope_freqs.weight", llamacpp_rope_freqs(c, rope_scaling))
     for name, arr in (extra or {}).items():
         w.add_tensor(name, arr)
+    for key, v in (meta or {}).items():  # edits to the metadata: None drops the key
+        if v is None:
+            w.kv_data[0].pop(key)
+        else:
+            {str: w.add_string, bool: w.add_bool, float: w.add_float32, int: w.add_uint32}[type(v)](key, v)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -215,15 +221,18 @@ def tokenizers_by_pre():
     return {pre: train_tokenizer(pre) for pre in ("smollm", "llama-bpe", "qwen2")}
 
 
-@pytest.fixture(params=list(CASES))
-def case(request, tmp_path, tokenizers_by_pre):
-    arch, pre, qname, rs = CASES[request.param]
+def make_case(name, tmp_path, tokenizers_by_pre):
+    arch, pre, qname, rs = CASES[name]
     tok = tokenizers_by_pre[pre]
     c, W = random_hf(arch, tok.get_vocab_size())
-    f = tmp_path / f"{request.param}.gguf"
+    f = tmp_path / f"{name}.gguf"
     expected = write_gguf(f, c, W, tok, pre, qtype=gguf.GGMLQuantizationType[qname], rope_scaling=rs)
-    return dict(name=request.param, arch=arch, pre=pre, c=c, expected=expected, file=f, tok=tok, rs=rs,
-                tmp=tmp_path)
+    return dict(name=name, arch=arch, pre=pre, c=c, expected=expected, file=f, tok=tok, rs=rs, tmp=tmp_path)
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, tmp_path, tokenizers_by_pre):
+    return make_case(request.param, tmp_path, tokenizers_by_pre)
 
 
 # --------------------------------------------------------------------------- exactness
@@ -235,11 +244,15 @@ def test_convert_recovers_every_tensor_exactly(case):
         if name == "lm_head.weight" and "lm_head.weight" not in W:
             continue
         assert torch.equal(W[name], t), name  # bit-exact: dequantised values, HF row order
-    assert set(W) == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     cfg = json.loads((out / "config.json").read_text())
+    # a bias-free backbone is saved with zero q/k/v biases (the official code always builds them)
+    zero_bias = {n for n in W if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))} - set(case["expected"])
+    assert bool(zero_bias) is bool(cfg.get("parscale_zero_attention_bias")) is (case["arch"] != "qwen2")
+    assert all(not W[n].any() for n in zero_bias)
+    assert set(W) - zero_bias == set(case["expected"]) - ({"lm_head.weight"} if case["c"]["tie_word_embeddings"] else set())
     assert cfg["rope_scaling"] == case["rs"] and cfg["rms_norm_eps"] == 1e-5 and cfg["head_dim"] == case["c"]["head_dim"]
     assert cfg.get("qk_norm", False) is (case["arch"] == "qwen3")
-    assert cfg.get("attention_bias", True) is (case["arch"] == "qwen2")
+    assert ParScaleForCausalLM.from_pretrained(out).config.attention_bias is (case["arch"] == "qwen2")
     assert cfg["tie_word_embeddings"] is case["c"]["tie_word_embeddings"]
 
 
@@ -255,31 +268,36 @@ def test_logits_equal_transformers_class_on_the_same_tensors(case):
         ids[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=0).tolist()
 
 
-def test_llama_matches_transformers_own_gguf_loader(tmp_path, tokenizers_by_pre):
-    """transformers reads Llama GGUF files itself (dequantise, un-permute): same logits, bit for bit."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_matches_transformers_own_gguf_loader(tmp_path, tokenizers_by_pre, arch):
+    """transformers reads Llama / Qwen2 GGUF files itself (dequantise, un-permute): same logits,
+    bit for bit. (Its Qwen3 reader takes head_dim from Qwen3Config's default, so it is not used.)"""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     tok = tokenizers_by_pre["smollm"]
-    c, W = random_hf("llama", tok.get_vocab_size(), seed=3)
+    c, W = random_hf(arch, tok.get_vocab_size(), seed=3)
     f = tmp_path / "l.gguf"
     write_gguf(f, c, W, tok, "smollm", qtype=gguf.GGMLQuantizationType.Q8_0)
     parsed = load_gguf_checkpoint(str(f), return_tensors=False)["config"]
-    cfg = transformers.LlamaConfig(**{k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path")})
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cfg = classes[0](**{k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path")})
+    hf = classes[1](cfg).eval()
     tensors = load_gguf_checkpoint(str(f), return_tensors=True, model_to_load=hf)["tensors"]
     missing, _ = hf.load_state_dict(tensors, strict=False)
     assert set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
     ours = ParScaleForCausalLM.from_pretrained(f)
     ids = torch.tensor([tok.encode(TEXT[:200]).ids[:48]])
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, hf(input_ids=ids).logits)
 
 
-def test_streams_on_a_converted_model_match_the_reference(case):
+@pytest.mark.parametrize("name", ["llama-f32", "qwen3-q4_1"])
+def test_streams_on_a_converted_model_match_the_reference(name, tmp_path, tokenizers_by_pre):
     from reference import reference_logits
 
-    if case["name"] not in ("llama-f32", "qwen3-q4_1"):
-        pytest.skip("two representative cases are enough here")
+    case = make_case(name, tmp_path, tokenizers_by_pre)
     model = ParScaleForCausalLM.from_pretrained(case["file"], dtype=torch.float64)
     model.config.prefix_tokens = 2
     sset = model.add_stream_set(2)
@@ -316,7 +334,10 @@ def test_tokenizer_round_trip(tmp_path, tokenizers_by_pre, pre):
     assert tc["chat_template"] == TEMPLATE and tc["bos_token"] == "<|im_start|>" and tc["eos_token"] == "<|im_end|>"
     assert tc["pad_token"] == "<|endoftext|>" and tc["add_bos_token"] is (pre == "llama-bpe")
     gc = json.loads((tmp_path / "d" / "generation_config.json").read_text())
-    assert gc["eos_token_id"] == [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    assert gc["eos_token_id"] == eos and gc["bos_token_id"] == bos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "m.gguf").generation_config.eos_token_id == eos
+    assert ParScaleForCausalLM.from_pretrained(tmp_path / "d").generation_config.eos_token_id == eos
 
 
 # --------------------------------------------------------------------------- errors
@@ -347,6 +368,32 @@ def test_unsupported_architecture_tensor_type_and_tensor(small):
     with pytest.raises(ParScaleError, match="pre-tokenizer tokenizer.ggml.pre='falcon' is not supported"):
         read_gguf(tmp / "p.gguf")
     assert read_gguf(tmp / "p.gguf", tokenizer=False).config.vocab_size == c["vocab_size"]  # weights alone still load
+
+
+@pytest.mark.parametrize("meta,msg", [
+    ({"qwen2.context_length": None}, "metadata key qwen2.context_length is missing"),
+    ({"qwen2.block_count": "two"}, "metadata key qwen2.block_count must be a number"),
+    ({"qwen2.rope.scaling.type": "yarn"}, r"qwen2.rope.scaling.type='yarn' is not supported"),
+    ({"qwen2.expert_count": 8}, "mixture-of-experts models"),
+    ({"qwen2.attention.head_count_kv": 3}, "config field 'num_key_value_heads'"),
+    ({"qwen2.attention.key_length": 16, "qwen2.rope.dimension_count": 8},
+     "rope.dimension_count=8 differs from head_dim=16"),  # partial rotary
+    ({"qwen2.rope.dimension_count": 8}, r"tensor blk.0.attn_q.weight has shape \(64, 64\), the metadata says \(32, 64\)"),
+    ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.model='llama' is not supported"),
+])
+def test_bad_metadata_is_named(small, meta, msg):
+    tmp, tok, c, W = small
+    write_gguf(tmp / "b.gguf", c, W, tok, "smollm", meta=meta)
+    with pytest.raises(ParScaleError, match=msg):
+        read_gguf(tmp / "b.gguf")
+
+
+def test_partial_qkv_bias_is_refused(small):
+    tmp, tok, c, W = small
+    write_gguf(tmp / "b.gguf", c, {k: v for k, v in W.items() if k != "model.layers.1.self_attn.v_proj.bias"},
+               tok, "smollm")
+    with pytest.raises(ParScaleError, match="some but not all of attn_q/k/v carry a bias"):
+        read_gguf(tmp / "b.gguf")
 
 
 def test_truncated_and_non_gguf_files(small):

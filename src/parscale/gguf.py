@@ -1,9 +1,9 @@
 """GGUF import: a llama.cpp model file as a parscale checkpoint (P = 1), exact to its tensors.
 
-``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) with the ``gguf``
-package (optional extra ``parscale[gguf]``) and returns everything a checkpoint directory holds:
-the config from the metadata, the tensors under HF names (dequantised to float32 with
-``gguf.quants``), and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
+``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) and returns
+everything a checkpoint directory holds: the config from the metadata, the tensors under HF names
+(dequantised to float32 by the ``gguf`` package's ``quants``, optional extra ``parscale[gguf]``),
+and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
 types) with its ``tokenizer_config.json`` / ``generation_config.json`` entries. ``convert_gguf``
 writes them to a directory; ``load_gguf`` builds the model in memory (what
 ``ParScaleForCausalLM.from_pretrained("model.gguf")`` calls).
@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,11 +43,9 @@ from einops import rearrange
 from .atomic import atomic_write_text
 from .config import ParScaleConfig
 from .errors import ParScaleError
+from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE = (
-    "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 # GGUF tensor names (after "blk.{i}.") -> HF names (after "model.layers.{i}.")
 _LAYER_TENSORS = {
@@ -71,14 +69,20 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {  # name -> (split regex or None for GPT-2's, digits one by one, NFC, ignore_merges)
-    "gpt-2": (None, False, False, False), "default": (None, False, False, False),
-    "smollm": (None, True, False, False), "starcoder": (None, True, False, False),
-    "refact": (None, True, False, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False, False, True), "llama3": (_LLAMA3_SPLIT, False, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, False, True), "smaug-bpe": (_LLAMA3_SPLIT, False, False, True),
-    "qwen2": (_QWEN2_SPLIT, False, True, False), "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True, False),
-}
+
+
+class PreTokenizer(NamedTuple):
+    split: str | None = None  # the split regex; None: GPT-2's (ByteLevel's own)
+    digits: bool = False  # every digit its own piece first (StarCoder / SmolLM)
+    nfc: bool = False  # NFC-normalise first (Qwen2)
+    ignore_merges: bool = False  # a whole piece that is in the vocabulary is one token (Llama-3)
+
+
+_GPT2, _DIGITS = PreTokenizer(), PreTokenizer(digits=True)
+_LLAMA3, _QWEN2 = PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True), PreTokenizer(_QWEN2_SPLIT, nfc=True)
+PRE_TOKENIZERS = {"gpt-2": _GPT2, "default": _GPT2, "smollm": _DIGITS, "starcoder": _DIGITS,
+                  "refact": _DIGITS, "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3,
+                  "smaug-bpe": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
 # Control tokens that end a turn or a document: generation stops at any of them (as llama.cpp does).
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
               "<|end_of_text|>")
@@ -105,32 +109,121 @@ def _gguf():
     return gguf
 
 
-def _open(path: Path):
-    gguf = _gguf()
+@dataclass
+class _Tensor:
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    dims: tuple[int, ...]  # GGUF order: fastest first
+    offset: int  # absolute, in the file
+    n_bytes: int
+    shape: tuple[int, ...] = ()  # numpy / torch order (dims reversed)
+
+
+class _Header:
+    """GGUF's header, read directly (key/values and tensor infos; the data stays on disk).
+
+    Our own reader because ``gguf.GGUFReader`` builds a numpy view per vocabulary string (seconds
+    for a 49k-token vocabulary); tensor data is dequantised with ``gguf.quants`` all the same."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                11: "<q", 12: "<d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.struct, self.path, self.pos = struct, path, 0
+        with open(path, "rb") as self.file:  # buffered small reads: fast for 100k strings
+            if self.file.read(4) != b"GGUF":
+                raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+            self.pos = 4
+            self._read_header()
+        size = path.stat().st_size
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        for t in self.tensors:
+            if t.offset + t.n_bytes > size:
+                raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
+
+    def _read_header(self) -> None:
+        path = self.path
+        version = self._scalar(4)
+        if version not in (2, 3):
+            raise ParScaleError(f"{path}: GGUF version {version} is not supported (2 or 3; "
+                                "big-endian files are not supported either)")
+        n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._scalar(4), key)
+        gguf = _gguf()
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = tuple(self._scalar(10) for _ in range(self._scalar(4)))
+            type_id, offset = self._scalar(4), self._scalar(10)
+            try:
+                qtype = gguf.GGMLQuantizationType(type_id)
+            except ValueError:
+                raise ParScaleError(f"{path}: tensor {name} has unknown tensor type id {type_id}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n = math.prod(dims)
+            if not dims or dims[0] % block:
+                raise ParScaleError(f"{path}: tensor {name}: {dims} does not fit {qtype.name} blocks of {block}")
+            infos.append((name, qtype, dims, offset, n // block * type_size))
+        align = self.meta.get("general.alignment", 32)
+        if not isinstance(align, int) or align < 1:
+            raise ParScaleError(f"{path}: general.alignment must be a positive integer (got {align!r})")
+        start = -(-self.pos // align) * align  # tensor data begins at the next multiple of alignment
+        self.tensors = [_Tensor(name, qtype, dims, start + offset, n_bytes, tuple(reversed(dims)))
+                        for name, qtype, dims, offset, n_bytes in infos]
+
+    def _take(self, n: int) -> bytes:
+        out = self.file.read(n)
+        if len(out) < n:
+            raise ParScaleError(f"{self.path}: truncated: the header ends early (at byte {self.pos + len(out)})")
+        self.pos += n
+        return out
+
+    def _scalar(self, type_id: int):
+        fmt = self._SCALARS[type_id]
+        return self.struct.unpack(fmt, self._take(self.struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        raw = self._take(self._scalar(10))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParScaleError(f"{self.path}: undecodable string in the header ({raw[:40]!r})") from None
+
+    def _value(self, type_id: int, key: str):
+        if type_id == self.STRING:
+            return self._string()
+        if type_id == self.ARRAY:
+            item, count = self._scalar(4), self._scalar(10)
+            if item == self.STRING:
+                return [self._string() for _ in range(count)]
+            if item in self._SCALARS:  # one read for the whole array
+                fmt = self._SCALARS[item]
+                width = self.struct.calcsize(fmt)
+                return np.frombuffer(self._take(width * count), dtype=np.dtype(fmt)).tolist()
+            return [self._value(item, key) for _ in range(count)]  # nested arrays
+        if type_id not in self._SCALARS:
+            raise ParScaleError(f"{self.path}: metadata key {key} has unknown value type {type_id}")
+        return self._scalar(type_id)
+
+    def data(self, t: _Tensor) -> np.ndarray:
+        """The tensor's raw bytes, shaped ``(*shape[:-1], row_bytes)`` as ``gguf.quants`` wants."""
+        raw = self.buf[t.offset:t.offset + t.n_bytes].view(np.ndarray)  # plain view: memmap slices are slow
+        return raw.reshape(*t.shape[:-1], -1)
+
+
+def _open(path: Path) -> _Header:
     if not path.is_file():
         raise ParScaleError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, TypeError) as e:
-        raise ParScaleError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:  # the reader maps lazily: a cut-off file shows here
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
-    return reader
-
-
-def _metadata(reader) -> dict[str, Any]:
-    out = {}
-    for key, f in reader.fields.items():
-        try:
-            out[key] = f.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise ParScaleError(f"metadata key {key}: unreadable value ({e})") from None
-    return out
+        return _Header(path)
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"{path}: not a readable GGUF file: {e}") from None
 
 
 def _float32_decimal(v: float) -> float:
@@ -241,24 +334,23 @@ def _hf_name(gguf_name: str, n_layers: int) -> str | None:
     return None
 
 
-def _check_types(reader, source: str) -> None:
+def _check_types(header: _Header, source: str) -> None:
     """Every tensor type must be one gguf's quants module can dequantise (tried on one block)."""
     gguf = _gguf()
-    for qtype in sorted({t.tensor_type for t in reader.tensors}):
+    for qtype in sorted({t.qtype for t in header.tensors}):
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:
             gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
         except NotImplementedError:
-            user = next(t.name for t in reader.tensors if t.tensor_type == qtype)
+            user = next(t.name for t in header.tensors if t.qtype == qtype)
             raise ParScaleError(f"{source}: tensor type {qtype.name} (tensor {user}) is not supported: "
                                 "gguf cannot dequantise it") from None
 
 
-def _dequantize(t) -> np.ndarray:
-    gguf = _gguf()
-    w = gguf.quants.dequantize(t.data, t.tensor_type)
-    # GGUF lists dimensions fastest-first: numpy's order is the reverse
-    return np.array(w, dtype=np.float32, copy=True).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+def _dequantize(header: _Header, t: _Tensor) -> np.ndarray:
+    """float32 values in numpy order (GGUF lists dimensions fastest-first: ``shape`` is reversed)."""
+    w = _gguf().quants.dequantize(header.data(t), t.qtype)
+    return np.array(w, dtype=np.float32, copy=True).reshape(t.shape)
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -273,10 +365,14 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
 
     path = Path(path)
     source = str(path)
-    reader = _open(path)
-    meta = _metadata(reader)
-    by_name = {t.name: t for t in reader.tensors}
-    freq_factors = _dequantize(by_name[ROPE_FREQS]) if ROPE_FREQS in by_name else None
+    header = _open(path)
+    meta = header.meta
+    by_name = {t.name: t for t in header.tensors}
+    if len(by_name) != len(header.tensors):
+        raise ParScaleError(f"{source}: duplicate tensor names")
+    if ROPE_FREQS in by_name:
+        _check_types(header, source)
+    freq_factors = _dequantize(header, by_name[ROPE_FREQS]) if ROPE_FREQS in by_name else None
     cfg = _config(meta, set(by_name), freq_factors, source)
     if cfg.attention_bias and not all(f"blk.{i}.attn_{x}.bias" in by_name
                                       for i in range(cfg.num_hidden_layers) for x in "qkv"):
@@ -292,29 +388,28 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         hf = _hf_name(name, cfg.num_hidden_layers)
         if hf is None or hf not in expected:
             raise ParScaleError(f"{source}: unsupported tensor {name} for architecture {meta['general.architecture']}")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if shape != expected[hf]:
-            raise ParScaleError(f"{source}: tensor {name} has shape {shape}, the metadata says {expected[hf]}")
+        if t.shape != expected[hf]:
+            raise ParScaleError(f"{source}: tensor {name} has shape {t.shape}, the metadata says {expected[hf]}")
         mapped[hf] = t
     missing = [n for n in expected if n not in mapped]
     if missing:
         raise ParScaleError(f"{source}: missing tensor(s) for {', '.join(missing[:3])}"
                             + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
-    _check_types(reader, source)
-    tok = tok_cfg = gen_cfg = None
+    _check_types(header, source)
+    tok = tok_cfg = None
     if tokenizer:
-        tok, tok_cfg, gen_cfg = _tokenizer(meta, cfg, source)
+        tok, tok_cfg = _tokenizer(meta, cfg, source)
 
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
     for hf, t in mapped.items():
-        w = torch.from_numpy(_dequantize(t))
+        w = torch.from_numpy(_dequantize(header, t))
         if permuted and ".q_proj." in hf:
             w = _unpermute(w, cfg.num_attention_heads)
         elif permuted and ".k_proj." in hf:
             w = _unpermute(w, cfg.num_key_value_heads)
         tensors[hf] = w
-    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, gen_cfg or {})
+    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, _generation_config(meta, cfg))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -346,17 +441,17 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         if not sep or not a or not b or " " in b:
             raise ParScaleError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
         pairs.append((a, b))
-    split, digits, nfc, ignore_merges = PRE_TOKENIZERS[pre]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
+    how = PRE_TOKENIZERS[pre]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=how.ignore_merges, fuse_unk=False,
                                byte_fallback=False))
-    if nfc:
+    if how.nfc:
         tok.normalizer = normalizers.NFC()
     steps = []
-    if split is not None:
-        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
-    if digits:
+    if how.split is not None:
+        steps.append(pre_tokenizers.Split(Regex(how.split), behavior="isolated"))
+    if how.digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=how.split is None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
@@ -369,7 +464,7 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = named("bos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", ignore_merges))  # llama.cpp: Llama-3 adds BOS
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", how is _LLAMA3))  # llama.cpp: Llama-3 adds BOS
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos and bos is None:
         raise ParScaleError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
@@ -389,30 +484,38 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
                "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}
     if isinstance(meta.get("tokenizer.chat_template"), str):
         tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, tok_cfg
+
+
+def _generation_config(meta: dict[str, Any], cfg: ParScaleConfig) -> dict[str, Any]:
+    """HF ``generation_config.json`` keys: every id generation should stop at, the file's EOS first."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
     eos_ids = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-    eos_ids += [vocab[t] for t in END_TOKENS if t in vocab and types[vocab[t]] == _CONTROL]
-    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < len(tokens)))
-    gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id}
-    return tok, tok_cfg, gen_cfg
+    if len(types) == len(tokens):
+        position = {t: i for i, t in enumerate(tokens) if types[i] == _CONTROL}
+        eos_ids += [position[t] for t in END_TOKENS if t in position]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < cfg.vocab_size))
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids or None, "pad_token_id": cfg.pad_token_id}
 
 
 # --------------------------------------------------------------------------- model / directory
 def _dtype(dtype) -> torch.dtype:
+    from .dtypes import torch_dtype
+
     if dtype is None or dtype == "auto":
         return torch.float32  # dequantised values are float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def _build(g: GGUFModel, dtype: torch.dtype, source: str, device=None):
+    from .generation_config import GenerationConfig
     from .interop import _assign
     from .model import ParScaleForCausalLM
 
     model = ParScaleForCausalLM.empty(g.config).to(dtype=dtype)
     _assign(model, g.tensors, source)
+    model.generation_config = GenerationConfig.from_dict(g.generation_config)
     return model.to(device=device).eval()
 
 
@@ -443,8 +546,6 @@ def check_output_dir(out: str | os.PathLike) -> Path:
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="float32") -> Path:
     """Write ``out``: config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     generation_config.json, each atomically (config.json last). Returns ``out``."""
-    from .interop import save_pretrained
-
     out = check_output_dir(out)
     torch_dtype = _dtype(dtype)
     g = read_gguf(path)
@@ -453,8 +554,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="floa
     try:
         atomic_write_text(out / TOKENIZER_FILE, g.tokenizer.to_str(pretty=False))
         atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(g.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(out / GENERATION_CONFIG_FILE, json.dumps(g.generation_config, indent=2) + "\n")
-        save_pretrained(model, out)  # weights, then config.json
+        model.save_pretrained(out)  # weights, generation_config.json, then config.json
     except OSError as e:
         raise ParScaleError(f"{out}: cannot write ({e.strerror or e})") from None
     return out

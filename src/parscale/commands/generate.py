@@ -19,6 +19,10 @@ examples:
   # one chat turn: --prompt is the user message, rendered with the model's chat template
   parscale generate --model smollm2 --chat --prompt "What is the capital of France?"
 
+  # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
+  parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2
+  parscale generate --model runs/demo/model --prompt "import os" --quantize int8
+
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
 """
@@ -50,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
                    help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
     add_threads_argument(p)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
     p.set_defaults(func=run)
 
 
@@ -102,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
+    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences,
+                            device=model.device, dtype_bytes=model.dtype.itemsize)
     eos = default_eos_ids(model, tok)  # every EOS id of the config, generation_config and tokenizer
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
