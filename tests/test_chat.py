@@ -131,3 +131,19 @@ def test_undecodable_input_line_is_skipped(chat_dir, monkeypatch, capsys):
     model, tok = load(chat_dir, 2)
     reply = ChatSession(model, tok, max_new_tokens=3).send("Hello world!").reply
     assert "not valid UTF-8" in out.err and out.out == reply + "\n"
+
+
+def test_an_interrupted_reply_leaves_the_session_usable(chat_dir):
+    model, tok = load(chat_dir, 2)
+    session = ChatSession(model, tok, max_new_tokens=8)
+    calls = []
+
+    def stop_midway(piece):
+        calls.append(piece)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.send(TURNS[0], on_text=stop_midway)
+    assert calls and session.messages == []
+    again = session.send(TURNS[1])
+    assert again.tokens == ChatSession(model, tok, max_new_tokens=8).send(TURNS[1]).tokens

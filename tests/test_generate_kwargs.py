@@ -93,7 +93,8 @@ def test_stop_strings_end_at_the_string(model, tok):
 def test_streamer_gets_every_token_in_order(model, tok):
     got = []
     enc = tok(["hello", "def add(a, b):"], padding=True, return_tensors="pt")
-    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=7, num_return_sequences=2, do_sample=True, seed=0,
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=7, num_return_sequences=2,
+                         do_sample=True, seed=0,
                          streamer=lambda row, t: got.append((row, t)), return_dict=True)
     for row, tokens in enumerate(out.result.tokens):
         assert [t for r, t in got if r == row] == tokens

@@ -26,7 +26,8 @@ FANCY = """{{ bos_token }}
 {% if add_generation_prompt %}<|im_start|>assistant
 {% if persona is defined %}({{ persona }}) {% endif %}{% endif %}"""
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, hello parscale!", "héllo wörld — ünïcode ✓ 日本語",
+TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, hello parscale!",
+         "héllo wörld — ünïcode ✓ 日本語",
          "x = [1, 2, 3]  # numbers\n\tindent"] * 3
 
 
@@ -117,6 +118,10 @@ def test_batch_call_left_padding_equals_transformers(tokdir):
     assert ours.batch_decode(a["input_ids"], skip_special_tokens=True) == texts
     with pytest.raises(ParScaleError, match="padding=True"):
         ours(texts, return_tensors="pt")
+    theirs.padding_side = "left"
+    cut = ours(texts, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    ref = theirs(texts, padding=True, truncation=True, max_length=4, return_tensors="pt")
+    assert torch.equal(cut["input_ids"], ref["input_ids"]) and cut["input_ids"].shape[1] == 4
 
 
 @pytest.mark.parametrize("template", [CHATML, FANCY])
@@ -139,7 +144,8 @@ def test_apply_chat_template_equals_transformers(tmp_path, template, gen):
     if template is FANCY:  # trim_blocks / lstrip_blocks matter here, and match
         import jinja2
 
-        loose = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string(template).render(messages=MESSAGES, bos_token="<s>", **kw)
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        loose = env.from_string(template).render(messages=MESSAGES, bos_token="<s>", **kw)
         assert loose != text and loose.replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
 
 
@@ -167,7 +173,7 @@ def test_strftime_now_and_sandbox(tokdir):
     year = ours.apply_chat_template(MESSAGES, tokenize=False, chat_template="{{ strftime_now('%Y') }}")
     assert year == str(datetime.datetime.now().year)
     with pytest.raises(ParScaleError, match="chat template"):  # the sandbox refuses internals
-        ours.apply_chat_template(MESSAGES, chat_template="{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
+        ours.apply_chat_template(MESSAGES, chat_template="{{ ''.__class__.__subclasses__() }}")
 
 
 def test_special_tokens_and_eos_ids(tokdir):
@@ -189,6 +195,9 @@ def test_literal_separator_in_plain_text_stays_text(tokdir):
     ids = ours.encode(text)
     assert ours.separator_id not in ids and ours.decode(ids) == text
     assert ours.token_to_id("<|im_start|>") in ids  # other special tokens are parsed
+    bos = Tokenizer.from_pretrained(build_tokenizer(tokdir.parent / "bos", bos=True))
+    plain = bos.encode(text, add_special_tokens=False)
+    assert bos.encode(text) == [bos.bos_token_id] + plain and bos.decode(plain) == text
     # chat markup written by the template may hold the separator: parsed there
     tpl = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
     assert ours.apply_chat_template(MESSAGES[:1], chat_template=tpl)[-1] == ours.separator_id
@@ -258,3 +267,10 @@ def test_reads_what_transformers_saves(tmp_path, tokdir):
     assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True) == \
         theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
     assert ours.encode(TEXTS[2]) == theirs.encode(TEXTS[2])
+
+
+def test_save_pretrained_round_trip(tmp_path, tokdir):
+    ours = Tokenizer.from_pretrained(tokdir)
+    again = Tokenizer.from_pretrained(ours.save_pretrained(tmp_path / "copy"))
+    assert again.encode(TEXTS[2]) == ours.encode(TEXTS[2]) and again.chat_template == ours.chat_template
+    assert again.special_tokens_map == ours.special_tokens_map

@@ -148,23 +148,32 @@ def test_frozen_backbone_recycling_and_dynamic_p(tmp_path, corpus, base_run):
     p2 = train(tiny(tmp_path / "p2", corpus, init_from=str(base), streams=2, freeze_backbone=True, steps=6))
     p4 = train(tiny(tmp_path / "p4", corpus, init_from=p2.model_dir, streams=4, freeze_backbone=True, steps=6))
 
-    # recycling: the first loss of the new streams is the base model's, to within a small margin
+    # recycling: the first loss of the new streams is the base model's, to within a small margin;
+    # step 0 is evaluated, next to the init model's own held-out loss
     base_loss = _loss_on_first_batch(base, corpus, 1)
     for run in (p2, p4):
-        first = records(run.out_dir)[0]["loss"]
-        assert math.isfinite(first) and abs(first - base_loss) < 0.01 * base_loss, (first, base_loss)
+        step0, first = records(run.out_dir)[:2]
+        assert step0["step"] == 0 and "loss" not in step0
+        assert abs(step0["val_loss"] - step0["base_val_loss"]) < 0.01 * step0["base_val_loss"], step0
+        assert math.isfinite(first["loss"]) and abs(first["loss"] - base_loss) < 0.01 * base_loss, (first, base_loss)
 
-    B, W2, W4 = (load_file(str(Path(d) / "model.safetensors")) for d in (base, p2.model_dir, p4.model_dir))
-    backbone = [n for n in B]
-    assert backbone and all(torch.equal(W4[n], B[n]) for n in backbone)  # frozen: bit-identical
-    assert all(torch.equal(W2[n], B[n]) for n in backbone)
-    # P = 4 is the active set in the final dir (official names); P = 2 is kept unchanged beside it
-    assert torch.equal(W4["parscale.stream_sets.2.aggregate_layer.2.weight"], W2["model.aggregate_layer.2.weight"])
-    assert torch.equal(W4["parscale.stream_sets.2.prefix_k"],
-                       torch.stack([W2[f"model.layers.{i}.self_attn.prefix_k"] for i in range(2)]))
+    # frozen runs write adapters: only the stream sets, recorded onto the one real base
+    for run in (p2, p4):
+        meta = json.loads((Path(run.model_dir) / "adapter_config.json").read_text())
+        assert meta["base_model"] == str(base.resolve()) and not (Path(run.model_dir) / "config.json").exists()
+        assert set(load_file(str(Path(run.model_dir) / "adapter.safetensors"))) <= {
+            f"stream_sets.{p}.{n}" for p in (2, 4) for n in
+            ("prefix_k", "prefix_v", *(f"aggregate_layer.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")))}
+    B = ParScaleForCausalLM.from_pretrained(base).state_dict()
+    M2 = ParScaleForCausalLM.from_pretrained(p2.model_dir).state_dict()
+    M4 = ParScaleForCausalLM.from_pretrained(p4.model_dir).state_dict()
+    assert all(torch.equal(M4[n], B[n]) and torch.equal(M2[n], B[n]) for n in B)  # frozen: bit-identical
+    # P = 4 is the active set of the final adapter; P = 2 is carried along unchanged
+    for n in [n for n in M2 if n.startswith("stream_sets.2.")]:
+        assert torch.equal(M4[n], M2[n])
     # the stream tensors trained: the aggregator's last layer starts at exactly zero
-    assert W2["model.aggregate_layer.2.weight"].abs().sum() > 0
-    assert W4["model.aggregate_layer.2.weight"].abs().sum() > 0
+    assert M2["stream_sets.2.aggregate_layer.2.weight"].abs().sum() > 0
+    assert M4["stream_sets.4.aggregate_layer.2.weight"].abs().sum() > 0
 
     # one directory, two stream sets: dynamic P at load time
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -261,5 +270,5 @@ def test_recycle_a_hugging_face_llama_dir(tmp_path, corpus, base_run):
     assert math.isfinite(res.train_loss)
     model = ParScaleForCausalLM.from_pretrained(res.model_dir)
     assert (model.streams, model.config.prefix_tokens, model.config.attention_bias) == (2, 3, False)
-    W, B = load_file(str(Path(res.model_dir) / "model.safetensors")), load_file(str(hf / "model.safetensors"))
+    W, B = model.state_dict(), load_file(str(hf / "model.safetensors"))  # the adapter, onto its base
     assert all(torch.equal(W[n], B[n]) for n in B)

@@ -18,8 +18,8 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "chat", "convert", "train", "eval", "fit", "cost", "reproduce", "sample", "score",
-               "tasks"]
+SUBCOMMANDS = ["generate", "chat", "convert", "train", "merge-adapter", "eval", "fit", "cost", "reproduce",
+               "sample", "score", "tasks"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"parscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"parscale.commands.{name}")
+        module = importlib.import_module(f"parscale.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
 

@@ -12,7 +12,9 @@ ours               official config.json         meaning
 =================  ===========================  ==========================================
 
 ``stream_sets`` lists every P whose prefixes/aggregator the model holds (dynamic P: one frozen
-backbone, several stream sets); ``streams`` is the active one.
+backbone, several stream sets); ``streams`` is the active one. ``prefix_only`` (official key
+``parscale_prefix_only``, ours): P = 1 carries one learned prefix and no aggregator — the
+prefix-only control beside P > 1 (without it P = 1 is the plain backbone).
 
 Architectures are switches on one backbone: ``attention_bias`` (Qwen2's q/k/v biases),
 ``qk_norm`` (Qwen3's per-head q/k RMSNorm), ``head_dim`` (explicit in Qwen3) and
@@ -55,6 +57,8 @@ class ParScaleConfig:
     prefix_tokens: int = 48
     agg_smoothing: float = 0.01
     stream_sets: list[int] = field(default_factory=list)  # filled from `streams` when empty
+    quantization: str | None = None  # None: floating-point weights; "int8": parscale.quant's weight-only int8
+    prefix_only: bool = False  # P = 1 has a learned prefix (the prefix-only control)
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -89,16 +93,17 @@ class ParScaleConfig:
                  "must be a positive number")
         need(isinstance(self.agg_smoothing, (int, float)) and 0.0 <= self.agg_smoothing <= 1.0,
              "agg_smoothing", "must be in [0, 1]")
-        for name in ["attention_bias", "qk_norm", "tie_word_embeddings"]:
+        for name in ["attention_bias", "qk_norm", "tie_word_embeddings", "prefix_only"]:
             need(isinstance(getattr(self, name), bool), name, "must be true or false")
         for name in ["bos_token_id", "eos_token_id", "pad_token_id"]:
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name,
                  f"must be null or a token id in [0, {self.vocab_size})")
+        need(self.quantization in (None, "int8"), "quantization", 'must be null or "int8"')
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
-        if self.streams > 1:
-            need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1")
-        sets = sorted(set(int(p) for p in self.stream_sets) | {self.streams})
+        if self.streams > 1 or self.prefix_only:
+            need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1 or prefix_only")
+        sets = sorted(set(int(p) for p in self.stream_sets) | {self.streams} | ({1} if self.prefix_only else set()))
         if any(p < 1 for p in sets):
             raise ParScaleError(f"config field 'stream_sets': every P must be >= 1 (got {self.stream_sets!r})")
         self.stream_sets = sets

@@ -70,7 +70,7 @@ def stream_usage(model, inputs: torch.Tensor, labels: torch.Tensor, *, batch_siz
     """``StreamUsage`` of ``model`` (active P > 1) on ``inputs``/``labels`` (``b s`` token ids;
     ``labels[:, t]`` is the token after ``inputs[:, t]``, as in ``parscale.data.Batch``)."""
     P = model.streams
-    if model.stream_set is None:
+    if P < 2 or model.stream_set is None:  # P = 1 (prefix-only or not): nothing to combine
         raise ParScaleError(f"stream_usage needs a model with P > 1 streams (this one has P = {P})")
     if inputs.dim() != 2 or inputs.shape != labels.shape:
         raise ParScaleError(f"stream_usage: inputs and labels must be the same 2-D shape, got "

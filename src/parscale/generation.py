@@ -319,7 +319,8 @@ class GenerateOutput:
 def _check_ids(input_ids, attention_mask):
     if not isinstance(input_ids, torch.Tensor):
         raise ParScaleError(f"input_ids must be a torch.Tensor of shape (batch, seq), not a "
-                            f"{type(input_ids).__name__}: use torch.tensor([ids]) or tokenizer(..., return_tensors='pt')")
+                            f"{type(input_ids).__name__}: use torch.tensor([ids]) or "
+                            "tokenizer(..., return_tensors='pt')")
     if input_ids.dim() != 2:
         raise ParScaleError(f"input_ids must be 2-D (batch, seq); got shape {tuple(input_ids.shape)}"
                             + (": use input_ids[None] for one sequence" if input_ids.dim() == 1 else ""))
@@ -350,7 +351,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``eos_token_id`` (an int or a list; default: every EOS id of the config, the model's
     ``generation_config`` and ``tokenizer``, see :func:`default_eos_ids`) or when their new text
     contains one of ``stop_strings`` (needs ``tokenizer``). Rows that end early are padded with
-    ``pad_token_id`` (default: the config's pad id, the tokenizer's, else the first EOS id, else 0).
+    ``pad_token_id`` (default: the config's pad id, the generation config's, the tokenizer's, else the
+    first EOS id, else 0).
 
     ``streamer``: a callable ``streamer(row, token)`` called for every new token in order, or an
     HF-style object with ``put`` / ``end`` (``put`` gets the prompt, then each new token as a
@@ -382,6 +384,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
     if pad_token_id is None:

@@ -21,6 +21,14 @@ their switches: ``attention_bias: false`` (Llama), ``qk_norm: true`` (Qwen3, per
 tensors ``self_attn.q_norm.weight`` / ``k_norm.weight``) and ``rope_scaling`` (Llama-3's
 ``{"rope_type": "llama3", ...}``, which HF's Qwen2 code also understands). The official code knows
 neither ``attention_bias: false`` nor ``qk_norm``: such checkpoints are exact in parscale only.
+Bias-free backbones (Llama, recycled): the official Qwen2 code always builds q/k/v biases, so we
+write zero bias tensors, ``attention_bias: true`` and our marker ``parscale_zero_attention_bias:
+true``; reading such a file back drops the biases again when they are still exactly zero (a
+bias-free model, bit-identical), and keeps them otherwise (someone trained them).
+
+The prefix-only control (P = 1 with one prefix, ``prefix_only``) is written with ``parscale_n: 1``,
+its prefix under the official names with P = 1 and ``parscale_prefix_only: true``; the official
+code ignores the prefix at P = 1 (it loads the plain backbone).
 """
 
 from __future__ import annotations
@@ -99,7 +107,11 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         prefix_tokens=int(d.get("parscale_n_tokens", 48)),
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
+        quantization=d.get("quantization"),  # ours: "int8" (parscale.quant)
+        prefix_only=d.get("parscale_prefix_only", False),
     )
+    if d.get("parscale_zero_attention_bias"):
+        fields["attention_bias"] = False  # load_pretrained puts them back if they are not zero
     try:
         return ParScaleConfig(**fields)
     except ParScaleError as e:
@@ -145,12 +157,17 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
         "parscale_n": cfg.streams, "parscale_n_tokens": cfg.prefix_tokens,
         "parscale_attn_smooth": cfg.agg_smoothing,
     }
-    if not cfg.attention_bias:
-        d["attention_bias"] = False  # ours (e.g. a recycled Llama); official code expects biases
+    if not cfg.attention_bias:  # the official code builds q/k/v biases: save_pretrained writes zeros
+        d["attention_bias"] = True
+        d["parscale_zero_attention_bias"] = True
     if cfg.qk_norm:
         d["qk_norm"] = True  # ours (a Qwen3 backbone); official code has no q/k norms
+    if cfg.prefix_only:
+        d["parscale_prefix_only"] = True
     if cfg.stream_sets != [cfg.streams]:
         d["parscale_stream_sets"] = cfg.stream_sets
+    if cfg.quantization:
+        d["quantization"] = cfg.quantization
     return d
 
 
@@ -185,8 +202,9 @@ def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
             for i in range(cfg.num_hidden_layers):
                 out[f"model.layers.{i}.self_attn.prefix_k"] = sset.prefix_k[i]
                 out[f"model.layers.{i}.self_attn.prefix_v"] = sset.prefix_v[i]
-            for n, t in sset.aggregate_layer.state_dict().items():
-                out[f"model.aggregate_layer.{n}"] = t
+            if sset.aggregate_layer is not None:  # None: the prefix-only P = 1 set
+                for n, t in sset.aggregate_layer.state_dict().items():
+                    out[f"model.aggregate_layer.{n}"] = t
         else:
             for n, t in sset.state_dict().items():
                 out[f"parscale.stream_sets.{key}.{n}"] = t
@@ -246,16 +264,27 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _open_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
 
 
-def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None):
+def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None, quantize=None, adapter=None):
     """See :meth:`ParScaleForCausalLM.from_pretrained`. ``dtype``: None → float32 (as HF),
-    ``"auto"`` → the stored dtype, or a torch dtype."""
+    ``"auto"`` → the stored dtype, or a torch dtype. ``adapter``: an adapter directory to load
+    onto this base (``parscale.recycle``); ``path`` may itself be an adapter directory."""
     from .model import ParScaleForCausalLM
+    from .quant import MODES, quantize_
+    from .recycle import is_adapter, load_adapter
 
+    if quantize is not None and quantize not in MODES:
+        raise ParScaleError(f"unknown quantization {quantize!r} (supported: {', '.join(MODES)})")
+
+    if adapter is not None:
+        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device)
+    if is_adapter(path):
+        return load_adapter(path, streams=streams, dtype=dtype, device=device)
     path = Path(path)
     if path.suffix.lower() == ".gguf" and not path.is_dir():  # a llama.cpp file: converted in memory
         from .gguf import load_gguf
 
-        return load_gguf(path, streams=streams, dtype=dtype, device=device)
+        model = load_gguf(path, streams=streams, dtype=dtype, device=device)
+        return model if quantize is None else quantize_(model, quantize)
     cfg, raw = read_config(path)
     tensors, source = read_tensors(path)
     if dtype == "auto":
@@ -264,13 +293,32 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
         if dtype not in _DTYPES:
             raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)} or 'auto')")
         dtype = _DTYPES[dtype]
+    if raw.get("parscale_zero_attention_bias"):
+        cfg = _restore_zero_biases(cfg, tensors)
     # every parameter is overwritten below (checked); in the target dtype, so float64 stays exact
     model = ParScaleForCausalLM.empty(cfg).to(dtype=dtype or torch.float32)
     _assign(model, tensors, source)
     model = model.to(device=device)
+    if quantize is not None and not cfg.quantization:
+        quantize_(model, quantize)
     if streams is not None:
         model.set_streams(streams)
     return model.eval()
+
+
+def _zero_bias_names(cfg: ParScaleConfig) -> list[str]:
+    return [f"model.layers.{i}.self_attn.{x}_proj.bias" for i in range(cfg.num_hidden_layers) for x in "qkv"]
+
+
+def _restore_zero_biases(cfg: ParScaleConfig, tensors: dict[str, torch.Tensor]) -> ParScaleConfig:
+    """A file we wrote for a bias-free model carries zero q/k/v biases (for the official code):
+    drop them while they are exactly zero (bias-free again); if trained since, keep them."""
+    names = [n for n in _zero_bias_names(cfg) if n in tensors]
+    if names and all(not bool(tensors[n].any()) for n in names):
+        for n in names:
+            del tensors[n]
+        return cfg
+    return cfg.replace(attention_bias=True) if names else cfg
 
 
 # --------------------------------------------------------------------------- saving
@@ -282,7 +330,13 @@ def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in checkpoint_tensors(model).items()}
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype  # not the embedding's: int8 when quantised
+    if not model.config.attention_bias:  # zero q/k/v biases so the official code loads the file
+        cfg = model.config
+        sizes = {"q": cfg.num_attention_heads * cfg.head_dim, "k": cfg.num_key_value_heads * cfg.head_dim,
+                 "v": cfg.num_key_value_heads * cfg.head_dim}
+        for n in _zero_bias_names(cfg):
+            tensors[n] = torch.zeros(sizes[n.rsplit(".", 2)[-2][0]], dtype=dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for n, t in tensors.items():

@@ -17,6 +17,9 @@ ParScale (P > 1) adds exactly three things, all held by one ``StreamSet`` module
    weights, and the LM head runs once.
 
 Several stream sets can live on one backbone (dynamic P): ``set_streams(P)`` picks the active one.
+A P = 1 stream set (config ``prefix_only``) holds a prefix and no aggregator: the prefix-only
+control, one learned prefix on the plain backbone (the weighted sum of one stream is the identity).
+Without it, P = 1 is exactly the plain backbone.
 """
 
 from __future__ import annotations
@@ -96,6 +99,111 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# --------------------------------------------------------------------------- inference matmuls
+# Batch-1 decode multiplies a few rows (M = P·B) by each weight, so the BLAS path chosen for
+# skinny products, not the FLOPs, sets the speed. Measured on this machine's MKL (AVX-512),
+# 5632×1024 weight, 1 thread, M = 1 / 2 / 8 rows:
+#   float32  F.linear (weight n×k)     0.82 / 0.82 / 2.45 ms   (about M× the M = 1 time)
+#   float32  x @ Wᵀ stored k×n         0.81 / 0.88 / 0.99 ms   (flat: reads the weight once)
+#   bfloat16 F.linear                  0.76 / 0.82 / 0.81 ms
+#   bfloat16 W @ xᵀ (weight n×k)       0.77 / 0.54 / 0.54 ms   (M = 1 padded to 2 rows: 0.56 ms)
+# So at inference float32 weights are stored transposed (k×n) and reduced-precision ones keep
+# n×k and are multiplied as W @ xᵀ. Projections that read the same input (q/k/v, gate/up) share
+# one buffer: one matmul instead of two or three. The parameters become views into that buffer
+# (no extra memory; checkpoint names, state_dict and in-place loads unchanged).
+_SKINNY_ROWS = 16  # up to this many rows the W @ xᵀ form beats F.linear in reduced precision
+
+
+class PackedLinear:
+    """One or more ``nn.Linear`` layers with the same input, laid out for fast inference.
+
+    Building one moves the layers' weights (and biases) into one buffer and makes each parameter
+    a view into it; calling it on ``x`` gives the layers' outputs, concatenated, from one matmul.
+    ``valid`` says whether the parameters still live there (``model.to(...)`` or ``train()``
+    replaces them; the owner then packs again)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        w0 = linears[0].weight
+        self.linears, self.sizes = linears, [lin.out_features for lin in linears]
+        n, k = sum(self.sizes), w0.shape[1]
+        # CPU float32 (and float64): k×n, multiplied as x @ buf; otherwise n×k (bf16/fp16 on CPU:
+        # buf @ xᵀ; other devices: F.linear, their BLAS has no such skinny-product penalty)
+        self.transposed = w0.dtype in (torch.float32, torch.float64) and w0.device.type == "cpu"
+        with torch.inference_mode(False):
+            buf = torch.empty((k, n) if self.transposed else (n, k), dtype=w0.dtype, device=w0.device)
+            has_bias = any(lin.bias is not None for lin in linears)
+            bias = torch.zeros(n, dtype=w0.dtype, device=w0.device) if has_bias else None
+        start = 0
+        # ordinary tensors even under inference_mode: the parameters must stay usable for training
+        with torch.inference_mode(False), torch.no_grad():
+            for lin, size in zip(linears, self.sizes):
+                view = buf[:, start:start + size].t() if self.transposed else buf[start:start + size]
+                view.copy_(lin.weight)
+                lin.weight.data = view
+                if lin.bias is not None:
+                    bias[start:start + size].copy_(lin.bias)
+                    lin.bias.data = bias[start:start + size]
+                start += size
+        self.weight, self.bias = buf, bias
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> tuple:
+        return tuple((lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr())
+                     for lin in self.linears)
+
+    def valid(self) -> bool:
+        return self._pointers() == self._ptrs
+
+    def unpack(self) -> None:
+        """Give every parameter its own contiguous storage again (for training)."""
+        with torch.no_grad():
+            for lin in self.linears:
+                lin.weight.data = lin.weight.data.clone(memory_format=torch.contiguous_format)
+                if lin.bias is not None:
+                    lin.bias.data = lin.bias.data.clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)  # (rows) k
+        w, b = self.weight, self.bias
+        if self.transposed:
+            out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
+        elif x2.shape[0] <= _SKINNY_ROWS and w.device.type == "cpu":
+            rows = x2.shape[0]
+            if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
+                x2 = torch.cat([x2, x2])
+            out = (w @ x2.t()).t()[:rows]  # rows n, as a transposed view
+            out = out + b if b is not None else out.contiguous()
+        else:
+            out = F.linear(x2, w, b)
+        return out.view(*lead, out.shape[-1])
+
+
+def packed(owner: nn.Module, name: str, linears: list[nn.Linear]) -> PackedLinear | None:
+    """The inference layout of ``linears`` held by ``owner`` under ``name``, or None when the
+    forward pass must use the plain layers (training, or gradients wanted)."""
+    if torch.is_grad_enabled() or owner.training:
+        return None
+    p = owner.__dict__.get(name)  # a plain attribute, not a submodule or buffer
+    if p is None or not p.valid():
+        # layers other than nn.Linear (e.g. parscale.quant's) name their own packed layout
+        kind = getattr(type(linears[0]), "packed_type", PackedLinear if type(linears[0]) is nn.Linear else None)
+        if kind is None:
+            return None
+        p = kind(linears)
+        owner.__dict__[name] = p
+    return p
+
+
+def unpack_all(model: nn.Module) -> None:
+    """Undo every ``packed`` layout under ``model`` (training wants plain contiguous weights)."""
+    for m in model.modules():
+        for key in [k for k, v in list(m.__dict__.items()) if isinstance(v, PackedLinear)]:
+            if m.__dict__[key].valid():
+                m.__dict__[key].unpack()
+            del m.__dict__[key]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ParScaleConfig, layer_idx: int):
         super().__init__()
@@ -113,12 +221,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
-        q = rearrange(self.q_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "r s (h d) -> r h s d", d=self.head_dim)
-        if self.qk_norm:  # prefix keys are stored as used: not normalised here
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = packed(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj])
+        if qkv is not None and not self.qk_norm:  # inference: one matmul, one RoPE call for q and k
+            qk, v = qkv(x).split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
+            qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+            v = rearrange(v, "r s (h d) -> r h s d", d=self.head_dim)
+        else:
+            if qkv is not None:
+                q, k, v = qkv(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (rearrange(t, "r s (h d) -> r h s d", d=self.head_dim) for t in (q, k, v))
+            if self.qk_norm:  # prefix keys are stored as used: not normalised here
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache already holds the prefix in its first slots
             k, v = cache.update(self.layer_idx, k, v)
         elif prefix is not None:  # prefix keys are not rotated: they have no position
@@ -127,7 +244,9 @@ class Attention(nn.Module):
         attn_mask, is_causal = mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(rearrange(out, "r h s d -> r s (h d)"))
+        out = rearrange(out, "r h s d -> r s (h d)")
+        o = packed(self, "_o", [self.o_proj])
+        return self.o_proj(out) if o is None else o(out)
 
 
 class MLP(nn.Module):
@@ -138,7 +257,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = packed(self, "_gate_up", [self.gate_proj, self.up_proj])
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = gate_up(x).chunk(2, dim=-1)
+        return packed(self, "_down", [self.down_proj])(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -169,28 +292,36 @@ class Backbone(nn.Module):
 class StreamSet(nn.Module):
     """Everything that depends on P: per-layer, per-stream prefixes and the aggregator.
 
-    Initialisation (the official code leaves prefixes as ``torch.empty`` — garbage, often NaN):
-    prefix keys/values ~ N(0, initializer_range), different per stream so the streams differ from
-    step one; the aggregator's first Linear ~ N(0, initializer_range) and its last Linear all
-    zeros, so training starts from uniform weights 1/P, i.e. the mean of the P streams. Small
-    prefixes perturb each stream only slightly, so a recycled P = 1 model starts near its own loss.
+    Initialisation here (the official code leaves prefixes as ``torch.empty`` — garbage, often
+    NaN): prefix keys/values ~ N(0, initializer_range), different per stream so the streams differ
+    from step one; the aggregator's first Linear ~ N(0, initializer_range) and its last Linear all
+    zeros, so training starts from uniform weights 1/P, i.e. the mean of the P streams. That suits
+    training from scratch. On a *pretrained* backbone near-zero prefix keys pull attention mass
+    off the real tokens (+24% loss on SmolLM2-135M at P = 2, 48 tokens), so
+    ``ParScaleForCausalLM.add_stream_set`` overwrites the prefixes with keys/values of real text
+    snippets by default (``parscale.recycle``; docs/recycling.md).
+
+    P = 1 (the prefix-only control) has prefixes and no aggregator.
     """
 
     def __init__(self, cfg: ParScaleConfig, streams: int):
         super().__init__()
-        if streams < 2:
-            raise ParScaleError(f"a stream set needs P >= 2 (got {streams})")
+        if streams < 1:
+            raise ParScaleError(f"a stream set needs P >= 1 (got {streams})")
         self.streams, self.smoothing = streams, cfg.agg_smoothing
         shape = (cfg.num_hidden_layers, streams, cfg.num_key_value_heads, cfg.prefix_tokens, cfg.head_dim)
         self.prefix_k = nn.Parameter(torch.zeros(shape))  # l p h t d
         self.prefix_v = nn.Parameter(torch.zeros(shape))
         h = cfg.hidden_size
-        self.aggregate_layer = nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
+        self.aggregate_layer = (nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
+                                if streams > 1 else None)
 
     def reset_parameters(self, std: float) -> None:
         with torch.no_grad():
             nn.init.normal_(self.prefix_k, std=std)
             nn.init.normal_(self.prefix_v, std=std)
+            if self.aggregate_layer is None:
+                return
             nn.init.normal_(self.aggregate_layer[0].weight, std=std)
             nn.init.zeros_(self.aggregate_layer[0].bias)
             nn.init.zeros_(self.aggregate_layer[2].weight)
@@ -208,7 +339,9 @@ class StreamSet(nn.Module):
         w = torch.softmax(self.aggregate_layer(mixed).float(), dim=-1)
         return w * (1 - self.smoothing) + self.smoothing / self.streams
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.aggregate_layer is None:  # P = 1: one stream, nothing to mix
+            return hidden, None
         w = self.weights(hidden)
         streams = rearrange(hidden, "(p b) s h -> b s p h", p=self.streams)
         return (streams * w[..., None]).sum(dim=2).to(hidden.dtype), w
@@ -261,11 +394,13 @@ class ParScaleForCausalLM(nn.Module):
         self._init_backbone()
         self.stream_sets = nn.ModuleDict()
         for p in config.stream_sets:
-            if p > 1:
+            if p > 1 or config.prefix_only:
                 self.stream_sets[str(p)] = StreamSet(config, p)
                 self.stream_sets[str(p)].reset_parameters(config.initializer_range)
         self.gradient_checkpointing = False
         self.generation_config = GenerationConfig.from_model_config(config)
+        if config.quantization:  # a quantised config builds the quantised layers (loaders fill them)
+            self.quantize(config.quantization)
 
     # ------------------------------------------------------------------ Hugging Face habits
     @property
@@ -275,7 +410,7 @@ class ParScaleForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # the compute dtype (the embedding may be int8)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Recompute each layer's activations in the backward pass (training mode only)."""
@@ -285,6 +420,11 @@ class ParScaleForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ setup
+    def train(self, mode: bool = True) -> "ParScaleForCausalLM":
+        if mode:  # inference packs weights into fused, transposed buffers; training wants them plain
+            unpack_all(self)
+        return super().train(mode)
+
     def reset_parameters(self) -> None:
         """Re-initialise everything: the backbone, then each stream set."""
         self._init_backbone()
@@ -312,28 +452,51 @@ class ParScaleForCausalLM(nn.Module):
 
     @property
     def stream_set(self) -> StreamSet | None:
-        return self.stream_sets[str(self.streams)] if self.streams > 1 else None
+        return self.stream_sets[str(self.streams)] if str(self.streams) in self.stream_sets else None
 
     def set_streams(self, streams: int) -> "ParScaleForCausalLM":
-        """Pick the active stream set (dynamic P). P = 1 is always available: the backbone alone."""
+        """Pick the active stream set (dynamic P). P = 1 is always available: the backbone alone
+        (or, in a ``prefix_only`` model, the backbone with its one learned prefix)."""
         if not isinstance(streams, int) or streams < 1:
             raise ParScaleError(f"streams must be an integer >= 1 (got {streams!r})")
         if streams > 1 and str(streams) not in self.stream_sets:
-            raise ParScaleError(f"this model has no stream set for P={streams}; "
-                                f"available: {sorted({1, *map(int, self.stream_sets)})}")
+            raise ParScaleError(f"this model has no stream set for P={streams} (available: "
+                                f"{sorted({1, *map(int, self.stream_sets)})}); add one with "
+                                f"model.add_stream_set({streams}) or train one with "
+                                f"`parscale train --init-from DIR --streams {streams}`")
         self.config.streams = streams
         return self
 
-    def add_stream_set(self, streams: int) -> StreamSet:
-        """Add (and activate) a freshly initialised stream set for P = ``streams`` on this backbone."""
-        if streams < 2:
-            raise ParScaleError(f"streams must be >= 2 for a new stream set (got {streams})")
+    def add_stream_set(self, streams: int, *, init: str = "snippets", snippets: torch.Tensor | None = None,
+                       std: float | None = None) -> StreamSet:
+        """Add (and activate) a new stream set for P = ``streams`` on this backbone; P = 1 adds the
+        prefix-only control (one learned prefix, no aggregator).
+
+        ``init="snippets"`` (default): stream p's prefix is the backbone's own keys/values on text
+        snippet p (``snippets``: token ids ``p t``, e.g. from the training data; None: sampled from
+        the model itself), so the recycled model starts at its base loss (docs/recycling.md).
+        ``init="random"``: prefixes ~ N(0, ``std``, default ``initializer_range``), the from-scratch
+        init. Either way the aggregator starts uniform.
+        """
+        from .recycle import INITS, snippet_prefixes
+
+        if not isinstance(streams, int) or streams < 1:
+            raise ParScaleError(f"streams must be an integer >= 1 (got {streams!r})")
+        if init not in INITS:
+            raise ParScaleError(f"unknown stream-set init {init!r} (use one of {', '.join(INITS)})")
         if self.config.prefix_tokens < 1:
-            raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add streams")
-        ref = self.model.embed_tokens.weight
+            raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add a stream set")
+        ref = self.model.norm.weight  # the compute dtype (the embedding may be int8)
         s = StreamSet(self.config, streams).to(device=ref.device, dtype=ref.dtype)
-        s.reset_parameters(self.config.initializer_range)
+        s.reset_parameters(self.config.initializer_range if std is None else std)
+        if init == "snippets":
+            k, v = snippet_prefixes(self, streams, snippets)
+            with torch.no_grad():
+                s.prefix_k.copy_(k)
+                s.prefix_v.copy_(v)
         self.stream_sets[str(streams)] = s
+        if streams == 1:
+            self.config.prefix_only = True
         self.config.stream_sets = sorted(set(self.config.stream_sets) | {streams})
         return self.set_streams(streams).stream_set
 
@@ -384,7 +547,8 @@ class ParScaleForCausalLM(nn.Module):
         cos, sin = self.model.rotary(positions, x.dtype)
         if P > 1:
             x = repeat(x, "b s h -> (p b) s h", p=P)
-            cos, sin = (repeat(t, "b 1 s d -> (p b) 1 s d", p=P) for t in (cos, sin))
+            if b > 1:  # one sample's cos/sin broadcast over its P rows as they are
+                cos, sin = (repeat(t, "b 1 s d -> (p b) 1 s d", p=P) for t in (cos, sin))
 
         for i, layer in enumerate(self.model.layers):
             prefix = sset.prefix(i, b, x.dtype) if (sset is not None and cache is None) else None
@@ -399,7 +563,10 @@ class ParScaleForCausalLM(nn.Module):
         weights = None
         if sset is not None:
             x, weights = sset(x)  # (p b) s h -> b s h
-        logits = self.lm_head(x)
+        # a tied float32 head keeps the embedding's row-major layout (lookups in a transposed table are slow)
+        tied32 = self.config.tie_word_embeddings and self.lm_head.weight.dtype in (torch.float32, torch.float64)
+        head = None if tied32 else packed(self, "_head", [self.lm_head])
+        logits = self.lm_head(x) if head is None else head(x)
 
         loss = None
         if labels is not None:
@@ -410,7 +577,7 @@ class ParScaleForCausalLM(nn.Module):
     # ------------------------------------------------------------------ cache / generation
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` samples and ``capacity`` tokens, prefixes pre-filled."""
-        ref = self.model.embed_tokens.weight
+        ref = self.model.norm.weight  # the compute dtype (the embedding may be int8)
         cfg, sset = self.config, self.stream_set
         cache = KVCache(cfg.num_hidden_layers, batch, self.streams, cfg.num_key_value_heads,
                         cfg.head_dim, capacity, cfg.prefix_tokens if sset is not None else 0,
@@ -438,19 +605,23 @@ class ParScaleForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device)
-        if config.tie_word_embeddings:  # to_empty allocates the two tied names separately
+        if config.tie_word_embeddings and not config.quantization:  # to_empty untied the two names
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary.reset_parameters()
         return model
 
     @classmethod
-    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None):
+    def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None,
+                        quantize: str | None = None, adapter=None):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
         Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
         a stored stream set (dynamic P). ``dtype`` (``torch_dtype`` is the Hugging Face name for
         it): a torch dtype, float32 / bfloat16 / float16 (fp32 / bf16 / fp16), or ``"auto"`` for the
-        stored one. ``generation_config`` comes from ``generation_config.json`` when the directory
-        has one."""
+        stored one. ``quantize="int8"``: weight-only int8 after loading (see :mod:`parscale.quant`;
+        a checkpoint saved quantised loads quantised anyway). ``generation_config`` comes from
+        ``generation_config.json`` when the directory has one. ``adapter``: a frozen-backbone run's
+        stream sets to load onto this base; ``path`` may also be an adapter directory itself (its
+        recorded base is loaded, the base's hash checked)."""
         from .dtypes import ALIASES
         from .interop import load_pretrained
 
@@ -460,10 +631,17 @@ class ParScaleForCausalLM(nn.Module):
             dtype = torch_dtype
         if isinstance(dtype, str):
             dtype = ALIASES.get(dtype.strip().lower().removeprefix("torch."), dtype)
-        model = load_pretrained(path, streams=streams, dtype=dtype, device=device)
+        model = load_pretrained(path, streams=streams, dtype=dtype, device=device, quantize=quantize,
+                                adapter=adapter)
         if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
             model.generation_config = GenerationConfig.load(path, model.config)
         return model
+
+    def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":
+        """Weight-only int8 in place (see :mod:`parscale.quant`); returns self."""
+        from .quant import quantize_
+
+        return quantize_(self, mode)
 
     def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` + safetensors in the official ParScale format (atomically per file)."""

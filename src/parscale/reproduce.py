@@ -57,6 +57,7 @@ PLOT_NAMES = {
     "stream_gap": "stream_gap.png",  # loss minus the same size's P = 1 loss, during training
 }
 
+BASELINES = ("prefix",)  # --baseline prefix: a P = 1 + one learned prefix run per size (the fair control)
 PAPER = 'Chen et al., "Parallel Scaling Law for Language Models", arXiv 2505.10475'
 # The paper's fitted constants on Stack-V2-Python (Python code, like our stdlib corpus); the
 # fit in parscale.scaling_law reproduces them from the paper's 24 losses (tests check 0.5 %).
@@ -166,7 +167,7 @@ class PlannedRun:
     """One training run of the reproduction: its name, what it measures, and its TrainConfig."""
 
     name: str
-    experiment: str  # "grid" (enters the fit) or "two_stage"
+    experiment: str  # "grid" (enters the fit), "baseline" (P = 1 + prefix) or "two_stage"
     size: SizeSpec
     streams: int
     config: TrainConfig
@@ -178,9 +179,12 @@ def grid_name(size: str, streams: int) -> str:
 
 
 def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None,
-              threads: int | None = None) -> list[PlannedRun]:
-    """Every run of ``preset`` in training order: the grid (size by size, P ascending), then the
+              threads: int | None = None, baseline: str | None = None) -> list[PlannedRun]:
+    """Every run of ``preset`` in training order: the grid (size by size, P ascending; with
+    ``baseline="prefix"`` each size's P = 1 + one learned prefix run after its grid runs), then the
     two-stage continuations (which start from the grid's P = 1 model of the base size)."""
+    if baseline is not None and baseline not in BASELINES:
+        raise ParScaleError(f"unknown baseline {baseline!r} (choose one of: {', '.join(BASELINES)})")
     runs_dir = Path(os.path.normpath(out)) / RUNS_DIR
     common = {"vocab_size": preset.vocab_size, "prefix_tokens": preset.prefix_tokens,
               "seq_len": preset.seq_len, "batch_size": preset.batch_size,
@@ -196,6 +200,12 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
                               min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                               schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "grid", size, P, cfg))
+        if baseline == "prefix":  # same seed: the same backbone init as the size's grid runs
+            name = f"{grid_name(size.name, 1)}-prefix"
+            cfg = TrainConfig(**common, **size.shape(), streams=1, prefix_only=True, tokens=preset.tokens,
+                              lr=preset.lr, min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
+                              schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
+            plan.append(PlannedRun(name, "baseline", size, 1, cfg, "prefix"))
     ts = preset.two_stage
     if ts is not None:
         base = next((s for s in preset.sizes if s.name == ts.base_size), None)
@@ -210,7 +220,10 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
         steps = math.ceil(extra / (preset.batch_size * preset.seq_len))
         for P, role in ((1, "continued"), (ts.streams, "recycled")):
             name = f"twostage-{base.name}-{role}-p{P}"
+            # float32 and random prefixes, as in every committed reproduction (the trainer's
+            # --init-from defaults are bf16 autocast and snippet prefixes, docs/recycling.md)
             cfg = TrainConfig(**common, init_from=str(runs_dir / stage1_name / "model"),
+                              dtype="float32", stream_init="random",
                               streams=P, tokens=extra, lr=preset.lr, min_lr=preset.min_lr,
                               warmup_steps=max(1, steps // 10), seed=preset.seed + 1,
                               out=str(runs_dir / name))
@@ -436,7 +449,7 @@ def _record(run: PlannedRun, result, trained_now: bool, resumed_from: int) -> Ru
 
 def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = None, *,
               threads: int | str | None = "auto", data: str | None = None, progress: bool = True,
-              command: str | None = None,
+              command: str | None = None, baseline: str | None = None,
               train_fn: Callable[..., Any] | None = None) -> ReproductionResult:
     """Train every run of ``preset`` (skipping finished ones, resuming interrupted ones), fit the
     law, and write results.json, report.md and the plots into ``out``.
@@ -445,6 +458,8 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     ``parscale train --data``); ``threads``: torch's CPU threads for every run, ``"auto"`` (the
     cores that are free when each run starts, see ``auto_threads``) or None (torch's default);
     ``train_fn`` replaces ``parscale.training.train`` (tests use it to count or interrupt runs).
+    ``baseline="prefix"`` adds a P = 1 + one learned prefix run per size, reported beside every
+    P > 1 result (not part of the fit).
     """
     from .data import prepare_data
     from .training import train
@@ -457,7 +472,8 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
     if out_dir.exists() and not out_dir.is_dir():
         raise ParScaleError(f"--out {out_dir}: exists and is not a directory")
     train_fn = train_fn or train
-    plan = plan_runs(preset, out_dir, data=data, threads=None if threads == "auto" else threads)
+    plan = plan_runs(preset, out_dir, data=data, threads=None if threads == "auto" else threads,
+                     baseline=baseline)
     started = datetime.datetime.now(datetime.UTC)
     load_start = _load_average()
 
@@ -506,10 +522,14 @@ def reproduce(preset: str | Preset = "quick", out: str | os.PathLike | None = No
                              [r for r in grid if r.size == ts.base_size and r.P == ts.streams])
     usage = measure_streams(plan, prepared, preset, trained)
     conclusions = conclude(grid, fit, boot, two, backbone, usage)
+    prefix_runs = [records[r.name] for r in plan if r.experiment == "baseline"]
+    if prefix_runs:
+        conclusions.append(prefix_conclusion(grid, prefix_runs))
     plots = write_plots(out_dir, grid, fit, [records[r.name] for r in plan], preset, boot=boot)
     wall = time.perf_counter() - t0
     results = {
         "runs": [r.to_dict() for r in grid],
+        "baseline_prefix": [r.to_dict() for r in prefix_runs],
         "fit": fit.to_dict(),
         "fit_backbone_n": backbone,
         "stream_usage": usage,
@@ -572,6 +592,31 @@ def measure_streams(plan: Sequence[PlannedRun], prepared, preset: Preset,
         out[run.name] = stream_usage(model, val.inputs, val.labels, batch_size=preset.batch_size).to_dict()
         atomic_write_text(cached, json.dumps(out[run.name], indent=1) + "\n")
     return out
+
+
+def prefix_conclusion(grid: Sequence[RunRecord], prefix_runs: Sequence[RunRecord]) -> str:
+    """One line: in how many (size, P > 1) cells the streams beat the P = 1 + prefix control."""
+    base = {r.size: r.val_loss for r in prefix_runs}
+    cells = [(r, r.val_loss - base[r.size]) for r in grid if r.P > 1 and r.size in base]
+    wins = [f"{r.name} ({d:+.4f})" for r, d in cells if d < 0]
+    return (f"Against the fair control (P = 1 + one learned prefix, same tokens): P > 1 has the lower "
+            f"held-out loss in {len(wins)} of {len(cells)} cells" + (f": {', '.join(wins)}." if wins else ".")
+            + " Differences are the P-stream model's loss minus the control's (nats).")
+
+
+def prefix_table(grid: Sequence[Mapping[str, Any]], prefix_runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown rows: every grid run beside its size's P = 1 + prefix control."""
+    base = {r["size"]: r for r in prefix_runs}
+    lines = ["| run | P | held-out loss | P = 1 + prefix (same size) | difference | plain P = 1 |",
+             "|---|---|---|---|---|---|"]
+    plain = {r["size"]: r["val_loss"] for r in grid if r["P"] == 1}
+    for r in grid:
+        b = base.get(r["size"])
+        if b is None:
+            continue
+        lines.append(f"| {r['name']} | {r['P']} | {r['val_loss']:.4f} | {b['val_loss']:.4f} | "
+                     f"{r['val_loss'] - b['val_loss']:+.4f} | {_fmt(plain.get(r['size']))} |")
+    return lines
 
 
 def fit_runs(runs: Sequence[RunRecord], bootstrap: int, seed: int = 0):
@@ -879,6 +924,12 @@ def render_report(results: Mapping[str, Any]) -> str:
         lines.append(f"| {r['name']} | {row['N']:,.0f} | {row['P']:g} | {row['loss']:.4f} | "
                      f"{row['predicted']:.4f} | {row['residual']:+.4f} |")
 
+    prefix_runs = results.get("baseline_prefix")
+    if prefix_runs:
+        lines += ["", "## Beside the fair control: P = 1 + one learned prefix", "",
+                  ("Each size's P = 1 model with one learned prefix (`--prefix-only`, the same tokens, seed "
+                   "and backbone init): what a prefix alone buys. Difference < 0: the P streams beat it."),
+                  "", *prefix_table(runs, prefix_runs)]
     usage = results.get("stream_usage")
     if usage:
         lines += [

@@ -2,10 +2,11 @@
 
 ``Tokenizer.from_pretrained(DIR)`` reads the Hugging Face files a model directory holds:
 ``tokenizer.json`` (the ``tokenizers`` pipeline), ``tokenizer_config.json`` (special tokens,
-``chat_template``, or a ``chat_template.jinja`` file beside it as transformers 5 saves it; ``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor), ``generation_config.json`` and
-``config.json`` (their ``eos_token_id``, an int or a list). It is used the way ``transformers``'
-tokenizers are (``tok(texts, padding=True, return_tensors="pt")``, ``decode``,
-``apply_chat_template``) and gives the same ids on the same files (tests/test_tokenizer.py checks
+``chat_template`` — or a ``chat_template.jinja`` beside it, as transformers 5 saves it —,
+``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor),
+``generation_config.json`` and ``config.json`` (their ``eos_token_id``, an int or a list). It is
+used the way ``transformers``' tokenizers are (``tok(texts, padding=True, return_tensors="pt")``,
+``decode``, ``apply_chat_template``) and gives the same ids on the same files (tests/test_tokenizer.py checks
 this against transformers), with two documented choices: padding is on the **left** by default
 (what generation needs), and the document separator (below) written in plain text stays text.
 
@@ -376,12 +377,14 @@ class Tokenizer:
 
     def __call__(self, text: str | Sequence[str], *, padding: bool | str = False,
                  return_tensors: str | None = None, add_special_tokens: bool = True,
-                 padding_side: str | None = None) -> dict[str, Any]:
+                 padding_side: str | None = None, truncation: bool = False,
+                 max_length: int | None = None) -> dict[str, Any]:
         """Encode one text or a list: ``{"input_ids", "attention_mask"}``.
 
         One string gives one id list (a ``1 s`` tensor with ``return_tensors="pt"``); a list gives
         one per text. ``padding=True`` (or ``"longest"``) pads to the longest, on ``padding_side``
-        (default ``self.padding_side``, "left").
+        (default ``self.padding_side``, "left"). ``truncation=True`` keeps the first ``max_length``
+        ids of each text (default the config's ``model_max_length``), as transformers does.
         """
         single = isinstance(text, str)
         texts = [text] if single else list(text)
@@ -390,6 +393,11 @@ class Tokenizer:
         if padding not in (False, True, "longest", "do_not_pad"):
             raise ParScaleError(f"padding must be True, False or 'longest' (got {padding!r})")
         ids = self.encode_batch(texts, add_special_tokens)
+        if truncation:
+            limit = max_length if max_length is not None else self.config.get("model_max_length")
+            if not isinstance(limit, int) or limit < 1:
+                raise ParScaleError(f"truncation needs max_length >= 1 (got {limit!r})")
+            ids = [x[:limit] for x in ids]
         if padding in (True, "longest"):
             out = self.pad(ids, return_tensors=return_tensors, padding_side=padding_side)
         else:

@@ -211,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
         except ParScaleError as e:  # e.g. the context is full: say so, keep the session
             print(f"parscale chat: {e}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (it is not kept), not the chat
+            print("\nparscale chat: reply interrupted", file=sys.stderr)
+            continue
         write("\n")
         if args.stats:
             fed = turn.prompt_tokens - turn.reused_tokens

@@ -19,6 +19,10 @@ examples:
   # one chat turn: --prompt is the user message, rendered with the model's chat template
   parscale generate --model smollm2 --chat --prompt "What is the capital of France?"
 
+  # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
+  parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2
+  parscale generate --model runs/demo/model --prompt "import os" --quantize int8
+
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
 """
@@ -50,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
                    help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
     add_threads_argument(p)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
     p.set_defaults(func=run)
 
 

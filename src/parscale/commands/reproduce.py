@@ -7,6 +7,7 @@ import argparse
 import shlex
 
 from ..cli import HelpFormatter
+from ._common import threads_type
 
 DESCRIPTION = """\
 Reproduce the parallel scaling law of Chen et al. (arXiv 2505.10475) on a CPU:
@@ -36,6 +37,9 @@ examples:
   # same command to continue where it stopped
   parscale reproduce --preset full --out runs/reproduce-full
 
+  # with the fair control: a P = 1 + one learned prefix run per size, shown beside every P > 1
+  parscale reproduce --preset quick --baseline prefix --out runs/reproduce-quick
+
   # a smoke test on your own corpus (a directory, a .jsonl or a text file)
   parscale reproduce --preset micro --data my_corpus/ --out /tmp/micro
 """
@@ -49,30 +53,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which experiment to run (see above)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: runs/reproduce-PRESET)")
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+    parser.add_argument("--threads", type=threads_type, default="auto", metavar="N|auto",
                         help="torch CPU threads per run; auto: the cores not busy with other work when "
                              "each run starts (on a shared machine, spare threads slow training down)")
     parser.add_argument("--data", default=None, metavar="SPEC",
                         help="corpus instead of the preset's stdlib: a directory, .jsonl or text file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--baseline", choices=["prefix"], default=None,
+                        help="prefix: add a P = 1 + one learned prefix run per size, reported beside every P > 1")
     parser.set_defaults(func=run)
-
-
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
 
 
 def _command_line(args: argparse.Namespace) -> str:
     parts = ["parscale", "reproduce", "--preset", args.preset]
-    for flag, value in (("--out", args.out), ("--threads", args.threads), ("--data", args.data)):
+    for flag, value in (("--out", args.out), ("--threads", args.threads), ("--data", args.data),
+                        ("--baseline", args.baseline)):
         if value is not None and value != "auto":
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -83,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)  # a bad name fails before anything is prepared
     result = reproduce(preset, args.out, threads=args.threads, data=args.data, progress=not args.quiet,
-                       command=_command_line(args))
+                       command=_command_line(args), baseline=args.baseline)
     fit = result.fit
     print(f"parscale reproduce: {len(result.trained)} runs trained, {len(result.skipped)} already finished; "
           f"fit E = {fit.E:.4g}, A = {fit.A:.4g}, alpha = {fit.alpha:.4g}, k = {fit.k:.4g}, R^2 = {fit.r2:.4f}")

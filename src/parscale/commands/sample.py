@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..errors import ParScaleError
@@ -93,6 +94,9 @@ def _problems(args: argparse.Namespace, task):
         return load_problems(text, task)
     if count < 1:
         raise ParScaleError(f"--problems must be >= 1 or a file (got {count})")
+    from ._common import check_count
+
+    check_count("--problems", count * args.n, 4096, "samples (--problems x --n)")
     if task.name == "exact":
         raise ParScaleError("--task exact has no generator: pass --problems FILE.jsonl")
     return task.make_problems(count, seed=args.problem_seed, difficulty=args.difficulty)
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling.tasks import get_task
     from ..tokenizer import Tokenizer
     from ._common import apply_threads, check_generation_budget, ensure_writable_file
-    from .score import parse_ks, print_report
+    from .score import check_flags, parse_ks, print_report
 
     # everything is checked before the model loads, so a bad flag or output costs nothing
     for flag, value, low in [("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
@@ -126,7 +130,20 @@ def run(args: argparse.Namespace) -> int:
     if args.early_stop:
         make_policy(args.early_stop)  # a bad spec fails before the model loads
     temps, top_ps = _floats(args.temperature, "--temperature"), _floats(args.top_p, "--top-p")
+    for flag, values, ok, need in [("--temperature", temps, lambda t: t >= 0, ">= 0 (0: greedy)"),
+                                   ("--top-p", top_ps, lambda p: 0 < p <= 1, "in (0, 1]")]:
+        values = values if isinstance(values, list) else [values]
+        if len(values) not in (1, args.n):
+            raise ParScaleError(f"{flag}: {len(values)} values for --n {args.n} (give one, or one per sample)")
+        bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+        if bad:
+            raise ParScaleError(f"{flag} must be {need} (got {bad[0]})")
+    if args.top_k is not None and args.top_k < 0:
+        raise ParScaleError(f"--top-k must be >= 0 (got {args.top_k}; 0 = off)")
+    check_flags(args)  # --seed
     ks = parse_ks(args.k) if args.k else None
+    if ks and max(ks) > args.n:
+        raise ParScaleError(f"--k: k={max(ks)} is larger than the number of samples --n {args.n}")
     if args.out:
         ensure_writable_file(args.out, "--out")
     problems = _problems(args, task)

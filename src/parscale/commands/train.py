@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import ParScaleError
+
 EXAMPLE = """\
 examples:
   # a tiny model on 2 MB of the Python standard library: about a minute on a laptop CPU
@@ -26,8 +28,18 @@ examples:
   # two-stage: P = 1 for 2M tokens, then add 4 streams and train 200k more tokens
   parscale train --size small --streams 4 --stage1-tokens 2000000 --stage2-tokens 200000 --out runs/two
 
-  # recycle a trained backbone: freeze it and train only a new 4-stream set (dynamic P)
+  # recycle a trained backbone: freeze it and train only a new 4-stream set (dynamic P); the new
+  # prefixes are the backbone's own keys/values on training text (starts at the base's loss), and
+  # runs/p4/model is an adapter (stream sets + the base's path and hash; merge-adapter for one dir)
   parscale train --init-from runs/two/model --streams 4 --freeze-backbone --tokens 500000 --out runs/p4
+
+  # the fair control: P = 1 with one learned prefix, the same backbone and tokens
+  parscale train --init-from runs/two/model --streams 1 --prefix-only --freeze-backbone \\
+      --tokens 500000 --out runs/p1-prefix
+
+  # shard parameters, gradients and Adam state over 2 processes (FSDP2; gloo on CPU)
+  torchrun --nproc_per_node 2 -m parscale.cli train --init-from runs/two/model --streams 4 \\
+      --freeze-backbone --fsdp --tokens 500000 --out runs/p4-fsdp
 
   # the same settings from a file (flags override it); 2 processes with DDP
   torchrun --nproc_per_node 2 -m parscale.cli train --config run.toml --out runs/ddp
@@ -72,7 +84,8 @@ HELP = {
     "init_from": "start from this checkpoint directory (ours or HF Qwen2/Llama); shape flags not allowed",
     "freeze_backbone": "train only the P-stream parameters (needs --init-from)",
     "activation_checkpointing": "recompute activations in the backward pass (less memory, ~30%% slower)",
-    "dtype": "float32, or bfloat16 autocast (weights and optimizer stay float32); fp32/bf16 accepted",
+    "dtype": "auto (bfloat16 with --init-from, float32 from scratch), float32, or bfloat16 autocast "
+             "(weights and optimizer stay float32); fp32/bf16 accepted",
     "threads": "torch CPU threads, or auto: the cores not busy with other work (default: auto, or "
                "the resumed run's count; resume bit-exactly with the same number)",
     "device": "auto (cuda if available), cpu or cuda",
@@ -82,7 +95,7 @@ HELP = {
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ..training.options import DEVICES, DTYPES, SCHEDULES, SIZE_PRESETS, TrainConfig
+    from ..training.options import DEVICES, DTYPES, SCHEDULES, SIZE_PRESETS, STREAM_INITS, TrainConfig
 
     p = sub.add_parser("train", help="train a ParScale model (scratch, two-stage, recycling, DDP)",
                        formatter_class=HelpFormatter, epilog=EXAMPLE,
@@ -94,7 +107,8 @@ def register(sub) -> None:
                         "flags given here override it")
     from ._common import dtype_type, threads_type
 
-    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "device": list(DEVICES)}
+    choices = {"size": list(SIZE_PRESETS), "schedule": list(SCHEDULES), "device": list(DEVICES),
+               "stream_init": list(STREAM_INITS)}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split("|")[0].strip()
@@ -110,7 +124,7 @@ def register(sub) -> None:
         elif f.name == "threads":
             p.add_argument(flag, type=threads_type, metavar="N|auto", **common)
         elif f.name == "dtype":
-            p.add_argument(flag, type=dtype_type(), metavar="|".join(DTYPES), **common)
+            p.add_argument(flag, type=dtype_type(extra=("auto",)), metavar="|".join(DTYPES), **common)
         else:
             conv = {"int": int, "float": float, "str": str}[kind]
             p.add_argument(flag, type=conv, choices=choices.get(f.name), **common)
@@ -163,10 +177,44 @@ def parent_data(init_from: str, keys: list[str]) -> dict:
     return {k: saved[k] for k in keys if k in saved}
 
 
+def memory_estimate(cfg) -> tuple[float, float]:
+    """Rough bytes a from-scratch run needs: (parameters + gradients + Adam moments, activations
+    of one micro-batch). Upper-end figures for float32 on one process; for refusing sizes that
+    cannot fit (``--seq-len 1e9``), not for planning."""
+    s = cfg.shape()
+    h, inter, layers, heads = s["hidden"], s["intermediate"], s["layers"], s["heads"]
+    hd = h // heads
+    kv = s["kv_heads"] * hd
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + cfg.vocab_size * h
+    P = max(cfg.streams, 1)
+    rows = cfg.batch_size // cfg.grad_accum * P
+    T = cfg.seq_len
+    per_token = layers * (12 * h + 3 * inter + heads * T) + 3 * cfg.vocab_size  # floats kept for backward
+    rope = 2 * max(2048, T) * hd
+    return 16.0 * params, 4.0 * (rows * T * per_token + rope)
+
+
+def _check_memory(cfg) -> None:
+    from ._common import available_memory
+
+    if cfg.init_from is not None:
+        return  # the shape comes from the checkpoint
+    state, act = memory_estimate(cfg)
+    avail = available_memory()
+    # the estimate is generous, so refuse only what is far out of reach (not a run that may fit)
+    if avail is not None and state + act > 2 * avail:
+        raise ParScaleError(
+            f"--seq-len {cfg.seq_len}, --batch-size {cfg.batch_size}, --vocab-size {cfg.vocab_size}, "
+            f"--size {cfg.size}: training needs roughly {(state + act) / 2**30:.1f} GiB (weights and Adam "
+            f"state {state / 2**30:.1f}, activations {act / 2**30:.1f}), far more than the "
+            f"{avail / 2**30:.1f} GiB available; lower them or raise --grad-accum")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import format_summary, train
 
     cfg = build_config(args)
+    _check_memory(cfg)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         print(format_summary(result))

@@ -3,7 +3,9 @@
 Layout of ``OUT/checkpoint/``:
 
 * ``config.json`` + ``model.safetensors`` — the model via ``save_pretrained`` (every stream set),
-  so ``ParScaleForCausalLM.from_pretrained(OUT/checkpoint)`` works on a checkpoint too;
+  so ``ParScaleForCausalLM.from_pretrained(OUT/checkpoint)`` works on a checkpoint too; with a
+  frozen backbone instead ``adapter_config.json`` + ``adapter.safetensors``: only the stream sets,
+  the base's path and hash (``parscale.recycle``; ``from_pretrained`` loads that as well);
 * ``optimizer.safetensors`` — every optimizer state tensor as ``state.{index}.{key}``;
 * ``optimizer.json`` — the param groups (hyper-parameters, parameter indices) and any non-tensor
   state values;
@@ -94,9 +96,10 @@ def write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) 
 
 
 # --------------------------------------------------------------------------- optimizer state
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into safetensors tensors and a JSON-able dict."""
-    sd = optimizer.state_dict()
+def optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` (or such a state dict itself) into safetensors tensors
+    and a JSON-able dict."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -143,13 +146,19 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- save / load
-def save_checkpoint(out_dir: str | os.PathLike, model, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> Path:
-    """Write model + optimizer + RNG + ``state`` (JSON-able) as the new ``OUT/checkpoint``."""
+def save_checkpoint(out_dir: str | os.PathLike, model, optimizer,
+                    state: dict[str, Any], adapter_base: tuple[str, str] | None = None) -> Path:
+    """Write model + optimizer (or its state dict) + RNG + ``state`` (JSON-able) as the new
+    ``OUT/checkpoint``; the model as an adapter of ``adapter_base`` = (base path, base hash) when given (frozen backbone)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        if adapter_base is not None:
+            from ..recycle import save_adapter
+
+            save_adapter(model, tmp, base=adapter_base[0], base_sha256=adapter_base[1])
+        else:
+            model.save_pretrained(tmp)
         tensors, meta = optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         (tmp / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))

@@ -36,7 +36,8 @@ SIZE_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 }
 SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 SCHEDULES = ("cosine", "constant")
-DTYPES = ("float32", "bfloat16")  # the dtype vocabulary of parscale.dtypes (fp32/bf16 accepted)
+DTYPES = ("auto", "float32", "bfloat16")  # the dtype vocabulary of parscale.dtypes (fp32/bf16 accepted)
+STREAM_INITS = ("auto", "snippets", "random")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Fields that may differ between a run and its --resume without changing the maths of training.
@@ -58,6 +59,8 @@ class TrainConfig:
     streams: int = 1
     prefix_tokens: int = 48
     agg_smoothing: float = 0.01
+    prefix_only: bool = False  # P = 1 with one learned prefix: the prefix-only control
+    stream_init: str = "auto"  # a new stream set's prefixes: snippets (auto with --init-from) or random
     # --- batch and optimisation ---
     seq_len: int = 256
     batch_size: int = 16
@@ -90,7 +93,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     # --- execution ---
     activation_checkpointing: bool = False
-    dtype: str = "float32"
+    fsdp: bool = False  # shard parameters, gradients and Adam state over torchrun ranks (FSDP2)
+    dtype: str = "auto"  # bfloat16 autocast with --init-from (real models), float32 from scratch
     threads: int | None = None
     device: str = "auto"
     quiet: bool = False
@@ -164,13 +168,22 @@ class TrainConfig:
             self._fail("weight_decay", "must be >= 0")
         if self.grad_clip < 0:
             self._fail("grad_clip", "must be >= 0 (0 turns clipping off)")
-        for name, allowed in [("schedule", SCHEDULES), ("dtype", DTYPES), ("device", DEVICES)]:
+        for name, allowed in [("schedule", SCHEDULES), ("dtype", DTYPES), ("device", DEVICES),
+                              ("stream_init", STREAM_INITS)]:
             if getattr(self, name) not in allowed:
                 self._fail(name, f"must be one of {', '.join(allowed)}")
         if self.batch_size % self.grad_accum:
             self._fail("grad_accum", f"must divide batch_size={self.batch_size}")
         if self.streams > 1 and self.prefix_tokens < 1 and self.init_from is None:
             self._fail("prefix_tokens", "must be >= 1 when streams > 1")
+        if self.prefix_only:
+            if self.streams != 1:
+                self._fail("prefix_only", f"is the P = 1 control; it needs --streams 1 (got --streams {self.streams})")
+            if self.prefix_tokens < 1:
+                self._fail("prefix_tokens", "must be >= 1 with --prefix-only")
+        if self.stream_init == "snippets" and self.init_from is None and self.stage1_tokens is None:
+            self._fail("stream_init", "snippets come from a trained backbone: use it with --init-from "
+                                      "or two-stage training (from scratch the init is random)")
         if not self.data:
             self._fail("data", "must be 'stdlib' or a path")
         if not self.out:
@@ -198,8 +211,12 @@ class TrainConfig:
         if self.freeze_backbone:
             if self.init_from is None:
                 self._fail("freeze_backbone", "needs --init-from (a trained backbone to freeze)")
-            if self.streams < 2:
-                self._fail("freeze_backbone", "with --streams 1 there would be nothing to train")
+            if self.streams < 2 and not self.prefix_only:
+                self._fail("freeze_backbone", "with --streams 1 there would be nothing to train "
+                                              "(add --prefix-only for the P = 1 + one learned prefix control)")
+        if self.fsdp and two_stage:
+            self._fail("fsdp", "two-stage training adds parameters mid-run; shard a one-stage run "
+                               "(or --init-from the stage-1 model)")
         if self.init_from is not None:
             given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
             if given:
@@ -223,6 +240,21 @@ class TrainConfig:
         if self.two_stage:
             return self.steps_for(self.stage1_tokens) + self.steps_for(self.stage2_tokens)
         return self.steps if self.steps is not None else self.steps_for(self.tokens)
+
+    @property
+    def autocast_dtype(self) -> str:
+        """The dtype ``dtype="auto"`` resolves to: bfloat16 autocast for a pretrained model
+        (``--init-from``; about 1.5x faster on CPU, docs/training.md), float32 from scratch."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.init_from is not None else "float32"
+
+    @property
+    def new_stream_init(self) -> str:
+        """How a stream set this run adds is initialised (``stream_init="auto"`` resolved)."""
+        if self.stream_init != "auto":
+            return self.stream_init
+        return "snippets" if self.init_from is not None else "random"
 
     def steps_for(self, tokens: int) -> int:
         return max(1, math.ceil(tokens / self.tokens_per_step))

@@ -27,6 +27,17 @@ Choices (see docs/training.md):
 * **DDP** (under ``torchrun``): gloo on CPU, nccl on GPU; gradients are averaged by DDP (all ranks
   hold equal token counts, so this equals the global mean); train loss, entropy and eval loss are
   all-reduced; only rank 0 writes files or prints.
+* **FSDP2** (``--fsdp`` under ``torchrun``): ``torch.distributed.fsdp.fully_shard`` on every
+  decoder layer and on the root (embedding, norm, LM head, stream sets), so each rank holds 1/W of
+  the parameters, gradients and Adam moments. Same batches and loss averaging as DDP. Checkpoints
+  gather the full tensors (model and Adam state) into the single-process format, so a sharded
+  run resumes exactly (bit-identical to an uninterrupted sharded run) and its files load anywhere.
+  Evaluation runs every window on every rank (FSDP's all-gathers need every rank in lockstep).
+* **Recycling** (``--init-from``): a new stream set's prefixes are the backbone's own keys/values
+  on P snippets of the training data (``parscale.recycle``), so the run starts at the base loss;
+  step 0 is evaluated (``val_loss`` and the init model's ``base_val_loss``). With
+  ``--freeze-backbone`` the checkpoints and ``OUT/model`` are *adapters* (stream sets + the base's
+  path and hash; the optimizer holds only the trained tensors anyway).
 """
 
 from __future__ import annotations
@@ -276,6 +287,10 @@ class _Data:
                                           main=dist.main,
                                           barrier=dist.barrier)
         self.val = self.batches.validation_windows(max(1, cfg.eval_tokens // cfg.seq_len))
+        if dist.main and not cfg.quiet:
+            val = self.batches.validation
+            print(f"parscale train: data ready: {len(self.batches.tokens):,} training tokens, "
+                  f"{len(val) if val is not None else 0:,} validation tokens", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the run
@@ -373,22 +388,34 @@ class _Run:
 
         cfg, model = self.cfg, self.model
         P = stage.streams
-        if P > 1 and str(P) not in model.stream_sets:
+        if (P > 1 or cfg.prefix_only) and str(P) not in model.stream_sets:
             # Seeded per stage so the new set's init does not depend on how the run got here
             # (uninterrupted or resumed): that keeps resume bit-exact across the stage boundary.
+            init, snippets = cfg.new_stream_init, None
+            if init == "snippets":
+                from ..recycle import snippets_from_tokens
+
+                need, rows, i = P * model.config.prefix_tokens, [], 0
+                while sum(r.numel() for r in rows) < need:  # the first training windows' tokens
+                    rows.append(self.data.batches.batch(i).inputs)
+                    i += 1
+                snippets = snippets_from_tokens(torch.cat([r.reshape(-1) for r in rows]), P,
+                                                model.config.prefix_tokens)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1000 + 17 + stage.index)
-                model.add_stream_set(P)
+                model.add_stream_set(P, init=init, snippets=snippets)
             model.to(self.dist.device)
         model.set_streams(P)
         if P > 1 and model.config.prefix_tokens < 1:
             raise ParScaleError("the model's prefix_tokens is 0; cannot train P > 1 streams")
 
-        trainable = set(map(id, model.stream_parameters(P))) if P > 1 else set()
+        trainable = set(map(id, model.stream_parameters(P))) if model.stream_set is not None else set()
         if not cfg.freeze_backbone:
             trainable |= set(map(id, model.backbone_parameters()))
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
+        if cfg.fsdp:
+            self._shard(model)  # parameters become DTensor shards: groups are built from them below
 
         groups: list[dict[str, Any]] = []
         for part in ("backbone", "streams"):
@@ -408,7 +435,9 @@ class _Run:
                 if p.requires_grad:
                     self.optimizer.state[p] = st
         self.params = [p for g in groups for p in g["params"]]
-        if self.dist.world > 1:
+        if cfg.fsdp:
+            self.ddp = model  # fully_shard wrapped the module in place
+        elif self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -417,12 +446,58 @@ class _Run:
             self.ddp = model
         self.stage = stage
 
+    def _shard(self, model) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    def _full_state(self):
+        """(model, optimizer state dict) with full tensors for writing: under FSDP every rank
+        gathers (collectives, in the same order everywhere) and rank 0 gets an unsharded copy of
+        the model; otherwise the live ones."""
+        if not self.cfg.fsdp:
+            return self.model, self.optimizer.state_dict()
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        from ..model import ParScaleForCausalLM
+
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        weights = {n: full(t) for n, t in self.model.state_dict().items()}
+        sd = self.optimizer.state_dict()  # its state dicts are the live ones: copy, do not mutate
+        sd["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in sorted(sd["state"].items())}
+        if not self.dist.main:
+            return None, sd
+        plain = ParScaleForCausalLM.empty(self.model.config.replace(), device="cpu")
+        with torch.no_grad():
+            for n, t in plain.state_dict().items():
+                t.copy_(weights[n])
+        return plain, sd
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        """Load a single-process-format optimizer state; under FSDP each tensor is cut into this
+        rank's shard of its parameter first."""
+        if self.cfg.fsdp:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for i, st in state["state"].items():
+                p = params[int(i)]
+                for k, v in st.items():
+                    if isinstance(p, DTensor) and v.dim() > 0:
+                        st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+        self.optimizer.load_state_dict(state)
+
     # ------------------------------------------------------------------ steps
     def _autocast(self):
         import torch
 
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.dtype == "bfloat16")
+                              enabled=self.cfg.autocast_dtype == "bfloat16")
 
     def _train_step(self, step: int) -> tuple[float, float | None, float]:
         import contextlib
@@ -441,7 +516,7 @@ class _Run:
         for k in range(cfg.grad_accum):
             x, y = inputs[k * micro:(k + 1) * micro], labels[k * micro:(k + 1) * micro]
             last = k == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or dist.world == 1) else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if (last or dist.world == 1 or cfg.fsdp) else self.ddp.no_sync()
             with sync:
                 with self._autocast():
                     out = self.ddp(x)
@@ -452,7 +527,8 @@ class _Run:
             if out.agg_weights is not None:
                 ent_sum += aggregation_entropy(out.agg_weights.detach())
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # FSDP: a DTensor
         self.optimizer.step()
         loss_avg, ent_avg = (v / cfg.grad_accum for v in (loss_sum, ent_sum))
         loss_avg, ent_avg = (v / dist.world for v in dist.sum([loss_avg, ent_avg]))
@@ -467,7 +543,8 @@ class _Run:
         if val is None:
             return None
         inputs, labels = val.inputs, val.labels
-        mine = range(self.dist.rank, inputs.shape[0], self.dist.world)
+        share = 1 if self.cfg.fsdp else self.dist.world  # FSDP: every rank, every window, in lockstep
+        mine = range(self.dist.rank if share > 1 else 0, inputs.shape[0], share)
         bs = max(1, self.cfg.batch_size // (self.cfg.grad_accum * self.dist.world))
         total, count = 0.0, 0
         self.model.eval()
@@ -482,7 +559,8 @@ class _Run:
                 total += float(loss.view(len(rows), -1).mean(-1).sum())
                 count += len(rows)
         self.model.train()
-        total, count = self.dist.sum([total, float(count)])
+        if share > 1:
+            total, count = self.dist.sum([total, float(count)])
         return total / count if count else None
 
     # ------------------------------------------------------------------ files
@@ -497,12 +575,24 @@ class _Run:
     def _checkpoint(self, step: int, elapsed: float, finished: bool) -> None:
         from .checkpoint import save_checkpoint
 
+        model, opt_state = self._full_state()  # every rank: FSDP gathers
         if self.dist.main:
             state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "stage": self.stage.index,
                      "streams": self.stage.streams, "elapsed_s": elapsed, "total_steps": self.total_steps,
                      "finished": finished, "train_config": self.cfg.to_dict()}
-            save_checkpoint(self.out, self.model, self.optimizer, state)
+            save_checkpoint(self.out, model, opt_state, state, adapter_base=self.adapter_base)
         self.dist.barrier()
+
+    def _resolve_adapter_base(self) -> tuple[str, str] | None:
+        """(base path, base hash) when this run's model files are adapters (frozen backbone)."""
+        from ..recycle import adapter_base, is_adapter, weights_hash
+
+        cfg = self.cfg
+        if not (cfg.freeze_backbone and self.dist.main):
+            return None
+        if is_adapter(cfg.init_from):  # chained frozen runs share the one real base
+            return adapter_base(cfg.init_from)
+        return str(Path(cfg.init_from).resolve()), weights_hash(cfg.init_from)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> TrainResult:
@@ -517,6 +607,9 @@ class _Run:
                                 f"do not split into {dist.world} rank(s) x {cfg.grad_accum} micro-batches")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        if cfg.fsdp and dist.world < 2:
+            raise ParScaleError("train option 'fsdp' (--fsdp): shards over torchrun processes; run it under "
+                                "`torchrun --nproc_per_node N` with N >= 2")
         verdict, ckpt = self._prepare_dir()
         if verdict == "finished":
             summary = _read_json(out / SUMMARY_NAME)
@@ -527,6 +620,8 @@ class _Run:
         self.data = _Data(cfg, dist, out, resuming=ckpt is not None)
         tok = self.data.tokenizer
         self.model = self._build_model(ckpt, tok.vocab_size, tok.eos_id)
+        self.adapter_base = self._resolve_adapter_base()
+        base_val = self.evaluate() if (ckpt is None and cfg.init_from is not None) else None
 
         start = int(ckpt.state["step"]) if ckpt else 0
         elapsed_before = float(ckpt.state["elapsed_s"]) if ckpt else 0.0
@@ -536,7 +631,7 @@ class _Run:
         if ckpt is not None:
             from .checkpoint import restore_rng
 
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self._load_optimizer(ckpt.optimizer_state)
             restore_rng(ckpt.rng)
 
         bar = None
@@ -555,6 +650,10 @@ class _Run:
                 shape = f"P={self.stage.streams}, {n:,} non-embedding params"
             print(f"parscale train: {what}; {self.total_steps} steps of {cfg.tokens_per_step} tokens, "
                   f"{shape}, world size {dist.world}, data {self.data.corpus.name}", file=sys.stderr)
+
+        if ckpt is None and cfg.init_from is not None:
+            # step 0: the recycled model before any training, next to the model it came from
+            self._log({"step": 0, "tokens": 0, "val_loss": self.evaluate(), "base_val_loss": base_val})
 
         self.started = True  # from here on the run folder holds real work
         t_session = time.perf_counter()
@@ -615,8 +714,14 @@ class _Run:
             wall = elapsed_before  # killed after the final checkpoint: only the files below were missing
             val_loss = self.evaluate()
         model_dir = out / MODEL_DIR
+        final, _ = self._full_state()  # every rank: FSDP gathers
         if dist.main:
-            self.model.save_pretrained(model_dir)
+            if self.adapter_base is not None:
+                from ..recycle import save_adapter
+
+                save_adapter(final, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
+            else:
+                final.save_pretrained(model_dir)
             self.data.tokenizer.save(model_dir)
         if loss is None:  # nothing trained in this session: take the last logged loss
             last = _last_record(out / METRICS_NAME) if dist.main else {}
