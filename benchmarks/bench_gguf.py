@@ -106,12 +106,13 @@ def main() -> int:
     tok = Tokenizer.from_file(os.path.join(args.out, "tokenizer.json"))
     plain = fast = 0.0
     agree = 0
-    for p in PROMPTS:
-        ids = torch.tensor([tok.encode(p).ids])
-        with torch.no_grad():
-            ref = hf(input_ids=ids).logits
-        with torch.enable_grad():  # plain layers (the training path)
+    prompt_ids = [torch.tensor([tok.encode(p).ids]) for p in PROMPTS]
+    with torch.no_grad():
+        refs = [hf(input_ids=ids).logits for ids in prompt_ids]
+    with torch.enable_grad():  # plain layers (the training path), before inference packs the weights
+        for ids, ref in zip(prompt_ids, refs):
             plain = max(plain, (ours(ids).logits.detach() - ref).abs().max().item())
+    for ids, ref in zip(prompt_ids, refs):
         with torch.no_grad():  # inference: packed (fused, transposed) matmuls
             fast = max(fast, (ours(ids).logits - ref).abs().max().item())
         a = ours.generate(ids, max_new_tokens=30, eos_token_id=2)

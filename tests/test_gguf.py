@@ -461,12 +461,13 @@ def test_real_smollm2_matches_transformers(tmp_path):
     tok = Tokenizer.from_file(str(tmp_path / "smol" / "tokenizer.json"))
     prompts = ["The capital of France is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
     plain, fast, same = [], [], 0
-    for p in prompts:
-        ids = torch.tensor([tok.encode(p).ids])
-        with torch.no_grad():
-            ref = hf(input_ids=ids).logits
-        with torch.enable_grad():  # the plain layers (training's path): bit-equal to transformers
+    prompt_ids = [torch.tensor([tok.encode(p).ids]) for p in prompts]
+    with torch.no_grad():
+        refs = [hf(input_ids=ids).logits for ids in prompt_ids]
+    with torch.enable_grad():  # the plain layers (training's path, before inference packs the
+        for ids, ref in zip(prompt_ids, refs):  # weights): bit-equal to transformers
             plain.append((ours(ids).logits.detach() - ref).abs().max().item())
+    for ids, ref in zip(prompt_ids, refs):
         with torch.no_grad():  # inference packs the matmuls (fused, transposed): float32 rounding
             fast.append((ours(ids).logits - ref).abs().max().item())
         a = ours.generate(ids, max_new_tokens=12, eos_token_id=2)
