@@ -72,6 +72,18 @@ def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict,
     return data
 
 
+def jsonl_objects(text: str, where: str):
+    """``(line number, value)`` for each non-blank line of JSONL ``text``; a line that is not JSON
+    raises one error naming ``where`` and the line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParScaleError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def check_utf8_text(text: str, what: str) -> str:
     """``text`` unchanged if it is valid Unicode; command-line bytes that were not UTF-8 reach
     Python as lone surrogates (``surrogateescape``), which no tokenizer can encode."""
