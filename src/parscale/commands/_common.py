@@ -86,9 +86,9 @@ def check_count(flag: str, n: int, bytes_each: float, what: str) -> None:
 
 
 def check_generation_budget(model_config, prompt_tokens: int, max_new_tokens: int, rows: int = 1,
-                            *, flag: str = "--max-new-tokens") -> None:
+                            *, flag: str = "--max-new-tokens", device=None, dtype_bytes: int = 4) -> None:
     """Refuse a decode that cannot fit before anything is allocated: the context
-    (``max_position_embeddings``) and a KV-cache memory estimate against available memory."""
+    (``max_position_embeddings``) and a KV-cache estimate against the memory of ``device``."""
     cfg = model_config
     total = prompt_tokens + max_new_tokens
     if total > cfg.max_position_embeddings:
@@ -96,16 +96,24 @@ def check_generation_budget(model_config, prompt_tokens: int, max_new_tokens: in
                             f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     prefix = cfg.prefix_tokens if cfg.streams > 1 else 0
     kv_bytes = (2 * cfg.num_hidden_layers * rows * cfg.streams * cfg.num_key_value_heads * cfg.head_dim
-                * (total + prefix) * 4)
-    avail = available_memory()
+                * (total + prefix) * dtype_bytes)
+    avail = available_memory(device)
     if avail is not None and kv_bytes > avail:
         raise ParScaleError(f"{flag} {max_new_tokens}: the KV cache for {rows} row(s) x {total} tokens "
                             f"needs ~{kv_bytes / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB "
                             "of memory available")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to allocate (Linux MemAvailable), None when unknown."""
+def available_memory(device=None) -> int | None:
+    """Bytes free to allocate on ``device``: a CUDA device's free memory, else the host's
+    (Linux MemAvailable); None when unknown."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:

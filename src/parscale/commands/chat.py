@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 from ..errors import ParScaleError
@@ -150,8 +151,15 @@ class ChatSession:
 
 
 def sampling_kwargs(args) -> dict:
-    if args.do_sample and args.temperature <= 0:
+    """generate()'s sampling arguments from the flags, checked (before any model is loaded)."""
+    if args.do_sample and not args.temperature > 0:
         raise ParScaleError(f"--temperature must be > 0 with --do-sample (got {args.temperature})")
+    if args.top_k is not None and args.top_k < 0:
+        raise ParScaleError(f"--top-k must be >= 0 (got {args.top_k})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ParScaleError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise ParScaleError(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
     return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -167,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
     if args.max_new_tokens < 1:
         raise ParScaleError("--max-new-tokens must be >= 1")
+    sampling = sampling_kwargs(args)
+    if not Path(args.model).exists():
+        raise ParScaleError(f"--model {args.model}: no such file or directory")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tok.chat_template is None:
         raise ParScaleError(f"{tok.name}: no chat template (tokenizer_config.json has no 'chat_template')")
@@ -175,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if tok.vocab_size > model.config.vocab_size:
         raise ParScaleError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                             f"{model.config.vocab_size}")
-    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
-                          **sampling_kwargs(args))
+    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"parscale chat: {args.model} at P = {model.streams}; /reset clears the history, /exit quits",

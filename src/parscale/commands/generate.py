@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
+    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences,
+                            device=model.device, dtype_bytes=model.dtype.itemsize)
     eos = default_eos_ids(model, tok)  # every EOS id of the config, generation_config and tokenizer
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
