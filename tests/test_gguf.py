@@ -404,6 +404,10 @@ def test_truncated_and_non_gguf_files(small):
         (tmp / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(ParScaleError, match="cut.gguf: (not a readable GGUF file|truncated)"):
             ParScaleForCausalLM.from_pretrained(tmp / "cut.gguf")
+    rng = np.random.default_rng(0)  # a corrupt header: the magic, then noise
+    (tmp / "noise.gguf").write_bytes(data[:4] + (3).to_bytes(4, "little") + rng.bytes(4000))
+    with pytest.raises(ParScaleError, match="noise.gguf: (truncated|not a readable|undecodable)"):
+        read_gguf(tmp / "noise.gguf")
     (tmp / "text.gguf").write_text("hello, not a model\n")
     with pytest.raises(ParScaleError, match="text.gguf: not a GGUF file"):
         read_gguf(tmp / "text.gguf")
