@@ -402,3 +402,43 @@ def test_train_flags_needing_context(extra, expect, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("some text to train on\n" * 200)
     refuse(["train", "--data", "t.txt", "--size", "tiny", "--steps", "1", "--out", "run", "--threads", "1",
             *extra], capsys, tmp_path, expect)
+
+
+# --------------------------------------------------------------------------- more paths
+@pytest.mark.parametrize("out,expect", UNWRITABLE_DIRS)
+def test_merge_adapter_unwritable_out(out, expect, tmp_path, base, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    refuse(["merge-adapter", tmp_path / "ad", "--out", out], capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat", "eval"])
+@pytest.mark.parametrize("tok,expect", [("missing", ("no such", "not found", "no tokenizer")),
+                                        ("binfile", "tokenizer"), ("emptydir", "tokenizer.json")])
+def test_bad_tokenizer_flag(cmd, tok, expect, tmp_path, base, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", _Stdin(b"hello\n"))
+    model = make("model", tmp_path, base)
+    refuse(_argv(cmd, model, tmp_path) + ["--tokenizer", make(tok, tmp_path, base)], capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("ids,expect", [("a b", "--ids"), ("99999", "outside the vocabulary"),
+                                        ("-1", "outside the vocabulary"), ("", "empty"), (" , ", "empty")])
+def test_generate_bad_ids(ids, expect, tmp_path, base, capsys):
+    model = make("model", tmp_path, base)
+    refuse(["generate", "--model", model, "--ids", ids, "--threads", "1"], capsys, tmp_path, expect)
+
+
+def test_serve_gguf_file_needs_convert(tmp_path, capsys):
+    refuse(["serve", "--model", _gguf("bin", tmp_path)], capsys, tmp_path, "convert")
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe\xfd\n", b"\x00\x00\n", b"caf\xe9\n"])
+def test_chat_binary_stdin_skips_the_line(text, tmp_path, base, capsys, monkeypatch):
+    """An undecodable line is skipped with one note; the chat goes on and ends cleanly."""
+    monkeypatch.setattr("sys.stdin", _Stdin(text + b"Hi\n"))
+    model = make("model", tmp_path, base)
+    rc, out, err = run_cli(["chat", "--model", model, "--max-new-tokens", "2", "--threads", "1"], capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert err.count("not valid UTF-8") == (0 if text.startswith(b"\x00") else 1), err
+    assert out.endswith("\n")
