@@ -424,7 +424,7 @@ def test_cli_errors_leave_nothing_behind(small, capsys):
     assert cli(["convert", str(tmp / "ok.gguf"), "--out", str(tmp / "afile")]) == 2
     assert "parscale convert: error:" in capsys.readouterr().err and (tmp / "afile").read_text() == "x"
     assert cli(["convert", str(tmp / "ok.gguf"), "--out", str(tmp / "afile" / "sub")]) == 2
-    assert "afile is not a directory" in capsys.readouterr().err
+    assert "afile is a file, not a directory" in capsys.readouterr().err
     (tmp / "cut.gguf").write_bytes((tmp / "ok.gguf").read_bytes()[:5000])
     assert cli(["convert", str(tmp / "cut.gguf"), "--out", str(tmp / "never")]) == 2
     assert not (tmp / "never").exists()  # validated before anything was written

@@ -217,6 +217,8 @@ class _Header:
 
 
 def _open(path: Path) -> _Header:
+    if path.is_dir():
+        raise ParScaleError(f"{path}: is a directory, expected a .gguf file")
     if not path.is_file():
         raise ParScaleError(f"{path}: no such file")
     try:
@@ -528,18 +530,10 @@ def load_gguf(path, *, streams: int | None = None, dtype=None, device=None):
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
-    """``out`` must be a directory or creatable as one, and writable."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ParScaleError(f"{out}: exists and is not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ParScaleError(f"{out}: cannot create it: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ParScaleError(f"{out}: not writable ({parent} does not allow writing)")
-    return out
+    """``out`` must be a directory or creatable as one, and writable (creates nothing)."""
+    from .paths import ensure_writable_dir
+
+    return ensure_writable_dir(out, "--out")
 
 
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="float32") -> Path:

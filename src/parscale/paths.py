@@ -94,6 +94,30 @@ def check_utf8_text(text: str, what: str) -> str:
     return text
 
 
+def check_checkpoint_path(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` names something a model loads from: a checkpoint directory with a readable
+    ``config.json`` (or an adapter directory with ``adapter_config.json``), or a ``.gguf`` file.
+    Checked before a tokenizer or data is read, so a wrong ``--model`` is named as such (not as a
+    missing tokenizer.json); the weights themselves are checked by the loader."""
+    if os.fspath(path) == "":
+        raise ParScaleError(f"{flag}: empty path")
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise ParScaleError(f"{flag} {path}: no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return path
+        raise ParScaleError(f"{flag} {path}: is a file; expected a checkpoint directory (config.json + "
+                            "safetensors) or a .gguf file")
+    if not path.is_dir():
+        raise ParScaleError(f"{flag} {path}: not a directory")
+    for name in ("config.json", "adapter_config.json"):
+        if (path / name).exists():
+            read_json_file(path / name, f"{flag} {path}: {name}")
+            return path
+    raise ParScaleError(f"{flag} {path}: no config.json there (not a checkpoint directory)")
+
+
 # --------------------------------------------------------------------------- output paths
 
 
@@ -129,9 +153,9 @@ def _check_parents(path: Path, flag: str) -> None:
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Check that ``path`` is, or can be created as, a writable directory (creates nothing)."""
-    path = Path(path)
-    if str(path) == "":
+    if os.fspath(path) == "":  # Path("") is "." (the working directory): refuse the empty flag
         raise ParScaleError(f"{flag}: empty path")
+    path = Path(path)
     if os.path.lexists(path):
         if not path.is_dir():
             raise ParScaleError(f"{flag} {path}: exists and is not a directory (a directory is needed)")

@@ -103,9 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data.tokenizer import load_tokenizer
     from ..dtypes import torch_dtype
     from ..model import ParScaleForCausalLM
-    from ._common import apply_threads
+    from ._common import apply_threads, check_checkpoint_path
 
     _check(args)
+    check_checkpoint_path(args.model, "--model")
     docs = read_documents(args.data, args.field)
     if not docs:
         raise ParScaleError(f"--data {args.data}: no text to evaluate")
