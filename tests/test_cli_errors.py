@@ -492,3 +492,100 @@ def test_cost_dtype_aliases_give_the_same_numbers(capsys):
         assert main(["cost", "--json", "--dtype", d]) == 0
         outs.append(json.loads(capsys.readouterr().out)["comparison"])
     assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("flags", [["--seq-len", "1000000000"], ["--batch-size", "100000000"],
+                                   ["--vocab-size", "2000000000"], ["--size", "medium", "--seq-len", "200000"]])
+def test_train_sizes_checked_against_memory_first(tmp_path, capsys, flags):
+    write_corpus(tmp_path / "corpus", n_files=2)
+    assert_clean_refusal(["train", "--data", "corpus", "--steps", "1", "--out", "run", *flags], capsys, tmp_path,
+                         "GiB available")
+
+
+def test_train_memory_estimate_allows_the_presets():
+    from parscale.commands.train import memory_estimate
+    from parscale.reproduce import get_preset, plan_runs
+
+    for name in ("quick", "full"):
+        for run in plan_runs(get_preset(name), "x"):
+            assert sum(memory_estimate(run.config)) < 4 * 2**30, run.name
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["cost", "--max-batch", "1000000000"], "at most"),
+    (["cost", "--batch", "0"], ">= 1"),
+    (["cost", "--flops-eff", "2"], "(0, 1]"),
+    (["tasks", "--task", "arithmetic", "--n", "0", "--out", "x.jsonl"], ">= 1"),
+    (["tasks", "--task", "exact", "--out", "x.jsonl"], "no problem generator"),
+    (["tasks", "--task", "arithmetic"], "--out"),
+    (["tasks", "--task", "nope", "--out", "x.jsonl"], "unknown task"),
+    (["tasks", "--task", "arithmetic", "--difficulty", "99", "--out", "x.jsonl"], "difficulty"),
+])
+def test_more_size_and_value_flags(tmp_path, capsys, argv, expect):
+    assert_clean_refusal(argv, capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("argv", [["tasks", "--task", "arithmetic", "--n", "100000000000", "--out", "x.jsonl"],
+                                  ["tasks", "--task", "arithmetic", "--eval-problems", "100000000000",
+                                   "--out", "x.jsonl"]])
+def test_counts_checked_against_memory(tmp_path, capsys, argv):
+    assert_clean_refusal(argv, capsys, tmp_path, "memory available")
+
+
+def test_sample_counts_checked_against_memory(tmp_path, capsys, model_dir):
+    assert_clean_refusal(["sample", "--model", model_dir, "--task", "arithmetic", "--problems", "1000000000",
+                          "--n", "1000"], capsys, tmp_path, "memory available")
+
+
+@pytest.mark.parametrize("key,saved,now,same", [
+    ("init_from", "micro/runs/xs-p1/model", "{cwd}/micro/runs/xs-p1/model", True),  # reproduce --out spelt two ways
+    ("data", "corpus", "./corpus/", True),
+    ("tokenizer", "tok", "{cwd}/tok", True),
+    ("data", "stdlib", "./stdlib", False),  # the stdlib is not the file called stdlib
+    ("data", "corpus", "other", False),
+    ("seq_len", 16, 32, False),
+])
+def test_resume_setting_comparison(tmp_path, key, saved, now, same):
+    from parscale.training.trainer import _same_setting
+
+    now = now.format(cwd=tmp_path) if isinstance(now, str) else now
+    assert _same_setting(key, saved, now) is same
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_help_renders_with_examples(capsys, cmd):
+    rc, out, _ = run_cli([cmd, "--help"], capsys)
+    assert rc == 0 and f"parscale {cmd}" in out and "example" in out
+
+
+@pytest.mark.parametrize("argv_tail,expect", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--temperature", "1,x"], "comma list"),
+    (["--temperature", "0.5,1"], "2 values for --n 4"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--k", "1,100"], "larger than the number of samples"),
+    (["--early-stop", "agree:0"], "W must be"),
+    (["--difficulty", "0"], "difficulty"),
+    (["--strategy", "vote"], "unknown strategy"),
+])
+def test_sample_flags_checked_before_sampling(tmp_path, capsys, model_dir, argv_tail, expect):
+    argv = ["sample", "--model", model_dir, "--task", "arithmetic", "--problems", "2", "--n", "4", *argv_tail]
+    assert_clean_refusal(argv, capsys, tmp_path, expect)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["cost", "--config", "/dev/zero"], "not a regular file"),
+    (["train", "--config", "/dev/null.toml"], "no such file"),
+    (["fit", "--data", "/dev/zero"], "not a regular file"),
+    (["score", "/dev/zero"], "not a regular file"),
+    (["fit", "--data", "paper-stack", "--bootstrap", "3", "--seed", "-1"], "--seed must be >= 0"),
+    (["fit", "--data", "paper-stack", "--bootstrap", "10000000000"], "memory available"),
+    (["score", "x.jsonl", "--seed", "-1"], "--seed must be >= 0"),
+    (["score", "x.jsonl", "--boot", "0"], "--boot must be >= 1"),
+    (["score", "x.jsonl", "--threshold", "nan"], "finite"),
+])
+def test_devices_seeds_and_counts(tmp_path, capsys, argv, expect):
+    assert_clean_refusal(argv, capsys, tmp_path, expect)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from parscale import ParScaleConfig, ParScaleForCausalLM
 from parscale.cli import main

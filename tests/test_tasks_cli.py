@@ -9,7 +9,7 @@ import torch
 
 from parscale import ParScaleConfig, ParScaleForCausalLM
 from parscale.cli import main
-from parscale.sampling import INVALID, Problem, Sample, SampleSet, get_task, load_problems
+from parscale.sampling import Problem, Sample, SampleSet, get_task, load_problems
 from parscale.sampling.aggregators import min_window_logprob
 from parscale.sampling.records import CostLedger
 from parscale.sampling.scorers import NO_LOGPROBS, make_scorer, score_samples

@@ -10,7 +10,7 @@ from .errors import ParScaleError
 
 __version__ = "0.1.0"
 
-__all__ = ["ParScaleConfig", "ParScaleError", "ParScaleForCausalLM", "__version__"]
+__all__ = ["ParScaleConfig", "ParScaleError", "ParScaleForCausalLM", "Tokenizer", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import parscale` stays cheap for CLI subcommands without torch
@@ -18,4 +18,8 @@ def __getattr__(name):  # lazy: `import parscale` stays cheap for CLI subcommand
         from .model import ParScaleForCausalLM
 
         return ParScaleForCausalLM
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
     raise AttributeError(name)

@@ -81,5 +81,30 @@ class KVCache:
         self._take(idx)
         return self
 
+    def truncate(self, length: int) -> "KVCache":
+        """Forget every token slot from ``length`` on (a chat whose re-rendered history differs
+        from what was cached after that point). In place."""
+        if not 0 <= length <= self.length:
+            raise ParScaleError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.key_valid[:, length:] = False
+        self.next_pos = self.key_valid.long().sum(-1)  # each row's next position: its real tokens so far
+        self.length = length
+        return self
+
+    def grow(self, capacity: int) -> "KVCache":
+        """Room for ``capacity`` tokens in all (a longer chat); what is cached stays. In place."""
+        if capacity <= self.capacity:
+            return self
+        extra = capacity - self.capacity
+
+        def pad(t):  # (p b) h (t + capacity) d: new empty slots at the end
+            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+
+        self.k = [pad(t) for t in self.k]
+        self.v = [pad(t) for t in self.v]
+        self.key_valid = torch.cat([self.key_valid, self.key_valid.new_zeros(self.batch, extra)], dim=1)
+        self.capacity = capacity
+        return self
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -18,7 +18,8 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "train", "merge-adapter", "eval", "fit", "cost", "reproduce", "sample", "score",
+SUBCOMMANDS = ["generate", "chat", "convert", "train", "merge-adapter", "eval", "fit", "cost", "reproduce",
+               "sample", "score",
                "tasks"]
 
 

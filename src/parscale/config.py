@@ -15,6 +15,11 @@ ours               official config.json         meaning
 backbone, several stream sets); ``streams`` is the active one. ``prefix_only`` (official key
 ``parscale_prefix_only``, ours): P = 1 carries one learned prefix and no aggregator — the
 prefix-only control beside P > 1 (without it P = 1 is the plain backbone).
+
+Architectures are switches on one backbone: ``attention_bias`` (Qwen2's q/k/v biases),
+``qk_norm`` (Qwen3's per-head q/k RMSNorm), ``head_dim`` (explicit in Qwen3) and
+``rope_scaling`` (``None`` or Llama-3's ``{"rope_type": "llama3", "factor", "low_freq_factor",
+"high_freq_factor", "original_max_position_embeddings"}``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class ParScaleConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     attention_bias: bool = True  # q/k/v projections carry a bias (Qwen2: yes, Llama: no)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; {"rope_type": "llama3", ...}
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     bos_token_id: int | None = None
@@ -51,6 +58,7 @@ class ParScaleConfig:
     agg_smoothing: float = 0.01
     stream_sets: list[int] = field(default_factory=list)  # filled from `streams` when empty
     prefix_only: bool = False  # P = 1 has a learned prefix (the prefix-only control)
+    quantization: str | None = None  # None: floating-point weights; "int8": parscale.quant's weight-only int8
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -85,12 +93,14 @@ class ParScaleConfig:
                  "must be a positive number")
         need(isinstance(self.agg_smoothing, (int, float)) and 0.0 <= self.agg_smoothing <= 1.0,
              "agg_smoothing", "must be in [0, 1]")
-        for name in ["attention_bias", "tie_word_embeddings", "prefix_only"]:
+        for name in ["attention_bias", "qk_norm", "tie_word_embeddings", "prefix_only"]:
             need(isinstance(getattr(self, name), bool), name, "must be true or false")
         for name in ["bos_token_id", "eos_token_id", "pad_token_id"]:
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name,
                  f"must be null or a token id in [0, {self.vocab_size})")
+        need(self.quantization in (None, "int8"), "quantization", 'must be null or "int8"')
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.streams > 1 or self.prefix_only:
             need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1 or prefix_only")
         sets = sorted(set(int(p) for p in self.stream_sets) | {self.streams} | ({1} if self.prefix_only else set()))
@@ -117,3 +127,38 @@ class ParScaleConfig:
         if unknown:
             raise ParScaleError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+# Llama-3's frequency-dependent RoPE scaling: the only scaling the backbone implements.
+ROPE_SCALING_KEYS = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                     "original_max_position_embeddings": int}
+
+
+def _check_rope_scaling(rs: Any) -> dict[str, Any] | None:
+    """Validate ``rope_scaling`` and return it normalised (``rope_type`` first, numbers typed)."""
+    def bad(msg: str) -> ParScaleError:
+        return ParScaleError(f"config field 'rope_scaling': {msg} (got {rs!r})")
+
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise bad("must be null or an object")
+    if rs.get("rope_type") != "llama3":
+        raise bad(f"rope_type {rs.get('rope_type')!r} is not supported (only 'llama3'; "
+                  "null for plain RoPE)")
+    unknown = sorted(set(rs) - set(ROPE_SCALING_KEYS) - {"rope_type"})
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}")
+    out: dict[str, Any] = {"rope_type": "llama3"}
+    for key, kind in ROPE_SCALING_KEYS.items():
+        v = rs.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise bad(f"'{key}' must be a positive number")
+        if kind is int and v != int(v):
+            raise bad(f"'{key}' must be an integer")
+        out[key] = kind(v)
+    if out["factor"] < 1:
+        raise bad("'factor' must be >= 1")
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise bad("'high_freq_factor' must be greater than 'low_freq_factor'")
+    return out

@@ -78,6 +78,7 @@ class ModelShape:
     tied: bool
     attention_bias: bool
     prefix_tokens: int
+    qk_norm: bool = False  # Qwen3's per-head q/k RMSNorm scales
 
     @classmethod
     def from_config(cls, config: ParScaleConfig) -> "ModelShape":
@@ -85,7 +86,8 @@ class ModelShape:
                    heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
                    head_dim=config.head_dim, intermediate=config.intermediate_size,
                    vocab=config.vocab_size, tied=config.tie_word_embeddings,
-                   attention_bias=config.attention_bias, prefix_tokens=config.prefix_tokens)
+                   attention_bias=config.attention_bias, prefix_tokens=config.prefix_tokens,
+                   qk_norm=config.qk_norm)
 
     def widened(self, scale: float) -> "ModelShape":
         """Every width (hidden, head_dim, intermediate) times ``scale``; depth and heads kept."""
@@ -109,9 +111,10 @@ class ModelShape:
 
     @property
     def layer_params(self) -> float:
-        """All parameters of one block: the matrices, q/k/v biases, two RMSNorm scales."""
+        """All parameters of one block: the matrices, q/k/v biases, the RMSNorm scales."""
         bias = (self.q_dim + 2 * self.kv_dim) if self.attention_bias else 0
-        return self.layer_matmul_params + bias + 2 * self.hidden
+        qk_norm = 2 * self.head_dim if self.qk_norm else 0
+        return self.layer_matmul_params + bias + 2 * self.hidden + qk_norm
 
     def kv_bytes_per_token(self, bytes_per_value: float) -> float:
         """KV-cache bytes for one token of one row (one stream of one sample), all layers."""

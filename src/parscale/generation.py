@@ -116,7 +116,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            on_finish: Callable[[int, list[int], str, int], Iterable[int] | None] | None = None,
            logits_processor: Callable[[torch.Tensor, list[int], list[list[int]]], torch.Tensor] | None = None,
            on_token: Callable[[int, int], None] | None = None,
-           return_logprobs: bool = False, compact: bool = True) -> DecodeResult:
+           return_logprobs: bool = False, compact: bool = True, cache=None) -> DecodeResult:
     """Prefill ``input_ids`` (``b s``, left-padded) once, then decode ``num_samples`` rows per prompt.
 
     Per-row settings (``temperature``, ``top_k``, ``top_p``, ``seeds``) are a scalar or one value
@@ -129,6 +129,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     the live ``rows``; ``tokens[j]`` is row ``rows[j]``'s new tokens so far) before the choice, e.g.
     a repetition penalty; recorded log-probs stay those of the unmodified distribution.
     ``on_token(row, token)`` is called for every new token as it is chosen (streaming).
+    ``cache``: a KV cache of ``b`` rows already holding earlier tokens of these prompts (multi-turn
+    chat); ``input_ids`` are then only the tokens after them.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
@@ -149,7 +151,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     n_rows = b * num_samples
     pick = _Picker(n_rows, temperature, top_k, top_p, seeds, generator)
 
-    cache = model.new_cache(b, s + max_new_tokens)
+    if cache is None:
+        cache = model.new_cache(b, s + max_new_tokens)
+    elif cache.batch != b or cache.length + s + max_new_tokens > cache.capacity:
+        raise ParScaleError(f"the cache ({cache.batch} rows, {cache.length}/{cache.capacity} slots used) has no "
+                            f"room for {b} rows of {s} + {max_new_tokens} tokens")
     logits = model(input_ids, attention_mask, cache=cache).logits[:, -1]
     prefill_tokens = int(attention_mask.sum()) if attention_mask is not None else b * s
     if num_samples > 1:
@@ -214,45 +220,255 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                         row_steps=row_steps, wall_s=time.perf_counter() - t0, finish_time=finish_time)
 
 
+class RepetitionPenalty:
+    """Hugging Face's repetition penalty: a logit of a token already in the row (prompt or new
+    tokens) is divided by ``penalty`` when positive, multiplied by it when negative."""
+
+    def __init__(self, penalty: float, prompts: list[list[int]], num_samples: int):
+        if not penalty > 0:
+            raise ParScaleError(f"repetition_penalty must be > 0 (got {penalty})")
+        self.penalty, self.prompts, self.n = float(penalty), prompts, num_samples
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        for j, r in enumerate(rows):
+            ids = self.prompts[r // self.n] + tokens[j]
+            seen[j, torch.tensor(ids, dtype=torch.long, device=logits.device)] = True
+        penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        return torch.where(seen, penalised, logits)
+
+
+class MinNewTokens:
+    """EOS is impossible while a row has fewer than ``min_new_tokens`` new tokens."""
+
+    def __init__(self, min_new_tokens: int, eos: list[int]):
+        self.min, self.eos = int(min_new_tokens), list(eos)
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        short = [j for j, t in enumerate(tokens) if len(t) < self.min]
+        eos = [e for e in self.eos if 0 <= e < logits.shape[-1]]
+        if short and eos:
+            logits = logits.clone()
+            dev = logits.device
+            logits[torch.tensor(short, device=dev)[:, None], torch.tensor(eos, device=dev)[None, :]] = float("-inf")
+        return logits
+
+
+class StopStrings:
+    """``stop(row, tokens)`` for decode: the row's new text contains one of ``strings``.
+
+    Checked on the last few tokens only (enough to spell the longest string, whatever the
+    tokenization), so each step costs one short decode.
+    """
+
+    def __init__(self, strings: Sequence[str], tokenizer):
+        if isinstance(strings, str):
+            strings = [strings]
+        strings = list(strings)
+        if not strings or not all(isinstance(x, str) and x for x in strings):
+            raise ParScaleError("stop_strings must be a non-empty string or a list of them")
+        if tokenizer is None or not hasattr(tokenizer, "decode"):
+            raise ParScaleError("stop_strings needs tokenizer= (to turn tokens into text)")
+        self.strings, self.tok = strings, tokenizer
+        self.window = max(len(x.encode("utf-8")) for x in strings) + 2
+
+    def __call__(self, row: int, tokens: list[int]) -> bool:
+        tail = self.tok.decode(tokens[-self.window:])
+        return any(x in tail for x in self.strings)
+
+
+def _chain(processors):
+    processors = [p for p in processors if p is not None]
+    if not processors:
+        return None
+
+    def run(logits, rows, tokens):
+        for p in processors:
+            logits = p(logits, rows, tokens)
+        return logits
+
+    return run
+
+
+def default_eos_ids(model, tokenizer=None) -> list[int]:
+    """Every EOS id generation stops at: the config's, ``model.generation_config``'s (when the
+    model has one) and the tokenizer's ``eos_token_ids`` (tokenizer_config + generation_config)."""
+    ids: list[int] = []
+    gc = getattr(model, "generation_config", None)
+    for value in (model.config.eos_token_id,
+                  gc.get("eos_token_id") if isinstance(gc, dict) else getattr(gc, "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_ids", None)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids += [int(v) for v in value]
+    return list(dict.fromkeys(ids))
+
+
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # (b·n) (s + t): prompt then new tokens, padded after a row ends
     logprobs: torch.Tensor | None  # (b·n) t, chosen-token log-probs (0 where padded)
     result: DecodeResult
+    # output_scores: per step, the (b·n) v scores the choice was made from (processed, and
+    # temperature / top-k / top-p applied when sampling, as in HF); -inf for rows already ended
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None  # output_logits: the raw logits, same layout
+
+
+def _check_ids(input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor):
+        raise ParScaleError(f"input_ids must be a torch.Tensor of shape (batch, seq), not a "
+                            f"{type(input_ids).__name__}: use torch.tensor([ids]) or "
+                            "tokenizer(..., return_tensors='pt')")
+    if input_ids.dim() != 2:
+        raise ParScaleError(f"input_ids must be 2-D (batch, seq); got shape {tuple(input_ids.shape)}"
+                            + (": use input_ids[None] for one sequence" if input_ids.dim() == 1 else ""))
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ParScaleError(f"input_ids must hold integer token ids (got {input_ids.dtype})")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ParScaleError(f"attention_mask must be a torch.Tensor (got {type(attention_mask).__name__})")
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
+             max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int = 0,
+             do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
+             stop_strings: str | Sequence[str] | None = None, tokenizer=None, streamer=None,
              num_return_sequences: int = 1, seed: int | None = None,
              generator: torch.Generator | None = None, return_dict: bool = False,
-             output_logprobs: bool = False):
+             return_dict_in_generate: bool = False, output_scores: bool = False, output_logits: bool = False,
+             output_logprobs: bool = False, past_key_values=None):
     """Generate like Hugging Face: returns ``prompt + new tokens`` as one ``(b·n) (s + t)`` tensor.
 
-    Greedy unless ``do_sample``. ``top_k=None`` / ``top_p=None`` mean no truncation (HF defaults
-    top-k to 50; we do not truncate silently). Rows that end early are padded with
-    ``pad_token_id`` (default: the config's pad id, else the EOS id, else 0). ``return_dict=True``
-    gives a :class:`GenerateOutput` with log-probs and the decode statistics.
+    ``input_ids`` is a 2-D tensor (a 1-D tensor or a list is an error that says what to pass; HF
+    needs 2-D too). Greedy unless ``do_sample``. ``top_k=None`` / ``top_p=None`` mean no
+    truncation (HF defaults top-k to 50; we do not truncate silently). Length: ``max_new_tokens``
+    (default 20), or ``max_length`` = prompt length + new tokens (``max_new_tokens`` wins when both
+    are given, as in HF); ``min_new_tokens`` forbids EOS before that many new tokens.
+    ``repetition_penalty`` is HF's (prompt and new tokens both count). Rows stop at any of
+    ``eos_token_id`` (an int or a list; default: every EOS id of the config, the model's
+    ``generation_config`` and ``tokenizer``, see :func:`default_eos_ids`) or when their new text
+    contains one of ``stop_strings`` (needs ``tokenizer``). Rows that end early are padded with
+    ``pad_token_id`` (default: the config's pad id, the generation config's, the tokenizer's, else the
+    first EOS id, else 0).
+
+    ``streamer``: a callable ``streamer(row, token)`` called for every new token in order, or an
+    HF-style object with ``put`` / ``end`` (``put`` gets the prompt, then each new token as a
+    1-element tensor; one sequence only, like HF's TextStreamer).
+
+    ``return_dict`` / ``return_dict_in_generate`` give a :class:`GenerateOutput` (``sequences``,
+    log-probs and the decode statistics; ``scores`` with ``output_scores``, ``logits`` with
+    ``output_logits``). ``past_key_values``: a :class:`~parscale.cache.KVCache` already holding
+    the first ``cache.length`` tokens of every row of ``input_ids``; only the rest is prefilled
+    (multi-turn chat). It must have room for the rest plus ``max_new_tokens``; it is left holding
+    the prompt and all new tokens but each row's last.
     """
+    _check_ids(input_ids, attention_mask)
     cfg = model.config
+    b, s = input_ids.shape
+    if max_new_tokens is None:
+        if max_length is not None:
+            if max_length <= s:
+                raise ParScaleError(f"max_length={max_length} leaves no room after the {s}-token prompt")
+            max_new_tokens = max_length - s
+        else:
+            max_new_tokens = 20
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ParScaleError(f"min_new_tokens must be an integer >= 0 (got {min_new_tokens!r})")
+    if min_new_tokens > max_new_tokens:
+        raise ParScaleError(f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}")
     if eos_token_id is None:
-        eos_token_id = cfg.eos_token_id
+        eos_token_id = default_eos_ids(model, tokenizer)
+    eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id
     if pad_token_id is None:
-        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else 0
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
     if do_sample and temperature <= 0:
         raise ParScaleError(f"temperature must be > 0 when sampling (got {temperature})")
-    res = decode(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                 num_samples=num_return_sequences, temperature=temperature if do_sample else 0.0,
-                 top_k=top_k, top_p=top_p, seeds=seed, generator=generator,
-                 eos_token_id=eos_token_id, return_logprobs=return_dict or output_logprobs)
+    n = num_return_sequences
+    rows = b * n
+    return_dict = return_dict or return_dict_in_generate
+
+    cached = 0
+    if past_key_values is not None:
+        cached = past_key_values.length
+        if past_key_values.batch != b:
+            raise ParScaleError(f"past_key_values holds {past_key_values.batch} rows, input_ids has {b}")
+        if cached >= s:
+            raise ParScaleError(f"past_key_values already holds {cached} tokens; input_ids ({s}) must be longer")
+    mask = attention_mask
+    if mask is not None:
+        if mask.shape != input_ids.shape:
+            raise ParScaleError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        real = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+    else:
+        real = input_ids.cpu().tolist()
+
+    processors = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(RepetitionPenalty(repetition_penalty, real, n))
+    if min_new_tokens:
+        processors.append(MinNewTokens(min_new_tokens, eos))
+    process = _chain(processors)
+    scores = logits_log = None
+    if output_scores or output_logits:
+        scores, logits_log = [], []
+        temp = temperature if do_sample else 0.0
+
+        def record(logits, live, tokens):  # wraps the processors to keep what the choice saw
+            out = logits if process is None else process(logits, live, tokens)
+            step_scores = out
+            if temp > 0:  # the warpers: temperature, then top-k / top-p as -inf (HF's filter value)
+                dev = out.device
+                probs = filter_logits(out, torch.full((len(live),), float(temp), device=dev),
+                                      torch.full((len(live),), int(top_k or 0), device=dev),
+                                      torch.full((len(live),), 1.0 if top_p is None else float(top_p), device=dev))
+                step_scores = torch.where(probs > 0, out / temp, torch.full_like(out, float("-inf")))
+            full = torch.full((rows, out.shape[-1]), float("-inf"))
+            full[live] = step_scores.cpu()
+            scores.append(full)
+            raw = torch.full((rows, out.shape[-1]), float("-inf"))
+            raw[live] = logits.cpu()
+            logits_log.append(raw)
+            return out
+
+        logits_processor = record
+    else:
+        logits_processor = process
+
+    on_token = None
+    if streamer is not None:
+        if hasattr(streamer, "put") and hasattr(streamer, "end"):
+            if rows != 1:
+                raise ParScaleError("a streamer with put/end takes one sequence (HF's TextStreamer does too); "
+                                    "pass a callable streamer(row, token) for batches")
+            streamer.put(input_ids.cpu())
+            on_token = lambda row, tok: streamer.put(torch.tensor([tok]))  # noqa: E731
+        elif callable(streamer):
+            on_token = streamer
+        else:
+            raise ParScaleError("streamer must be a callable streamer(row, token) or have put() and end()")
+
+    res = decode(model, input_ids[:, cached:], None if mask is None else mask[:, cached:],
+                 max_new_tokens=max_new_tokens, num_samples=n, temperature=temperature if do_sample else 0.0,
+                 top_k=top_k, top_p=top_p, seeds=seed, generator=generator, eos_token_id=eos,
+                 stop=None if stop_strings is None else StopStrings(stop_strings, tokenizer),
+                 logits_processor=logits_processor, on_token=on_token,
+                 return_logprobs=return_dict or output_logprobs, cache=past_key_values)
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
     width = max(len(t) for t in res.tokens)
     new = torch.full((len(res.tokens), width), int(pad_token_id), dtype=input_ids.dtype)
     for r, toks in enumerate(res.tokens):
         new[r, : len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
-    prompts = input_ids.repeat_interleave(num_return_sequences, dim=0).cpu()
+    prompts = input_ids.repeat_interleave(n, dim=0).cpu()
     sequences = torch.cat([prompts, new], dim=1).to(input_ids.device)
     if not return_dict:
         return sequences
@@ -261,4 +477,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         lp = torch.zeros(len(res.tokens), width)
         for r, row in enumerate(res.logprobs):
             lp[r, : len(row)] = torch.tensor(row)
-    return GenerateOutput(sequences=sequences, logprobs=lp, result=res)
+    return GenerateOutput(sequences=sequences, logprobs=lp, result=res,
+                          scores=tuple(scores) if output_scores else None,
+                          logits=tuple(logits_log) if output_logits else None)

@@ -1,4 +1,5 @@
-"""Checkpoint formats: the official ParScale layout (in and out) and plain HF Qwen2 / Llama (in).
+"""Checkpoint formats: the official ParScale layout (in and out), plain HF Qwen2 / Qwen3 / Llama
+(in), and GGUF files (in, converted by :mod:`parscale.gguf`).
 
 Safetensors + JSON only; nothing here unpickles. A checkpoint directory holds ``config.json`` and
 either ``model.safetensors`` or shards ``model-0000x-of-0000y.safetensors`` with
@@ -23,6 +24,12 @@ bias-free model, bit-identical), and keeps them otherwise (someone trained them)
 The prefix-only control (P = 1 with one prefix, ``prefix_only``) is written with ``parscale_n: 1``,
 its prefix under the official names with P = 1 and ``parscale_prefix_only: true``; the official
 code ignores the prefix at P = 1 (it loads the plain backbone).
+
+Architectures other than Qwen2 are saved under the same ``qwen2_parscale`` type with our keys for
+their switches: ``qk_norm: true`` (Qwen3, per-head q/k RMSNorm
+tensors ``self_attn.q_norm.weight`` / ``k_norm.weight``) and ``rope_scaling`` (Llama-3's
+``{"rope_type": "llama3", ...}``, which HF's Qwen2 code also understands). The official code does not know
+``qk_norm``: such checkpoints are exact in parscale only (bias-free ones load there, see above).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from .errors import ParScaleError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("qwen2_parscale", "qwen2", "llama")
+SUPPORTED_TYPES = ("qwen2_parscale", "qwen2", "qwen3", "llama")
 # Hugging Face defaults per model_type for keys a config.json may omit.
 _HF_DEFAULTS = {
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
@@ -52,6 +59,10 @@ _HF_DEFAULTS = {
                   num_attention_heads=32, num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6,
                   max_position_embeddings=2048, tie_word_embeddings=False, attention_bias=False,
                   initializer_range=0.02),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
+                  rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
+                  attention_bias=False, initializer_range=0.02),
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -64,16 +75,9 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
     mt = d.get("model_type")
     if mt not in SUPPORTED_TYPES:
         raise ParScaleError(f"{source}: unsupported model_type {mt!r} (expected one of {', '.join(SUPPORTED_TYPES)})")
-    base = _HF_DEFAULTS["llama" if mt == "llama" else "qwen2"]
+    base = _HF_DEFAULTS[mt if mt in _HF_DEFAULTS else "qwen2"]
     g = lambda k: d.get(k, base.get(k))  # noqa: E731
-    if d.get("rope_scaling"):
-        raise ParScaleError(f"{source}: rope_scaling={d['rope_scaling']!r} is not supported (plain RoPE only)")
-    rope_theta = g("rope_theta")
-    if isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 nests it
-        rp = d["rope_parameters"]
-        if rp.get("rope_type", "default") != "default":
-            raise ParScaleError(f"{source}: rope_type={rp['rope_type']!r} is not supported (plain RoPE only)")
-        rope_theta = rp.get("rope_theta", rope_theta)
+    rope_theta, rope_scaling = _rope_from_hf(d, g("rope_theta"), source)
     if d.get("mlp_bias"):
         raise ParScaleError(f"{source}: mlp_bias=true is not supported")
     if d.get("hidden_act", "silu") != "silu":
@@ -92,10 +96,12 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
     fields = dict(
         vocab_size=g("vocab_size"), hidden_size=g("hidden_size"), intermediate_size=g("intermediate_size"),
         num_hidden_layers=g("num_hidden_layers"), num_attention_heads=n_heads,
-        num_key_value_heads=g("num_key_value_heads") or n_heads, head_dim=d.get("head_dim"),
+        num_key_value_heads=g("num_key_value_heads") or n_heads, head_dim=g("head_dim"),
         rope_theta=float(rope_theta), rms_norm_eps=float(g("rms_norm_eps")),
         max_position_embeddings=g("max_position_embeddings"),
         attention_bias=bool(d.get("attention_bias", base["attention_bias"])),
+        qk_norm=mt == "qwen3" or (mt == "qwen2_parscale" and d.get("qk_norm") is True),
+        rope_scaling=rope_scaling,
         tie_word_embeddings=bool(g("tie_word_embeddings")), initializer_range=float(g("initializer_range")),
         bos_token_id=tok(d.get("bos_token_id")), eos_token_id=tok(eos), pad_token_id=tok(d.get("pad_token_id")),
         streams=streams,
@@ -103,6 +109,7 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
         prefix_only=d.get("parscale_prefix_only", False),
+        quantization=d.get("quantization"),  # ours: "int8" (parscale.quant)
     )
     if d.get("parscale_zero_attention_bias"):
         fields["attention_bias"] = False  # load_pretrained puts them back if they are not zero
@@ -114,6 +121,25 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         raise ParScaleError(f"{source}: malformed value ({e})") from None
 
 
+def _rope_from_hf(d: dict[str, Any], rope_theta: Any, source: str) -> tuple[Any, dict | None]:
+    """``(rope_theta, rope_scaling)`` from HF's ``rope_scaling`` (transformers 4) or
+    ``rope_parameters`` (transformers 5, which nests ``rope_theta`` in it)."""
+    rs = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else d.get("rope_scaling")
+    if not rs:
+        return rope_theta, None
+    if not isinstance(rs, dict):
+        raise ParScaleError(f"{source}: rope_scaling must be an object or null (got {rs!r})")
+    rs = dict(rs)
+    rope_theta = rs.pop("rope_theta", rope_theta)
+    kind = rs.pop("rope_type", rs.pop("type", "default"))
+    if kind == "default":
+        return rope_theta, None
+    if kind != "llama3":
+        raise ParScaleError(f"{source}: rope_type {kind!r} is not supported (plain RoPE or 'llama3')")
+    rs.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    return rope_theta, {"rope_type": "llama3", **rs}
+
+
 def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The official ``qwen2_parscale`` config.json for ``cfg`` (plus our dynamic-P extras)."""
     d = {
@@ -123,7 +149,7 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings, "initializer_range": cfg.initializer_range,
         "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
         "max_window_layers": cfg.num_hidden_layers, "use_cache": True,
@@ -137,8 +163,12 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
         d["parscale_zero_attention_bias"] = True
     if cfg.prefix_only:
         d["parscale_prefix_only"] = True
+    if cfg.qk_norm:
+        d["qk_norm"] = True  # ours (a Qwen3 backbone); official code has no q/k norms
     if cfg.stream_sets != [cfg.streams]:
         d["parscale_stream_sets"] = cfg.stream_sets
+    if cfg.quantization:
+        d["quantization"] = cfg.quantization
     return d
 
 
@@ -235,18 +265,27 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return _open_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)
 
 
-def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None, adapter=None):
+def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None, quantize=None, adapter=None):
     """See :meth:`ParScaleForCausalLM.from_pretrained`. ``dtype``: None → float32 (as HF),
     ``"auto"`` → the stored dtype, or a torch dtype. ``adapter``: an adapter directory to load
     onto this base (``parscale.recycle``); ``path`` may itself be an adapter directory."""
     from .model import ParScaleForCausalLM
+    from .quant import MODES, quantize_
     from .recycle import is_adapter, load_adapter
 
+    if quantize is not None and quantize not in MODES:
+        raise ParScaleError(f"unknown quantization {quantize!r} (supported: {', '.join(MODES)})")
+
     if adapter is not None:
-        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device)
+        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device, quantize=quantize)
     if is_adapter(path):
-        return load_adapter(path, streams=streams, dtype=dtype, device=device)
+        return load_adapter(path, streams=streams, dtype=dtype, device=device, quantize=quantize)
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():  # a llama.cpp file: converted in memory
+        from .gguf import load_gguf
+
+        model = load_gguf(path, streams=streams, dtype=dtype, device=device)
+        return model if quantize is None else quantize_(model, quantize)
     cfg, raw = read_config(path)
     tensors, source = read_tensors(path)
     if dtype == "auto":
@@ -257,9 +296,12 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
         dtype = _DTYPES[dtype]
     if raw.get("parscale_zero_attention_bias"):
         cfg = _restore_zero_biases(cfg, tensors)
-    model = ParScaleForCausalLM.empty(cfg)  # every parameter is overwritten below (checked)
+    # every parameter is overwritten below (checked); in the target dtype, so float64 stays exact
+    model = ParScaleForCausalLM.empty(cfg).to(dtype=dtype or torch.float32)
     _assign(model, tensors, source)
-    model = model.to(dtype=dtype or torch.float32, device=device)
+    model = model.to(device=device)
+    if quantize is not None and not cfg.quantization:
+        quantize_(model, quantize)
     if streams is not None:
         model.set_streams(streams)
     return model.eval()
@@ -289,7 +331,7 @@ def save_pretrained(model, path, *, max_shard_bytes: int | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in checkpoint_tensors(model).items()}
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype  # not the embedding's: int8 when quantised
     if not model.config.attention_bias:  # zero q/k/v biases so the official code loads the file
         cfg = model.config
         sizes = {"q": cfg.num_attention_heads * cfg.head_dim, "k": cfg.num_key_value_heads * cfg.head_dim,

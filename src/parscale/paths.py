@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,22 @@ from .errors import ParScaleError
 # --------------------------------------------------------------------------- input files
 
 
-def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of ``path``; a missing, unreadable, binary or non-UTF-8 file is a
-    ParScaleError that starts with ``what`` (e.g. ``"--config run.toml"``)."""
+def read_text_file(path: str | os.PathLike, what: str, *, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable, binary or non-UTF-8 file (or not a
+    regular file, or over ``max_bytes``) is a ParScaleError that starts with ``what`` (e.g.
+    ``"--config run.toml"``)."""
     path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ParScaleError(f"{what}: no such file") from None
+    except OSError as e:
+        raise ParScaleError(f"{what}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        # a device or pipe (/dev/zero, /dev/stdin) may never end: read only regular files
+        raise ParScaleError(f"{what}: not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ParScaleError(f"{what}: {st.st_size:,} bytes, larger than the {max_bytes:,} this file may have")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -43,9 +56,10 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     return text.removeprefix("\ufeff")  # a BOM some editors write
 
 
-def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict) -> Any:
+def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict,
+                   max_bytes: int | None = None) -> Any:
     """Parse a JSON file read with ``read_text_file``; the top level must be ``expect``."""
-    text = read_text_file(path, what)
+    text = read_text_file(path, what, max_bytes=max_bytes)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

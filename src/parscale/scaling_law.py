@@ -403,15 +403,12 @@ def _read_columns(lines: Iterator[str], source: str, columns: Sequence[str]) -> 
 
 def load_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read (N, P, loss) from a CSV with columns params,P,loss (see the module docstring)."""
+    from .paths import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParScaleError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ParScaleError(f"{path}: is a directory, not a CSV file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParScaleError(f"{path}: cannot read ({e})") from None
+    if path.is_dir():
+        raise ParScaleError(f"{path}: is a directory, not a CSV file")
+    text = read_text_file(path, str(path))  # missing, binary, not UTF-8, a device: one line
     data = _read_columns(iter(text.splitlines()), str(path), ("params", "P", "loss"))
     n = data["loss"].size
     if n < 4:

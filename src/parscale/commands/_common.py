@@ -77,6 +77,14 @@ def at_least(flag: str, value, minimum) -> None:
         raise ParScaleError(f"{flag} must be >= {minimum} (got {value})")
 
 
+def check_count(flag: str, n: int, bytes_each: float, what: str) -> None:
+    """Refuse a count whose records alone cannot fit in memory (``--n 1e9`` problems)."""
+    avail = available_memory()
+    if avail is not None and n * bytes_each > avail:
+        raise ParScaleError(f"{flag} {n}: {n:,} {what} need ~{n * bytes_each / 2**30:.0f} GiB, more than the "
+                            f"{avail / 2**30:.1f} GiB of memory available")
+
+
 def check_generation_budget(model_config, prompt_tokens: int, max_new_tokens: int, rows: int = 1,
                             *, flag: str = "--max-new-tokens") -> None:
     """Refuse a decode that cannot fit before anything is allocated: the context

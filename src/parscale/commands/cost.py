@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+MAX_SWEEP = 10_000  # batch sizes in the sweep: ~10 s
+
+
 def _check(args: argparse.Namespace) -> None:
     def positive_int(name: str, minimum: int = 1) -> None:
         value = getattr(args, name.lstrip("-").replace("-", "_"))
@@ -78,6 +81,9 @@ def _check(args: argparse.Namespace) -> None:
     positive_int("--input-tokens")
     positive_int("--output-tokens")
     positive_int("--max-batch")
+    if args.max_batch > MAX_SWEEP:
+        raise ParScaleError(f"--max-batch {args.max_batch}: the sweep evaluates every batch size 1..N "
+                            f"(about a millisecond each); use at most {MAX_SWEEP}")
     for flag in ("--flops", "--bandwidth", "--flops-eff", "--mem-eff", "--k"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -119,6 +119,11 @@ def _text_report(fit, source: str, boot, notes: list[str], plot: Path | None) ->
 def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise ParScaleError(f"--bootstrap: need 0 (off) or at least 2 resamples (got {args.bootstrap})")
+    if args.seed < 0:
+        raise ParScaleError(f"--seed must be >= 0 (got {args.seed})")
+    from ._common import check_count
+
+    check_count("--bootstrap", args.bootstrap, 4 * 8 * 64, "bootstrap refits")  # with --plot's band curves
     from ._common import ensure_writable_file
 
     plot = Path(args.plot) if args.plot else None

@@ -16,6 +16,13 @@ examples:
   parscale generate --model runs/frozen/model --streams 4 --prompt "import os" \\
       --do-sample --temperature 0.8 --top-p 0.95 --seed 0 --num-return-sequences 4
 
+  # one chat turn: --prompt is the user message, rendered with the model's chat template
+  parscale generate --model smollm2 --chat --prompt "What is the capital of France?"
+
+  # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
+  parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2
+  parscale generate --model runs/demo/model --prompt "import os" --quantize int8
+
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
 """
@@ -33,6 +40,9 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in --model or --tokenizer)")
     src.add_argument("--ids", help="prompt as space-separated token ids")
     p.add_argument("--tokenizer", help="directory or file with tokenizer.json (default: --model)")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: render it with the tokenizer's chat template, print the reply")
+    p.add_argument("--system", help="with --chat: a system message before the prompt")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -44,24 +54,24 @@ def register(sub) -> None:
     p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
                    help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
     add_threads_argument(p)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
     p.set_defaults(func=run)
 
 
 def _tokenizer(path: Path):
-    from tokenizers import Tokenizer
+    from ..tokenizer import Tokenizer
 
     f = path / "tokenizer.json" if path.is_dir() else path
     if not f.is_file():
         raise ParScaleError(f"{f}: no tokenizer.json (pass --tokenizer, or --ids instead of --prompt)")
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise ParScaleError(f"{f}: not a valid tokenizer.json ({e})") from None
+    return Tokenizer.from_pretrained(f)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
     from ._common import apply_threads, check_generation_budget, check_utf8_text
 
@@ -73,13 +83,22 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--num-return-sequences must be >= 1")
     if args.streams is not None and args.streams < 1:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
+    if args.chat and args.prompt is None:
+        raise ParScaleError("--chat needs --prompt (the user message)")
+    if args.system is not None and not args.chat:
+        raise ParScaleError("--system goes with --chat")
     apply_threads(args.threads)
-    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
     tok = None
     if args.prompt is not None:
         tok = _tokenizer(Path(args.tokenizer or args.model))
-        ids = tok.encode(args.prompt).ids
-    else:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                [{"role": "user", "content": args.prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            ids = tok.encode(args.prompt)
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    if args.prompt is None:
         try:
             ids = [int(x) for x in args.ids.replace(",", " ").split()]
         except ValueError:
@@ -90,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
     check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
-    eos = model.config.eos_token_id
-    if eos is None and tok is not None:
-        eos = tok.token_to_id("<|endoftext|>")
+    eos = default_eos_ids(model, tok)  # every EOS id of the config, generation_config and tokenizer
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          eos_token_id=eos, num_return_sequences=args.num_return_sequences,
@@ -101,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         if args.num_return_sequences > 1:
             print(f"--- sample {r} ({out.result.finish_reason[r]})")
         if tok is not None:
-            print(args.prompt + tok.decode([t for t in new if t != eos]))
+            text = tok.decode([t for t in new if t not in eos], skip_special_tokens=args.chat)
+            print(text if args.chat else args.prompt + text)
         else:
             print(" ".join(map(str, ids + new)))
     return 0

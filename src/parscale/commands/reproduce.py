@@ -7,6 +7,7 @@ import argparse
 import shlex
 
 from ..cli import HelpFormatter
+from ._common import threads_type
 
 DESCRIPTION = """\
 Reproduce the parallel scaling law of Chen et al. (arXiv 2505.10475) on a CPU:
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which experiment to run (see above)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: runs/reproduce-PRESET)")
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+    parser.add_argument("--threads", type=threads_type, default="auto", metavar="N|auto",
                         help="torch CPU threads per run; auto: the cores not busy with other work when "
                              "each run starts (on a shared machine, spare threads slow training down)")
     parser.add_argument("--data", default=None, metavar="SPEC",
@@ -61,18 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", choices=["prefix"], default=None,
                         help="prefix: add a P = 1 + one learned prefix run per size, reported beside every P > 1")
     parser.set_defaults(func=run)
-
-
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..errors import ParScaleError
@@ -93,13 +94,16 @@ def _problems(args: argparse.Namespace, task):
         return load_problems(text, task)
     if count < 1:
         raise ParScaleError(f"--problems must be >= 1 or a file (got {count})")
+    from ._common import check_count
+
+    check_count("--problems", count * args.n, 4096, "samples (--problems x --n)")
     if task.name == "exact":
         raise ParScaleError("--task exact has no generator: pass --problems FILE.jsonl")
     return task.make_problems(count, seed=args.problem_seed, difficulty=args.difficulty)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.tokenizer import load_tokenizer
+    from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
     from ..sampling.aggregators import NEEDS_SCORES, get_strategy
     from ..sampling.estimators import score_sample_set
@@ -107,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling.sampler import sample_problems
     from ..sampling.scorers import make_scorer, score_samples
     from ..sampling.tasks import get_task
+    from ..tokenizer import Tokenizer
     from ._common import apply_threads, check_generation_budget, ensure_writable_file
-    from .score import parse_ks, print_report
+    from .score import check_flags, parse_ks, print_report
 
     # everything is checked before the model loads, so a bad flag or output costs nothing
     for flag, value, low in [("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
@@ -125,11 +130,24 @@ def run(args: argparse.Namespace) -> int:
     if args.early_stop:
         make_policy(args.early_stop)  # a bad spec fails before the model loads
     temps, top_ps = _floats(args.temperature, "--temperature"), _floats(args.top_p, "--top-p")
+    for flag, values, ok, need in [("--temperature", temps, lambda t: t >= 0, ">= 0 (0: greedy)"),
+                                   ("--top-p", top_ps, lambda p: 0 < p <= 1, "in (0, 1]")]:
+        values = values if isinstance(values, list) else [values]
+        if len(values) not in (1, args.n):
+            raise ParScaleError(f"{flag}: {len(values)} values for --n {args.n} (give one, or one per sample)")
+        bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+        if bad:
+            raise ParScaleError(f"{flag} must be {need} (got {bad[0]})")
+    if args.top_k is not None and args.top_k < 0:
+        raise ParScaleError(f"--top-k must be >= 0 (got {args.top_k}; 0 = off)")
+    check_flags(args)  # --seed
     ks = parse_ks(args.k) if args.k else None
+    if ks and max(ks) > args.n:
+        raise ParScaleError(f"--k: k={max(ks)} is larger than the number of samples --n {args.n}")
     if args.out:
         ensure_writable_file(args.out, "--out")
     problems = _problems(args, task)
-    tok = load_tokenizer(Path(args.tokenizer or args.model))
+    tok = Tokenizer.from_pretrained(Path(args.tokenizer or args.model))  # the same text rule as training
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
     longest = max(len(tok.encode(p.prompt)) for p in problems)
@@ -139,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if not str(args.problems).strip().isdigit():
         meta.update(problems_file=str(args.problems), difficulty=None, problem_seed=None)
     sset = sample_problems(model, tok, problems, n=args.n, temperature=temps, top_p=top_ps, top_k=args.top_k,
-                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_id,
+                           seed=args.seed, max_new_tokens=args.max_new_tokens, eos_token_id=default_eos_ids(model, tok),
                            policy=args.early_stop, extractor=task.extractor,
                            batch_problems=args.batch_problems, progress=True, meta=meta)
     if args.scorer:

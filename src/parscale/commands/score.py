@@ -72,6 +72,23 @@ def parse_ks(text: str | None) -> list[int] | None:
     return ks
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Seeds, counts and thresholds of `score` (shared with `sample`), before any work."""
+    import math
+
+    from ._common import check_count
+
+    if getattr(args, "seed", 0) < 0:
+        raise ParScaleError(f"--seed must be >= 0 (got {args.seed})")
+    if hasattr(args, "boot"):
+        if args.boot < 1:
+            raise ParScaleError(f"--boot must be >= 1 (got {args.boot})")
+        check_count("--boot", args.boot, 8 * 64, "bootstrap resamples")
+    threshold = getattr(args, "threshold", 0.5)
+    if not math.isfinite(threshold):
+        raise ParScaleError(f"--threshold must be a finite number (got {threshold})")
+
+
 def strategy_options(args: argparse.Namespace) -> dict:
     if args.strategy == "weighted":
         return {"weights": args.weights, "window": args.window, "keep": args.keep}
@@ -90,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling.scorers import make_scorer, score_samples
 
     get_strategy(args.strategy)  # fail on a typo before reading the file
+    check_flags(args)
     if args.scorer:
         make_scorer(args.scorer, task=args.task or "exact")  # the spec itself; the task comes later
     ks = parse_ks(args.k)

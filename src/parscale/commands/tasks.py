@@ -70,7 +70,7 @@ def _list() -> int:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..sampling.tasks import get_task
-    from ._common import at_least, ensure_writable_file
+    from ._common import at_least, check_count, ensure_writable_file
 
     if args.list:
         return _list()
@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--task exact has no problem generator; pick arithmetic, countdown, linear or sudoku")
     at_least("--n", args.n, 1)
     at_least("--eval-problems", args.eval_problems, 0)
+    check_count("--n", args.n, 1024, "problems")  # a Problem plus its line of text, generously
+    check_count("--eval-problems", args.eval_problems, 1024, "problems")
     out = ensure_writable_file(args.out, "--out")
     eval_out = ensure_writable_file(args.eval_out, "--eval-out") if args.eval_out else None
     if eval_out is not None and eval_out.resolve() == out.resolve():

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import ParScaleError
+
 EXAMPLE = """\
 examples:
   # a tiny model on 2 MB of the Python standard library: about a minute on a laptop CPU
@@ -175,10 +177,44 @@ def parent_data(init_from: str, keys: list[str]) -> dict:
     return {k: saved[k] for k in keys if k in saved}
 
 
+def memory_estimate(cfg) -> tuple[float, float]:
+    """Rough bytes a from-scratch run needs: (parameters + gradients + Adam moments, activations
+    of one micro-batch). Upper-end figures for float32 on one process; for refusing sizes that
+    cannot fit (``--seq-len 1e9``), not for planning."""
+    s = cfg.shape()
+    h, inter, layers, heads = s["hidden"], s["intermediate"], s["layers"], s["heads"]
+    hd = h // heads
+    kv = s["kv_heads"] * hd
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + cfg.vocab_size * h
+    P = max(cfg.streams, 1)
+    rows = cfg.batch_size // cfg.grad_accum * P
+    T = cfg.seq_len
+    per_token = layers * (12 * h + 3 * inter + heads * T) + 3 * cfg.vocab_size  # floats kept for backward
+    rope = 2 * max(2048, T) * hd
+    return 16.0 * params, 4.0 * (rows * T * per_token + rope)
+
+
+def _check_memory(cfg) -> None:
+    from ._common import available_memory
+
+    if cfg.init_from is not None:
+        return  # the shape comes from the checkpoint
+    state, act = memory_estimate(cfg)
+    avail = available_memory()
+    # the estimate is generous, so refuse only what is far out of reach (not a run that may fit)
+    if avail is not None and state + act > 2 * avail:
+        raise ParScaleError(
+            f"--seq-len {cfg.seq_len}, --batch-size {cfg.batch_size}, --vocab-size {cfg.vocab_size}, "
+            f"--size {cfg.size}: training needs roughly {(state + act) / 2**30:.1f} GiB (weights and Adam "
+            f"state {state / 2**30:.1f}, activations {act / 2**30:.1f}), far more than the "
+            f"{avail / 2**30:.1f} GiB available; lower them or raise --grad-accum")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import format_summary, train
 
     cfg = build_config(args)
+    _check_memory(cfg)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         print(format_summary(result))

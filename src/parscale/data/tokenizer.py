@@ -4,13 +4,19 @@
 alphabet, so every string encodes and decodes back exactly) with one special token,
 ``<|endoftext|>``, at id 0: the end-of-document / EOS token that separates documents in the token
 stream. ``TextTokenizer.load`` reads ``tokenizer.json`` from a directory (ours or an existing
-model's). A literal ``<|endoftext|>`` inside a document is encoded as ordinary text, never as
-EOS, so data cannot inject document boundaries.
+model's); its document separator is chosen as ``parscale.tokenizer.find_separator`` does
+(``<|endoftext|>`` when the vocabulary has it, ...).
+
+Text is encoded by the same rule as ``parscale.Tokenizer`` (generate, sample, chat): special
+tokens written in a document (chat markup such as ``<|im_start|>`` of a model's tokenizer) are
+those tokens, exactly as at inference; only a literal separator inside a document is encoded as
+ordinary text, so data cannot inject document boundaries.
 
 Training is deterministic: the same texts and settings give a byte-identical ``tokenizer.json``
 (checked across processes and thread counts with tokenizers 0.23). Caches are keyed by
-``fingerprint()``, the sha1 of the serialized tokenizer, not by the training settings, so they stay
-right even where that would not hold.
+``fingerprint()``, the sha1 of the serialized tokenizer (plus the separator, for tokenizers with
+other special tokens), not by the training settings, so they stay right even where that would
+not hold.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..atomic import atomic_write_text
 from ..errors import ParScaleError
+from ..tokenizer import SEPARATOR_CANDIDATES, TextEncoder, find_separator
 from .corpus import cap_order
 
 if TYPE_CHECKING:
@@ -33,17 +40,17 @@ EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_SAMPLE_BYTES = 64_000_000  # tokenizer training sample cap (the whole stdlib train split fits)
-# Tried in order when a loaded tokenizer names no EOS (no tokenizer_config.json "eos_token").
-_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
 
 class TextTokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` with the few things training needs."""
 
-    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN):
+    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, config: dict | None = None):
         self._tok = tokenizer
-        # Special tokens in the input text are encoded as text (see module docstring).
-        self._tok.encode_special_tokens = True
+        # tokenizer_config.json it came with (chat template, special tokens), written back by save
+        self.config = dict(config) if config else {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                   "eos_token": eos_token}
+        self._text = TextEncoder(tokenizer, eos_token)  # the encoding rule (module docstring)
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
             raise ParScaleError(f"tokenizer has no EOS token {eos_token!r}")
@@ -64,11 +71,11 @@ class TextTokenizer:
 
     # ------------------------------------------------------------------ use
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._text.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return self._text.encode_batch(texts)
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text of ``ids``; EOS shows as ``<|endoftext|>`` unless ``skip_special``."""
@@ -77,23 +84,31 @@ class TextTokenizer:
     def fingerprint(self) -> str:
         """sha1 of the serialized tokenizer: equal iff every vocab entry, merge and setting is."""
         if self._fingerprint is None:
-            self._fingerprint = hashlib.sha1(self._tok.to_str().encode("utf-8")).hexdigest()
+            raw = self._tok.to_str()
+            if not self._text.only_separator:  # the separator then decides what the text encodes to
+                raw += f"\0separator={self.eos_token}"
+            self._fingerprint = hashlib.sha1(raw.encode("utf-8")).hexdigest()
         return self._fingerprint
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/tokenizer.json`` atomically; returns its path."""
+        """Write ``directory/tokenizer.json`` and ``tokenizer_config.json`` (the one it was loaded
+        with, so a chat template survives training; ours names the EOS) atomically; returns the
+        tokenizer.json path."""
         path = Path(directory) / TOKENIZER_FILE
         atomic_write_text(path, self._tok.to_str(pretty=True))
+        atomic_write_text(path.parent / "tokenizer_config.json",
+                          json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, eos_token: str | None = None) -> "TextTokenizer":
         """Load ``tokenizer.json`` from a model directory (or the file itself).
 
-        The EOS token is ``eos_token`` if given, else ``eos_token`` of a ``tokenizer_config.json``
-        next to it, else the first of ``<|endoftext|>``, ``</s>``, ``<|end_of_text|>``, ``<eos>``
-        in the vocabulary.
+        The EOS token (the document separator) is ``eos_token`` if given, else the first of
+        ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` in the vocabulary, else
+        ``eos_token`` of a ``tokenizer_config.json`` next to it (``find_separator``): a chat model's
+        end-of-turn EOS (``<|im_end|>``) stays free for chat markup inside documents.
         """
         from tokenizers import Tokenizer
 
@@ -105,14 +120,14 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema
             raise ParScaleError(f"tokenizer file {file}: cannot load ({e})") from None
+        config = _read_config(file.parent / "tokenizer_config.json") if p.is_dir() else None
         if eos_token is None:
-            eos_token = _eos_from_config(file.parent / "tokenizer_config.json")
+            eos_token = find_separator(tok, _eos_from_config(file.parent / "tokenizer_config.json"))
         if eos_token is None:
-            eos_token = next((t for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
-        if eos_token is None:
-            raise ParScaleError(f"tokenizer file {file}: no EOS token found (looked for "
-                                f"{', '.join(_EOS_CANDIDATES)}); pass eos_token")
-        return cls(tok, eos_token)
+            raise ParScaleError(f"tokenizer file {file}: no document separator found (looked for "
+                                f"{', '.join(SEPARATOR_CANDIDATES)} and tokenizer_config.json's "
+                                "eos_token); pass eos_token")
+        return cls(tok, eos_token, config)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -167,6 +182,18 @@ def train_tokenizer(corpus: "Corpus", *, vocab_size: int = DEFAULT_VOCAB_SIZE,
                     sample_bytes: int | None = DEFAULT_SAMPLE_BYTES) -> TextTokenizer:
     """``TextTokenizer.train_on_corpus``: a byte-level BPE trained on the corpus's train split."""
     return TextTokenizer.train_on_corpus(corpus, vocab_size, sample_bytes=sample_bytes)
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ParScaleError(f"{path}: not a readable JSON tokenizer config ({e})") from None
+    if not isinstance(data, dict):
+        raise ParScaleError(f"{path}: a tokenizer config must be a JSON object")
+    return data
 
 
 def _eos_from_config(path: Path) -> str | None:

@@ -254,13 +254,10 @@ class SampleSet:
 
     @classmethod
     def load_jsonl(cls, path: str | os.PathLike) -> "SampleSet":
+        from ..paths import read_text_file
+
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ParScaleError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ParScaleError(f"{path}: cannot read ({e})") from None
+        text = read_text_file(path, str(path))  # missing, binary, not UTF-8, a device: one line
         header, samples = None, []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

@@ -40,7 +40,7 @@ def _per_sample(value, n: int, name: str) -> list[float]:
 def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
                     temperature: float | Sequence[float] = 1.0, top_p: float | Sequence[float] = 1.0,
                     top_k: int | None = None, seed: int = 0, max_new_tokens: int = 32,
-                    stop_strings: Sequence[str] = ("\n",), eos_token_id: int | None = None,
+                    stop_strings: Sequence[str] = ("\n",), eos_token_id: int | Sequence[int] | None = None,
                     policy: str | Policy | None = None, extractor: str | Callable | None = None,
                     batch_problems: int = 1, compact: bool = True, progress: bool = False,
                     meta: dict | None = None) -> SampleSet:
@@ -57,6 +57,9 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
     cfg = model.config
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id
+    # one EOS id or several (a model's every EOS: parscale.generation.default_eos_ids)
+    eos = set() if eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
     samples: list[Sample] = []
     ledger = CostLedger(streams=model.streams, params=model.num_parameters())
     bar = tqdm(total=len(problems), desc="sampling", unit="problem", disable=not progress)
@@ -81,7 +84,7 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         rows = len(batch) * n
 
         def text_of(tokens: list[int]) -> str:
-            return tokenizer.decode([t for t in tokens if t != eos_token_id])
+            return tokenizer.decode([t for t in tokens if t not in eos])
 
         def stop(row: int, tokens: list[int]) -> bool:
             if not stop_strings:
@@ -105,7 +108,7 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         seeds = [row_seed(seed, p.id, i) for p in batch for i in range(n)]
         res = decode(model, ids, mask, max_new_tokens=max_new_tokens, num_samples=n,
                      temperature=temps * len(batch), top_p=top_ps * len(batch), top_k=top_k, seeds=seeds,
-                     eos_token_id=eos_token_id, stop=stop, on_finish=on_finish, return_logprobs=True,
+                     eos_token_id=eos, stop=stop, on_finish=on_finish, return_logprobs=True,
                      compact=compact)
         for r in range(rows):
             b, i = divmod(r, n)

@@ -277,12 +277,20 @@ class _Data:
                 self.tokenizer, _ = load_or_train_tokenizer(self.corpus, vocab_size=cfg.vocab_size)
         if dist.main:
             self.tokenizer.save(out)
+            if not cfg.quiet:
+                t = self.tokenizer
+                print(f"parscale train: documents are separated by {t.eos_token} (id {t.eos_id}); the same "
+                      "token ends generation (parscale generate, chat, sample)", file=sys.stderr)
         self.batches = TokenBatches.build(self.corpus, self.tokenizer, seq_len=cfg.seq_len,
                                           global_batch=cfg.batch_size, seed=cfg.seed,
                                           progress=dist.main and not cfg.quiet and sys.stderr.isatty(),
                                           main=dist.main,
                                           barrier=dist.barrier)
         self.val = self.batches.validation_windows(max(1, cfg.eval_tokens // cfg.seq_len))
+        if dist.main and not cfg.quiet:
+            val = self.batches.validation
+            print(f"parscale train: data ready: {len(self.batches.tokens):,} training tokens, "
+                  f"{len(val) if val is not None else 0:,} validation tokens", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the run

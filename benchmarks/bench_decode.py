@@ -1,0 +1,241 @@
+"""Decode benchmark: batch-1 ms/token for P = 1, 2, 4, 8 in float32 / bfloat16 / int8, against the
+bandwidth roofline measured in the same run.
+
+A decode step at batch 1 reads every weight once, whatever P is, so on a memory-bound machine P
+streams should cost almost nothing: ``roofline = weight bytes read per step / streaming-read
+bandwidth``. This script measures that bandwidth (a large buffer summed, the same threads as the
+model), then for three shapes (random weights; the real SmolLM2 is only its shape here):
+
+* ``174M``: hidden 1024, 16 layers, 8 heads / 2 KV heads, intermediate 2816, vocab 8192;
+* ``33M``:  hidden 512, 12 layers, 8 / 2 heads, intermediate 1408, vocab 8192;
+* ``smollm2-135m``: hidden 576, 30 layers, 9 / 3 heads, intermediate 1536, vocab 49152, tied;
+
+all with 48 prefix tokens, it prints
+
+1. ms per new token (model forward with the KV cache holding 64 tokens plus the prefix) for each
+   dtype and P, the ratio to float32 P = 1 and to the same dtype's P = 1, and the share of the
+   roofline reached;
+2. time to first token (the prefill forward) for a 512-token prompt, P = 1 and P = 8;
+3. a batch sweep B = 1, 2, 4, 8, 16 at P = 8 vs P = 1 (174M): where P stops being nearly free.
+
+Timings are interleaved (every variant once per round) and the minimum over rounds is reported,
+so a shared machine's slow phases hit every variant alike; the load (``uptime``) is printed
+before and after. Ratios within one run are the numbers to compare.
+
+    python benchmarks/bench_decode.py                 # the full set (~5-8 min on 2 cores)
+    python benchmarks/bench_decode.py --quick         # fewer rounds/steps, one config, short prompt
+    python benchmarks/bench_decode.py --threads 1 --configs 33M --dtypes float32 bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import time
+
+import torch
+
+from parscale import ParScaleConfig, ParScaleForCausalLM
+from parscale.quant import quantize_
+
+CONFIGS = {
+    "174M": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=2816, vocab_size=8192, tie_word_embeddings=True),
+    "33M": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1408, vocab_size=8192, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                         attention_bias=False, rope_theta=100000.0),
+}
+PS = [1, 2, 4, 8]
+
+
+def load() -> str:
+    try:
+        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def bandwidth(threads: int, mbytes: int = 512, rounds: int = 7) -> float:
+    """Streaming-read bandwidth in bytes/s: min time of summing a buffer larger than the caches."""
+    buf = torch.ones(mbytes * 2 ** 20 // 4)
+    buf.sum()
+    best = min(_timed(lambda: buf.sum()) for _ in range(rounds))
+    return buf.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_bytes(model: ParScaleForCausalLM) -> int:
+    """Bytes a batch-1 decode step reads: every weight except the embedding table (one row), plus
+    the active stream set (prefixes are read from the cache, counted with it)."""
+    total = 0
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name.startswith("stream_sets.") or "rotary" in name:
+            continue
+        seen.add(id(t))
+        if name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings:
+            continue
+        total += t.numel() * t.element_size()
+    if model.stream_set is not None:
+        total += sum(t.numel() * t.element_size() for t in model.stream_set.aggregate_layer.parameters())
+    return total
+
+
+def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
+    out = {}
+    for d in dtypes:
+        if d == "float32":
+            out[d] = base
+        elif d == "bfloat16":
+            out[d] = copy.deepcopy(base).to(torch.bfloat16).eval()
+        elif d == "int8":
+            out[d] = quantize_(copy.deepcopy(base)).eval()
+        else:
+            raise SystemExit(f"unknown dtype {d}")
+    return out
+
+
+class Stepper:
+    """One variant's decode state: a KV cache holding ``filled`` token slots (zeros: their values
+    do not change the time), kept across rounds so nothing is prefilled between timings."""
+
+    def __init__(self, model, P: int, batch: int, filled: int, capacity: int):
+        self.model, self.P = model, P
+        model.set_streams(P)
+        self.cache = model.new_cache(batch, filled + capacity)
+        self.cache.advance_positions(None, filled)  # a prompt's worth of slots, as the model would
+        self.cache.length += filled
+        self.tok = torch.zeros(batch, 1, dtype=torch.long)
+
+    @torch.inference_mode()
+    def ms(self, steps: int) -> float:
+        """ms per decode step over ``steps`` steps (after one untimed step)."""
+        self.model.set_streams(self.P)
+        self.model(self.tok, cache=self.cache)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.model(self.tok, cache=self.cache)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+@torch.inference_mode()
+def prefill_ms(model, P: int, prompt: int) -> float:
+    model.set_streams(P)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, prompt + 1)
+    t0 = time.perf_counter()
+    model(ids, cache=cache)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def build(name: str, weights: str | None = None) -> ParScaleForCausalLM:
+    torch.manual_seed(0)
+    if weights:  # real weights (a checkpoint directory or a .gguf); random stream sets for P > 1
+        model = ParScaleForCausalLM.from_pretrained(weights)
+        if model.config.prefix_tokens != 48:
+            model.config.prefix_tokens = 48
+        for P in PS[1:]:
+            if str(P) not in model.stream_sets:
+                model.add_stream_set(P)
+        return model.set_streams(1).eval()
+    cfg = ParScaleConfig(**CONFIGS[name], prefix_tokens=48, streams=1, stream_sets=PS,
+                         max_position_embeddings=4096)
+    return ParScaleForCausalLM(cfg).eval()
+
+
+def run_config(name: str, args, bw: float) -> None:
+    base = build(name, args.smollm2 if name == "smollm2-135m" else None)
+    nonemb = base.set_streams(1).num_parameters(non_embedding=True)
+    models = variants(base, args.dtypes)
+    source = "real weights" if name == "smollm2-135m" and args.smollm2 else "random weights"
+    print(f"\n== {name} ({source}): hidden {base.config.hidden_size}, {base.config.num_hidden_layers} layers, "
+          f"heads {base.config.num_attention_heads}/{base.config.num_key_value_heads}, "
+          f"intermediate {base.config.intermediate_size}, vocab {base.config.vocab_size}, "
+          f"{nonemb / 1e6:.1f}M non-embedding params; {load()}")
+    keys = [(d, P) for d in models for P in PS]
+    room = args.rounds * (args.steps + 1) + 1
+    steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room) for d, P in keys}
+    times = {k: [] for k in keys}
+    for _ in range(args.rounds):
+        for k in keys:
+            times[k].append(steppers[k].ms(args.steps))
+    del steppers
+    best = {k: min(v) for k, v in times.items()}
+    ref = best.get(("float32", 1))
+    print(f"1. decode, batch 1, {args.prompt} tokens in the cache, min of {args.rounds} rounds × {args.steps} steps")
+    print(f"{'dtype':>9} {'P':>2} {'ms/token':>9} {'÷ fp32 P=1':>11} {'÷ own P=1':>10} "
+          f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11}")
+    for d, P in keys:
+        m = models[d].set_streams(P)
+        nbytes = step_bytes(m)
+        roof = nbytes / bw * 1e3
+        t = best[(d, P)]
+        print(f"{d:>9} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
+              f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
+    if args.ttft and name == args.configs[0]:
+        print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
+        for d in models:
+            row = []
+            for P in (1, 8):
+                row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
+            print(f"{d:>9}  P=1 {row[0]:8.0f} ms   P=8 {row[1]:8.0f} ms   ratio {row[1] / row[0]:.2f}")
+    if args.batches and name == args.configs[0]:
+        print(f"3. batch sweep, ms per step (all rows), {args.prompt} tokens in the cache, min of "
+              f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
+        print(f"{'dtype':>9} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
+        rounds = max(2, args.rounds // 2)
+        for d in [x for x in ("float32", "bfloat16") if x in models]:
+            for B in args.batches:
+                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 1) for P in (1, 8)}
+                r = {P: [] for P in (1, 8)}
+                for _ in range(rounds):
+                    for P in (1, 8):
+                        r[P].append(st[P].ms(args.steps))
+                r = {P: min(v) for P, v in r.items()}
+                print(f"{d:>9} {B:>3} {r[1]:>8.2f} {r[8]:>8.2f} {r[8] / r[1]:>10.2f}")
+                del st
+    del models, base
+    gc.collect()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed decode steps")
+    ap.add_argument("--ttft", type=int, default=512, help="prompt length for time to first token (0: skip)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="batch sweep (none: skip)")
+    ap.add_argument("--smollm2", metavar="PATH", help="real SmolLM2-135M weights (checkpoint directory "
+                    "or .gguf) for the smollm2-135m row; default: random weights of its shape")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds × 4 steps, 33M only, short prompts")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.ttft, args.batches = 2, 4, 64, [1, 4]
+        args.configs = ["33M"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bench_decode: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()}, {load()}")
+    t0 = time.perf_counter()
+    bw = bandwidth(torch.get_num_threads())
+    print(f"streaming-read bandwidth (sum of a 512 MB buffer, min of 7): {bw / 1e9:.1f} GB/s")
+    for name in args.configs:
+        run_config(name, args, bw)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; {load()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Weight-only int8 quantisation: int8 weights with one scale per output channel.
+
+``quantize_(model)`` (or ``model.quantize("int8")``, or ``from_pretrained(..., quantize="int8")``)
+replaces every decoder projection (q/k/v/o, gate/up/down) and the LM head by ``Int8Linear``: the
+weight ``W`` (n×k) becomes ``round(W / s)`` in int8 with ``s = max|W_row| / 127`` per output row,
+so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (one int8 table, its rows
+scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
+Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
+
+Kernels: on CPU, up to 16 rows (decode), ``torch.ops.aten._weight_int8pack_mm`` (bfloat16
+activations, float32 accumulation; about as fast as reading the int8 bytes for one to four rows,
+then its cost grows with the rows); more rows (prefill) or shapes it does not handle: the weight
+dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the input's
+dtype. Activations are rounded to bfloat16 on CPU; scales are chosen exactly representable in
+bfloat16 so that rounding costs nothing extra.
+
+Checkpoints: ``*.weight`` holds the int8 tensor and ``*.weight_scale`` the scales, under the
+usual tensor names; ``config.json`` says ``"quantization": "int8"`` (see ``parscale.interop``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ParScaleError
+from .model import PackedLinear, ParScaleForCausalLM
+
+MODES = ("int8",)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q int8 n×k, scale float32 n)`` with ``w ≈ q · scale[:, None]``.
+
+    Scales are rounded up to the next bfloat16 value, so they stay exact in a bfloat16 kernel and
+    ``|w / scale| ≤ 127`` still holds."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scale = _bf16_ceil(amax / 127)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 value ≥ ``x`` (positive float32 ``x``), as float32."""
+    # bfloat16 is float32's top 16 bits: round toward +inf by adding just under one bf16 ulp, then truncate
+    bits = x.float().view(torch.int32)
+    up = (bits + 0xFFFF) & ~0xFFFF
+    return up.view(torch.float32)
+
+
+_KERNEL_ROWS = 16  # the CPU kernel's cost grows with the rows; past this a bf16 GEMM is faster
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype."""
+    if x.device.type != "cpu":
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    if x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0 and q.is_contiguous():
+        # decode: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
+        # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        return out.to(x.dtype)
+    # prefill (many rows) or odd shapes: dequantise once (int8 is exact in bf16), bf16 GEMM
+    out = F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale.float()
+    return out.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """A weight-only int8 ``nn.Linear``: buffers ``weight`` (n×k int8) and ``weight_scale`` (n)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, device=None,
+                 scale_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        w = lin.weight
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device, scale_dtype=w.dtype)
+        q, s = quantize_weight(w)
+        with torch.no_grad():
+            m.weight.copy_(q)
+            m.weight_scale.copy_(s)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class PackedInt8Linear(PackedLinear):
+    """``PackedLinear`` for ``Int8Linear`` layers: one int8 buffer, one scale vector, one kernel call."""
+
+    def __init__(self, linears: list[Int8Linear]):
+        w0 = linears[0].weight
+        self.linears, self.sizes, self.transposed = linears, [lin.out_features for lin in linears], False
+        n, k = sum(self.sizes), w0.shape[1]
+        with torch.inference_mode(False), torch.no_grad():
+            buf = torch.empty(n, k, dtype=torch.int8, device=w0.device)
+            scale = torch.empty(n, dtype=linears[0].weight_scale.dtype, device=w0.device)
+            has_bias = any(lin.bias is not None for lin in linears)
+            bias = torch.zeros(n, dtype=scale.dtype, device=w0.device) if has_bias else None
+            start = 0
+            for lin, size in zip(linears, self.sizes):
+                buf[start:start + size].copy_(lin.weight)
+                scale[start:start + size].copy_(lin.weight_scale)
+                lin.weight, lin.weight_scale = buf[start:start + size], scale[start:start + size]
+                if lin.bias is not None:
+                    bias[start:start + size].copy_(lin.bias)
+                    lin.bias.data = bias[start:start + size]
+                start += size
+        self.weight, self.scale, self.bias = buf, scale, bias
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> tuple:
+        return tuple((lin.weight.data_ptr(), lin.weight_scale.data_ptr(),
+                      None if lin.bias is None else lin.bias.data_ptr()) for lin in self.linears)
+
+    def unpack(self) -> None:
+        with torch.no_grad():
+            for lin in self.linears:
+                lin.weight, lin.weight_scale = lin.weight.clone(), lin.weight_scale.clone()
+                if lin.bias is not None:
+                    lin.bias.data = lin.bias.data.clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+Int8Linear.packed_type = PackedInt8Linear
+
+
+class Int8Embedding(nn.Module):
+    """An int8 embedding table with per-row scales; with ``tie_word_embeddings`` it is also the LM
+    head (``as_head``), so the table is stored once."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, device=None, scale_dtype=torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=scale_dtype, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # output dtype: the scales' (they follow model.to(dtype) like every floating tensor)
+        return self.weight[ids].to(self.weight_scale.dtype) * self.weight_scale[ids, None]
+
+
+class TiedInt8Head(nn.Module):
+    """The LM head of a tied int8 model: reads the embedding's int8 table (no tensors of its own)."""
+
+    def __init__(self, embedding: Int8Embedding):
+        super().__init__()
+        self._embedding = [embedding]  # a list: not a submodule, so state_dict names it once
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self._embedding[0]
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale)
+        return out.view(*x.shape[:-1], e.num_embeddings)
+
+
+def _projections(model: ParScaleForCausalLM):
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for owner, name in [(a, "q_proj"), (a, "k_proj"), (a, "v_proj"), (a, "o_proj"),
+                            (m, "gate_proj"), (m, "up_proj"), (m, "down_proj")]:
+            yield owner, name
+
+
+def quantize_(model: ParScaleForCausalLM, mode: str = "int8") -> ParScaleForCausalLM:
+    """Quantise ``model`` in place (weight-only int8, per-output-channel scales); returns it, in eval
+    mode. Already quantised layers are left as they are."""
+    if mode not in MODES:
+        raise ParScaleError(f"unknown quantization {mode!r} (supported: {', '.join(MODES)})")
+    from .model import unpack_all
+
+    unpack_all(model)  # quantise the plain layout, not packed views
+    for owner, name in _projections(model):
+        lin = getattr(owner, name)
+        if isinstance(lin, nn.Linear):
+            setattr(owner, name, Int8Linear.from_linear(lin))
+    emb = model.model.embed_tokens
+    if model.config.tie_word_embeddings:
+        if isinstance(emb, nn.Embedding):
+            q, s = quantize_weight(emb.weight)
+            new = Int8Embedding(emb.num_embeddings, emb.embedding_dim, device=emb.weight.device,
+                                scale_dtype=emb.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(q)
+                new.weight_scale.copy_(s)
+            model.model.embed_tokens = new
+            model.lm_head = TiedInt8Head(new)
+    elif isinstance(model.lm_head, nn.Linear):
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
+    model.config.quantization = mode
+    return model.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
