@@ -29,6 +29,14 @@ import torch
 from .errors import ParScaleError
 
 
+def seeded_generator(seed, device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (any integer torch takes: [-2**63, 2**64))."""
+    try:
+        return torch.Generator(device=device).manual_seed(int(seed))
+    except (ValueError, RuntimeError, OverflowError, TypeError):
+        raise ParScaleError(f"seed must be an integer in [-2**63, 2**64) (got {seed!r:.40})") from None
+
+
 @dataclass
 class DecodeResult:
     tokens: list[list[int]]  # per row: the new tokens (EOS included when it ended the row)
@@ -174,14 +182,14 @@ class Decoder:
         temps = _per_row(temperature, n_rows, "temperature", float)
         top_ks = _per_row(top_k or 0, n_rows, "top_k", int)
         top_ps = _per_row(1.0 if top_p is None else top_p, n_rows, "top_p", float)
-        for name, vals, ok in [("temperature", temps, lambda t: t >= 0),
+        for name, vals, ok in [("temperature", temps, lambda t: 0 <= t < float("inf")),
                                ("top_k", top_ks, lambda k: k >= 0),
                                ("top_p", top_ps, lambda p: 0 < p <= 1)]:
             bad = [v for v in vals if not ok(v)]
             if bad:
                 raise ParScaleError(f"{name} out of range: {bad[0]}")
         row_seeds = [None] * n_rows if seeds is None else _per_row(seeds, n_rows, "seeds", lambda x: x)
-        gens = [None if x is None else torch.Generator(device=self.device).manual_seed(int(x)) for x in row_seeds]
+        gens = [None if x is None else seeded_generator(x, self.device) for x in row_seeds]
 
         if cache is not None and (cache.batch != b or cache.length + s + max(budgets) > cache.capacity):
             raise ParScaleError(f"the cache ({cache.batch} rows, {cache.length}/{cache.capacity} slots used) has no "
@@ -402,7 +410,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     if isinstance(seeds, (list, tuple)):
         row_seeds = list(seeds)
     elif seeds is not None:
-        generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(int(seeds))
+        generator = seeded_generator(seeds, model.model.embed_tokens.weight.device)
     was_training = model.training
     model.eval()
     try:
