@@ -1,6 +1,8 @@
 """Generation: one decode loop (prefill once, then one token per step) that everything else reuses.
 
-``decode`` is the engine. It is built for sample-level scaling as much as for plain generation:
+``Decoder`` is the engine, step-wise so that a server can drive it (continuous batching: prompts
+join the running batch at any step, rows leave when they end); ``decode`` is a loop over it for
+one batch of prompts. It is built for sample-level scaling as much as for plain generation:
 
 * a batch of (left-padded) prompts is prefilled **once**; with ``num_samples = n`` each prompt's
   cache is then shared by n rows (row ``r`` belongs to prompt ``r // n``);
@@ -9,7 +11,9 @@
 * the chosen token's log-probability (under the model's unmodified distribution) is recorded;
 * rows stop at EOS, at a caller's stop test, at ``max_new_tokens``, or when a caller's
   ``on_finish`` hook prunes them; stopped rows leave the running batch (compaction), and the
-  counters ``decode_steps`` / ``row_steps`` say how much decode work was really done.
+  counters ``decode_steps`` / ``row_steps`` say how much decode work was really done;
+* rows of different lengths share a forward (``KVCache.concat`` right-aligns their caches), and
+  each row's tokens equal what it gets alone, up to the rounding of a batched forward.
 
 ``generate`` wraps it with Hugging Face's calling convention and return value.
 """
@@ -23,6 +27,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ParScaleError
+
+
+def seeded_generator(seed, device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (any integer torch takes: [-2**63, 2**64))."""
+    try:
+        return torch.Generator(device=device).manual_seed(int(seed))
+    except (ValueError, RuntimeError, OverflowError, TypeError):
+        raise ParScaleError(f"seed must be an integer in [-2**63, 2**64) (got {seed!r:.40})") from None
 
 
 @dataclass
@@ -170,14 +182,14 @@ class Decoder:
         temps = _per_row(temperature, n_rows, "temperature", float)
         top_ks = _per_row(top_k or 0, n_rows, "top_k", int)
         top_ps = _per_row(1.0 if top_p is None else top_p, n_rows, "top_p", float)
-        for name, vals, ok in [("temperature", temps, lambda t: t >= 0),
+        for name, vals, ok in [("temperature", temps, lambda t: 0 <= t < float("inf")),
                                ("top_k", top_ks, lambda k: k >= 0),
                                ("top_p", top_ps, lambda p: 0 < p <= 1)]:
             bad = [v for v in vals if not ok(v)]
             if bad:
                 raise ParScaleError(f"{name} out of range: {bad[0]}")
         row_seeds = [None] * n_rows if seeds is None else _per_row(seeds, n_rows, "seeds", lambda x: x)
-        gens = [None if x is None else torch.Generator(device=self.device).manual_seed(int(x)) for x in row_seeds]
+        gens = [None if x is None else seeded_generator(x, self.device) for x in row_seeds]
 
         if cache is not None and (cache.batch != b or cache.length + s + max(budgets) > cache.capacity):
             raise ParScaleError(f"the cache ({cache.batch} rows, {cache.length}/{cache.capacity} slots used) has no "
@@ -398,7 +410,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     if isinstance(seeds, (list, tuple)):
         row_seeds = list(seeds)
     elif seeds is not None:
-        generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(int(seeds))
+        generator = seeded_generator(seeds, model.model.embed_tokens.weight.device)
     was_training = model.training
     model.eval()
     try:

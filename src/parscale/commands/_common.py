@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ParScaleError
-from ..paths import (check_utf8_text, ensure_writable_dir, ensure_writable_file,  # noqa: F401 (re-exported)
-                     read_json_file, read_text_file, same_path)
+from ..paths import (check_checkpoint_path, check_utf8_text, ensure_writable_dir,  # noqa: F401 (re-exported)
+                     ensure_writable_file, read_json_file, read_text_file, same_path)
 
 
 # --------------------------------------------------------------------------- flag types
@@ -75,6 +75,37 @@ def at_least(flag: str, value, minimum) -> None:
     """``flag`` must be >= ``minimum`` (None passes)."""
     if value is not None and value < minimum:
         raise ParScaleError(f"{flag} must be >= {minimum} (got {value})")
+
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags a command has (``--temperature``, ``--top-k``, ``--top-p``,
+    ``--repetition-penalty``, ``--seed``), checked before any model is loaded: finite, in range."""
+    import math
+
+    t = getattr(args, "temperature", None)
+    if t is not None and not math.isfinite(t):
+        raise ParScaleError(f"--temperature must be a finite number (got {t})")
+    if getattr(args, "do_sample", False) and t is not None and not t > 0:
+        raise ParScaleError(f"--temperature must be > 0 with --do-sample (got {t})")
+    if t is not None and t < 0:
+        raise ParScaleError(f"--temperature must be >= 0 (got {t})")
+    k = getattr(args, "top_k", None)
+    if k is not None and k < 0:
+        raise ParScaleError(f"--top-k must be >= 0 (got {k})")
+    p = getattr(args, "top_p", None)
+    if p is not None and not 0 < p <= 1:
+        raise ParScaleError(f"--top-p must be in (0, 1] (got {p})")
+    r = getattr(args, "repetition_penalty", None)
+    if r is not None and not math.isfinite(r):
+        raise ParScaleError(f"--repetition-penalty must be a finite number (got {r})")
+    if r is not None and not r > 0:
+        raise ParScaleError(f"--repetition-penalty must be > 0 (got {r})")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ParScaleError(f"--seed must be in [-2**63, 2**64) (got {seed})")
 
 
 def check_count(flag: str, n: int, bytes_each: float, what: str) -> None:

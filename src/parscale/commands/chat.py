@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
 
 from ..errors import ParScaleError
@@ -152,14 +151,9 @@ class ChatSession:
 
 def sampling_kwargs(args) -> dict:
     """generate()'s sampling arguments from the flags, checked (before any model is loaded)."""
-    if args.do_sample and not args.temperature > 0:
-        raise ParScaleError(f"--temperature must be > 0 with --do-sample (got {args.temperature})")
-    if args.top_k is not None and args.top_k < 0:
-        raise ParScaleError(f"--top-k must be >= 0 (got {args.top_k})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ParScaleError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise ParScaleError(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
+    from ._common import check_sampling_flags
+
+    check_sampling_flags(args)
     return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -167,7 +161,7 @@ def sampling_kwargs(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..model import ParScaleForCausalLM
     from ..tokenizer import Tokenizer
-    from ._common import apply_threads
+    from ._common import apply_threads, check_checkpoint_path
 
     if args.system is not None:
         check_utf8_text(args.system, "--system")
@@ -176,13 +170,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ParScaleError("--max-new-tokens must be >= 1")
     sampling = sampling_kwargs(args)
-    if not Path(args.model).exists():
-        raise ParScaleError(f"--model {args.model}: no such file or directory")
+    check_checkpoint_path(args.model, "--model")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tok.chat_template is None:
         raise ParScaleError(f"{tok.name}: no chat template (tokenizer_config.json has no 'chat_template')")
+    # a template that does not compile or raises on a plain conversation: say so once, up front
+    # (not once per input line with exit status 0)
+    tok.apply_chat_template(([{"role": "system", "content": args.system}] if args.system else [])
+                            + [{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    if args.max_new_tokens >= model.config.max_position_embeddings:
+        raise ParScaleError(f"--max-new-tokens {args.max_new_tokens}: a reply that long cannot fit the model's "
+                            f"context of {model.config.max_position_embeddings} tokens")
     if tok.vocab_size > model.config.vocab_size:
         raise ParScaleError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                             f"{model.config.vocab_size}")

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
-    from ._common import apply_threads, check_generation_budget, check_utf8_text
+    from ._common import (apply_threads, check_checkpoint_path, check_generation_budget, check_sampling_flags,
+                          check_utf8_text)
 
     if args.prompt is not None:
         check_utf8_text(args.prompt, "--prompt")
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--chat needs --prompt (the user message)")
     if args.system is not None and not args.chat:
         raise ParScaleError("--system goes with --chat")
+    check_sampling_flags(args)
+    check_checkpoint_path(args.model, "--model")
     apply_threads(args.threads)
     tok = None
     if args.prompt is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-from pathlib import Path
 
 from ..errors import ParScaleError
 
@@ -53,7 +52,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import apply_threads, at_least
+    from ._common import apply_threads, at_least, check_checkpoint_path
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                         ("--max-tokens-per-request", args.max_tokens_per_request, 1), ("--port", args.port, 0),
@@ -61,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         at_least(flag, v, lo)
     if args.port > 65535:
         raise ParScaleError(f"--port must be <= 65535 (got {args.port})")
-    model_dir = Path(args.model)
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ParScaleError("--served-model-name must not be empty")
+    model_dir = check_checkpoint_path(args.model, "--model")
     if not (model_dir / "tokenizer.json").is_file():
         raise ParScaleError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer; "
                             "for a .gguf file run `parscale convert` first)")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
                        max_tokens_per_request=args.max_tokens_per_request)
     print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
-          f"{device}, {torch.get_num_threads()} threads) on http://{args.host}:{args.port}/v1", flush=True)
+          f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
