@@ -40,7 +40,7 @@ def test_adapter_round_trip_onto_its_base(tmp_path):
     assert sum(t.numel() for t in W.values()) == sum(p.numel() for p in model.stream_parameters())
 
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():  # the same kernels as below (no-grad decode paths may differ in rounding)
+    with torch.no_grad():  # the inference (packed) path, as for the loaded models below
         want2, want1 = model(ids).logits, model.set_streams(1)(ids).logits
     for loaded in (ParScaleForCausalLM.from_pretrained(tmp_path / "ad"),
                    ParScaleForCausalLM.from_pretrained(base, adapter=tmp_path / "ad")):

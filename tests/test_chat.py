@@ -89,6 +89,9 @@ def test_generate_chat_is_one_turn(chat_dir, capsys):
     (["generate", "--chat", "--prompt", "hi"], "no chat template"),
     (["generate", "--chat", "--ids", "1 2"], "--chat needs --prompt"),
     (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["chat", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["chat", "--do-sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["chat", "--repetition-penalty", "-1"], "--repetition-penalty must be > 0"),
 ])
 def test_bad_chat_input_is_one_line(chat_dir, capsys, argv, msg):
     cfg = json.loads((chat_dir / "tokenizer_config.json").read_text())
@@ -97,6 +100,8 @@ def test_bad_chat_input_is_one_line(chat_dir, capsys, argv, msg):
     assert main([argv[0], "--model", str(chat_dir), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+    assert main(["chat", "--model", str(chat_dir / "nope")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 def test_full_context_is_reported_and_the_session_goes_on(chat_dir, monkeypatch, capsys):

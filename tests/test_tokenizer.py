@@ -267,6 +267,10 @@ def test_reads_what_transformers_saves(tmp_path, tokdir):
     assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True) == \
         theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
     assert ours.encode(TEXTS[2]) == theirs.encode(TEXTS[2])
+    from parscale.data import load_tokenizer
+
+    load_tokenizer(tmp_path / "saved").save(tmp_path / "trained")  # what the trainer writes
+    assert Tokenizer.from_pretrained(tmp_path / "trained").chat_template == CHATML
 
 
 def test_save_pretrained_round_trip(tmp_path, tokdir):

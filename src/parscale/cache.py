@@ -8,10 +8,14 @@ their first real token.
 
 Rows can be dropped (``select``: finished / pruned samples leave the running batch, so later
 steps cost less) or repeated (``repeat_interleave``: one prefilled prompt shared by many sampled
-rows).
+rows). Continuous batching joins caches of different lengths (``concat``: right-aligned, the
+shorter ones left-padded with invalid slots, so each sample keeps its keys, validity and
+positions) and drops leading slots that no remaining sample uses (``trim``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -108,3 +112,70 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    # ------------------------------------------------------------------ continuous batching
+    @classmethod
+    def concat(cls, caches: Sequence["KVCache"], capacity: int | None = None) -> "KVCache":
+        """One cache holding the samples of ``caches``, in order, right-aligned at the longest length.
+
+        Each input's token slots end at the new ``length``; the slots before them are invalid
+        (left padding), and positions (``next_pos``) are kept, so a sample attends to exactly what
+        it did before. ``capacity`` defaults to the new length plus the largest free room of any
+        input, so every sample keeps the room it had. New buffers; the inputs are left untouched.
+        """
+        caches = [c for c in caches]
+        if not caches:
+            raise ParScaleError("KVCache.concat needs at least one cache")
+        ref = caches[0]
+        for c in caches[1:]:
+            same = (c.streams == ref.streams and c.n_prefix == ref.n_prefix and len(c.k) == len(ref.k)
+                    and c.k[0].shape[1] == ref.k[0].shape[1] and c.k[0].shape[3] == ref.k[0].shape[3]
+                    and c.k[0].dtype == ref.k[0].dtype and c.k[0].device == ref.k[0].device)
+            if not same:
+                raise ParScaleError("KVCache.concat: caches differ in streams, prefix, layers, heads, "
+                                    "head size, dtype or device")
+        length = max(c.length for c in caches)
+        room = max(c.capacity - c.length for c in caches)
+        capacity = length + room if capacity is None else capacity
+        if capacity < max(length, 1):
+            raise ParScaleError(f"KVCache.concat: capacity {capacity} < the longest cache's {length} tokens")
+        P, t = ref.streams, ref.n_prefix
+        _, n_kv, _, head_dim = ref.k[0].shape
+        out = cls(len(ref.k), sum(c.batch for c in caches), P, n_kv, head_dim, capacity, t,
+                  dtype=ref.k[0].dtype, device=ref.k[0].device)
+        for dst, srcs in ((out.k, [c.k for c in caches]), (out.v, [c.v for c in caches])):
+            for layer in range(len(dst)):
+                # views of the contiguous buffers: stream-major rows split into (stream, sample)
+                d = rearrange(dst[layer], "(p b) h n d -> p b h n d", p=P)
+                lo = 0
+                for c, src in zip(caches, srcs):
+                    s = rearrange(src[layer], "(p b) h n d -> p b h n d", p=P)
+                    hi = lo + c.batch
+                    d[:, lo:hi, :, :t] = s[:, :, :, :t]  # the prefix (the same for every sample)
+                    d[:, lo:hi, :, t + length - c.length: t + length] = s[:, :, :, t: t + c.length]
+                    lo = hi
+        lo = 0
+        for c in caches:
+            hi = lo + c.batch
+            out.key_valid[lo:hi, length - c.length: length] = c.key_valid[:, : c.length]
+            out.next_pos[lo:hi] = c.next_pos
+            lo = hi
+        out.length = length
+        return out
+
+    def trim(self) -> int:
+        """Drop the leading token slots that no sample uses (after long samples left the batch);
+        in place, capacity unchanged. Returns how many slots were dropped."""
+        if self.length == 0:
+            return 0
+        used = self.key_valid[:, : self.length].any(0)  # slots some sample still attends to
+        first = int(used.int().argmax()) if self.batch and bool(used.any()) else self.length
+        if first == 0:
+            return 0
+        keep, t = self.length - first, self.n_prefix
+        for buf in self.k + self.v:  # clone: the source and destination ranges overlap
+            buf[:, :, t: t + keep] = buf[:, :, t + first: t + self.length].clone()
+        self.key_valid[:, :keep] = self.key_valid[:, first: self.length].clone()
+        self.key_valid[:, keep:] = False
+        self.length = keep
+        return first

@@ -18,9 +18,8 @@ import sys
 from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
-SUBCOMMANDS = ["generate", "chat", "convert", "train", "merge-adapter", "eval", "fit", "cost", "reproduce",
-               "sample", "score",
-               "tasks"]
+SUBCOMMANDS = ["generate", "chat", "serve", "convert", "train", "merge-adapter", "eval", "fit", "cost",
+               "reproduce", "sample", "score", "tasks"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -57,8 +57,8 @@ class ParScaleConfig:
     prefix_tokens: int = 48
     agg_smoothing: float = 0.01
     stream_sets: list[int] = field(default_factory=list)  # filled from `streams` when empty
-    prefix_only: bool = False  # P = 1 has a learned prefix (the prefix-only control)
     quantization: str | None = None  # None: floating-point weights; "int8": parscale.quant's weight-only int8
+    prefix_only: bool = False  # P = 1 has a learned prefix (the prefix-only control)
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:

@@ -25,6 +25,14 @@ import torch
 from .errors import ParScaleError
 
 
+def seeded_generator(seed, device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (any integer torch takes: [-2**63, 2**64))."""
+    try:
+        return torch.Generator(device=device).manual_seed(int(seed))
+    except (ValueError, RuntimeError, OverflowError, TypeError):
+        raise ParScaleError(f"seed must be an integer in [-2**63, 2**64) (got {seed!r:.40})") from None
+
+
 @dataclass
 class DecodeResult:
     tokens: list[list[int]]  # per row: the new tokens (EOS included when it ended the row)
@@ -62,47 +70,307 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.softmax(filtered, dim=-1)
 
 
-class _Picker:
-    """Chooses the next token per row: greedy where temperature is 0, else sampled."""
+@dataclass
+class Row:
+    """One decoding row: its settings and what it produced so far."""
 
-    def __init__(self, rows, temperature, top_k, top_p, seeds, generator):
-        self.temperature = _per_row(temperature, rows, "temperature", float)
-        self.top_k = _per_row(top_k or 0, rows, "top_k", int)
-        self.top_p = _per_row(1.0 if top_p is None else top_p, rows, "top_p", float)
-        for name, vals, ok in [("temperature", self.temperature, lambda t: t >= 0),
-                               ("top_k", self.top_k, lambda k: k >= 0),
-                               ("top_p", self.top_p, lambda p: 0 < p <= 1)]:
+    id: int
+    prompt_index: int  # index of its prompt within the ``add`` call that created it
+    prompt_tokens: int  # real tokens of that prompt
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None  # None: the decoder's shared generator
+    eos: frozenset[int]
+    top_logprobs: int = 0  # record this many most likely tokens per step (0: none)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # chosen token, unmodified distribution
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, when top_logprobs
+    reason: str | None = None  # "eos" | "stop" | "length" | "pruned" | "cancelled" | "error"
+    finish_step: int = -1
+    finish_time: float = 0.0  # seconds from the decoder's start
+
+
+class Decoder:
+    """The step-wise decode engine: a running batch of rows that new prompts can join at any step.
+
+    ``add`` prefills prompts (``b s``, left-padded) and queues their rows; the next ``step``
+    merges them into the running batch (the KV caches are right-aligned, so rows of different
+    lengths share one forward). ``step`` chooses one token for every live row (greedy where
+    temperature is 0, else sampled with the row's own generator, or the shared ``generator``),
+    ends rows (the row's EOS set, the ``stop`` test, its ``max_new_tokens``, ``cancel``), drops
+    ended rows from the batch (``compact``) and feeds the survivors' tokens to the model.
+
+    A row's tokens do not depend on the other rows (up to floating-point rounding of the batched
+    forward): positions, keys and randomness are per row. ``streams`` fixes P for this batch
+    (the model's active stream set is switched for each forward and restored), so one model can
+    serve one Decoder per P. Hooks are as in :func:`decode`, with row ids.
+    """
+
+    def __init__(self, model, *, streams: int | None = None, generator: torch.Generator | None = None,
+                 stop: Callable[[int, list[int]], bool] | None = None,
+                 on_finish: Callable[[int, list[int], str, int], Iterable[int] | None] | None = None,
+                 logits_processor: Callable[[torch.Tensor, list[int], list[list[int]]], torch.Tensor] | None = None,
+                 on_token: Callable[[int, int], None] | None = None, compact: bool = True,
+                 trim: bool = True):
+        self.model = model
+        self.streams = model.streams if streams is None else int(streams)
+        self.device = model.model.embed_tokens.weight.device
+        self.generator = generator
+        self.stop, self.on_finish = stop, on_finish
+        self.logits_processor, self.on_token, self.compact, self.trim = logits_processor, on_token, compact, trim
+        self.rows: dict[int, Row] = {}
+        self.running: list[int] = []  # row ids in the cache, in cache order
+        self.cache = None  # KVCache of the running rows
+        self.logits: torch.Tensor | None = None  # running rows' next-token logits, ``r v``
+        self._pending: list[tuple[object, torch.Tensor, list[int]]] = []  # prefilled, not merged yet
+        self._next_id = 0
+        self.prefill_tokens = self.decode_steps = self.row_steps = 0
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def live(self) -> list[int]:
+        """Rows still decoding (running or waiting to merge), in batch order."""
+        queued = [r for _, _, rows in self._pending for r in rows]
+        return [r for r in self.running + queued if self.rows[r].reason is None]
+
+    def __len__(self) -> int:
+        """Rows holding a slot in the batch (running or queued), ended or not."""
+        return len(self.running) + sum(len(rows) for _, _, rows in self._pending)
+
+    # ------------------------------------------------------------------ rows in and out
+    @torch.no_grad()
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+            max_new_tokens: int | Sequence[int], num_samples: int = 1,
+            temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] | None = None,
+            top_p: float | Sequence[float] | None = None, seeds: Sequence[int | None] | None = None,
+            eos_token_id: int | Iterable[int] | None = None,
+            top_logprobs: int | Sequence[int] = 0, cache=None) -> list[int]:
+        """Prefill ``input_ids`` (``b s``, left-padded) once and queue ``num_samples`` rows per
+        prompt (prompt-major); returns their row ids. Settings (``max_new_tokens``, sampling,
+        ``top_logprobs``) are a scalar or one value per row; ``seeds`` (one per row, None = the
+        shared generator) give rows their own generators. ``cache``: a KV cache of ``b`` rows already
+        holding earlier tokens of these prompts (``input_ids`` are the tokens after them); it is
+        used in place. Everything is validated before the prefill, and nothing changes if the
+        prefill raises (except a passed ``cache``)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        n_rows = b * max(num_samples, 1)
+        budgets = _per_row(max_new_tokens, n_rows, "max_new_tokens", int)
+        if min(budgets) < 1 or num_samples < 1:
+            raise ParScaleError("max_new_tokens and num_samples must be >= 1")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ParScaleError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                    f"{tuple(input_ids.shape)}")
+            if not bool(attention_mask[:, -1].bool().all()):
+                raise ParScaleError("prompts must be left-padded (attention_mask[:, -1] has a 0)")
+        tops = _per_row(top_logprobs, n_rows, "top_logprobs", int)
+        if min(tops) < 0:
+            raise ParScaleError(f"top_logprobs must be >= 0 (got {min(tops)})")
+        if seeds is not None and not isinstance(seeds, (list, tuple)):
+            raise ParScaleError("seeds must be a list with one seed (or None) per row")
+        eos = frozenset() if eos_token_id is None else frozenset(
+            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        temps = _per_row(temperature, n_rows, "temperature", float)
+        top_ks = _per_row(top_k or 0, n_rows, "top_k", int)
+        top_ps = _per_row(1.0 if top_p is None else top_p, n_rows, "top_p", float)
+        for name, vals, ok in [("temperature", temps, lambda t: 0 <= t < float("inf")),
+                               ("top_k", top_ks, lambda k: k >= 0),
+                               ("top_p", top_ps, lambda p: 0 < p <= 1)]:
             bad = [v for v in vals if not ok(v)]
             if bad:
                 raise ParScaleError(f"{name} out of range: {bad[0]}")
-        self.generators = None
-        if isinstance(seeds, (list, tuple)):
-            self.generators = [torch.Generator().manual_seed(int(s)) for s in _per_row(seeds, rows, "seeds", int)]
-        elif seeds is not None:
-            generator = torch.Generator().manual_seed(int(seeds))
-        self.generator = generator  # one generator for the whole batch (HF-style)
+        row_seeds = [None] * n_rows if seeds is None else _per_row(seeds, n_rows, "seeds", lambda x: x)
+        gens = [None if x is None else seeded_generator(x, self.device) for x in row_seeds]
 
-    def __call__(self, logits: torch.Tensor, rows: list[int],
-                 scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose from ``scores`` (processed logits; default ``logits``); log-probs from ``logits``."""
-        logits = logits.float()
+        if cache is not None and (cache.batch != b or cache.length + s + max(budgets) > cache.capacity):
+            raise ParScaleError(f"the cache ({cache.batch} rows, {cache.length}/{cache.capacity} slots used) has no "
+                                f"room for {b} rows of {s} + {max(budgets)} tokens")
+        with _StreamsAs(self.model, self.streams):
+            if cache is None:
+                cache = self.model.new_cache(b, s + max(budgets))
+            logits = self.model(input_ids.to(self.device), None if attention_mask is None
+                                else attention_mask.to(self.device), cache=cache).logits[:, -1]
+        real = attention_mask.sum(-1).tolist() if attention_mask is not None else [s] * b
+        if num_samples > 1:
+            cache.repeat_interleave(num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        ids = list(range(self._next_id, self._next_id + n_rows))
+        self._next_id += n_rows
+        for j, r in enumerate(ids):
+            self.rows[r] = Row(id=r, prompt_index=j // num_samples, prompt_tokens=int(real[j // num_samples]),
+                               max_new_tokens=budgets[j], temperature=temps[j], top_k=top_ks[j],
+                               top_p=top_ps[j], generator=gens[j], eos=eos, top_logprobs=tops[j])
+        self.prefill_tokens += int(sum(real))
+        self._pending.append((cache, logits, ids))
+        return ids
+
+    def cancel(self, row: int) -> None:
+        """End ``row`` now (reason "cancelled"); it leaves the batch at the next step."""
+        r = self.rows[row]
+        if r.reason is None:
+            self._end(r, "cancelled", len(r.tokens) - 1)
+
+    def release(self, row: int) -> Row:
+        """Forget an ended row that has left the batch (a server's bookkeeping); returns it."""
+        r = self.rows[row]
+        if r.reason is None or row in self.running or any(row in rows for _, _, rows in self._pending):
+            raise ParScaleError(f"row {row} is still in the batch")
+        return self.rows.pop(row)
+
+    def _end(self, row: Row, why: str, step: int) -> None:
+        row.reason, row.finish_step, row.finish_time = why, step, time.perf_counter() - self.t0
+        if self.on_finish is not None and why != "cancelled":
+            for other in self.on_finish(row.id, row.tokens, why, step) or ():
+                o = self.rows[other]
+                if o.reason is None:
+                    o.reason, o.finish_step, o.finish_time = "pruned", step, time.perf_counter() - self.t0
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """Choose a token for every live row, end rows, compact, feed the survivors to the model.
+
+        Returns the rows that got a token or left the batch in this step. If the forward raises,
+        the batch is left empty (its live rows end with reason "error") and the error propagates.
+        """
+        self._merge_pending()
+        touched: list[int] = []
+        live = [j for j, r in enumerate(self.running) if self.rows[r].reason is None]
+        rows = [self.running[j] for j in live]
+        choice = None
+        if rows:
+            step_logits = self.logits[live].float()
+            scores = None if self.logits_processor is None else self.logits_processor(
+                step_logits, rows, [self.rows[r].tokens for r in rows])
+            choice, lp, top = self._pick(step_logits, rows, scores)
+            chosen, lps = choice.tolist(), lp.tolist()
+            for i, r in enumerate(rows):
+                row = self.rows[r]
+                if row.reason is not None:  # pruned by an earlier row's hook in this step
+                    continue
+                tok = chosen[i]
+                row.tokens.append(tok)
+                row.logprobs.append(lps[i])
+                if top is not None and row.top_logprobs:
+                    row.top.append(top[i][: row.top_logprobs])
+                touched.append(r)
+                if self.on_token is not None:
+                    self.on_token(r, tok)
+                step = len(row.tokens) - 1
+                if tok in row.eos:
+                    self._end(row, "eos", step)
+                elif self.stop is not None and self.stop(r, row.tokens):
+                    self._end(row, "stop", step)
+                elif len(row.tokens) >= row.max_new_tokens:
+                    self._end(row, "length", step)
+        if all(self.rows[r].reason is not None for r in self.running):
+            touched += [r for r in self.running if r not in touched]
+            self.running, self.cache, self.logits = [], None, None
+            return touched
+        next_tok = torch.zeros(len(self.running), dtype=torch.long, device=self.device)
+        next_tok[live] = choice.to(device=self.device, dtype=torch.long)
+        if self.compact:
+            keep = [j for j, r in enumerate(self.running) if self.rows[r].reason is None]
+            if len(keep) < len(self.running):
+                gone = [r for j, r in enumerate(self.running) if self.rows[r].reason is not None]
+                touched += [r for r in gone if r not in touched]
+                self.cache.select(keep)
+                if self.trim:
+                    self.cache.trim()
+                self.running = [self.running[j] for j in keep]
+                next_tok = next_tok[keep]
+        try:
+            with _StreamsAs(self.model, self.streams):
+                self.logits = self.model(next_tok[:, None], cache=self.cache).logits[:, -1]
+        except BaseException:
+            self._fail_running()
+            raise
+        self.decode_steps += 1
+        self.row_steps += len(self.running)
+        return touched
+
+    def _fail_running(self) -> None:
+        now = time.perf_counter() - self.t0
+        for r in self.running:
+            row = self.rows[r]
+            if row.reason is None:
+                row.reason, row.finish_step, row.finish_time = "error", len(row.tokens) - 1, now
+        self.running, self.cache, self.logits = [], None, None
+
+    def _merge_pending(self) -> None:
+        """Join the queued prefills to the running batch (one cache, right-aligned)."""
+        if not self._pending:
+            return
+        from .cache import KVCache
+
+        parts = ([(self.cache, self.logits, self.running)] if self.running else []) + self._pending
+        self._pending = []
+        if len(parts) == 1:
+            self.cache, self.logits, self.running = parts[0][0], parts[0][1], list(parts[0][2])
+            return
+        running = [r for _, _, rows in parts for r in rows]
+        length = max(c.length for c, _, _ in parts)
+        # room for every row's remaining tokens (the last one is never fed back)
+        room = max(self.rows[r].max_new_tokens - len(self.rows[r].tokens) - 1 for r in running)
+        self.cache = KVCache.concat([c for c, _, _ in parts], capacity=length + max(room, 1))
+        self.logits = torch.cat([lg for _, lg, _ in parts])
+        self.running = running
+
+    def _pick(self, logits: torch.Tensor, rows: list[int], scores: torch.Tensor | None):
+        """Choose from ``scores`` (processed logits; default ``logits``); log-probs from ``logits``.
+
+        Returns the choices, their log-probs and, when some row asks for them, the most likely
+        tokens per row as ``(token, logprob)`` lists.
+        """
         logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits if scores is None else scores.float()
         choice = logits.argmax(-1)
-        temp = torch.tensor([self.temperature[r] for r in rows])
-        sampled = (temp > 0).nonzero().flatten().tolist()
+        settings = [self.rows[r] for r in rows]
+        sampled = [j for j, row in enumerate(settings) if row.temperature > 0]
         if sampled:
-            probs = filter_logits(logits[sampled], temp[sampled],
-                                  torch.tensor([self.top_k[rows[j]] for j in sampled]),
-                                  torch.tensor([self.top_p[rows[j]] for j in sampled]))
-            if self.generators is not None:  # per-row streams of randomness
-                picks = [torch.multinomial(probs[i], 1, generator=self.generators[rows[j]])
-                         for i, j in enumerate(sampled)]
-                picked = torch.cat(picks)
-            else:
-                picked = torch.multinomial(probs, 1, generator=self.generator).flatten()
-            choice[sampled] = picked
-        return choice, logprobs.gather(-1, choice[:, None]).flatten()
+            dev = logits.device
+            idx = torch.tensor(sampled, device=dev)
+            probs = filter_logits(logits[idx], torch.tensor([settings[j].temperature for j in sampled], device=dev),
+                                  torch.tensor([settings[j].top_k for j in sampled], device=dev),
+                                  torch.tensor([settings[j].top_p for j in sampled], device=dev))
+            own = [i for i, j in enumerate(sampled) if settings[j].generator is not None]
+            shared = [i for i, j in enumerate(sampled) if settings[j].generator is None]
+            picked = torch.empty(len(sampled), dtype=choice.dtype, device=dev)
+            for i in own:  # per-row streams of randomness: independent of the batch
+                picked[i] = torch.multinomial(probs[i], 1, generator=settings[sampled[i]].generator)[0]
+            if shared:  # one generator for these rows (HF-style)
+                sel = torch.tensor(shared, device=dev)
+                picked[sel] = torch.multinomial(probs[sel], 1, generator=self.generator).flatten()
+            choice[idx] = picked
+        top = None
+        k = max((row.top_logprobs for row in settings), default=0)
+        if k:
+            vals, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        return choice, logprobs.gather(-1, choice[:, None]).flatten(), top
+
+
+class _StreamsAs:
+    """Context manager: the model runs with stream set ``streams`` inside, its own P after."""
+
+    def __init__(self, model, streams: int):
+        self.model, self.streams, self.prev = model, streams, None
+
+    def __enter__(self):
+        self.prev = self.model.streams
+        if self.prev != self.streams:
+            self.model.set_streams(self.streams)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev != self.streams:
+            self.model.set_streams(self.prev)
+        return False
 
 
 @torch.no_grad()
@@ -131,93 +399,36 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     ``on_token(row, token)`` is called for every new token as it is chosen (streaming).
     ``cache``: a KV cache of ``b`` rows already holding earlier tokens of these prompts (multi-turn
     chat); ``input_ids`` are then only the tokens after them.
+
+    A thin loop over :class:`Decoder`: one ``add``, then ``step`` until every row has ended.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ParScaleError(f"input_ids must be (batch, seq) with seq >= 1; got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ParScaleError("max_new_tokens and num_samples must be >= 1")
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ParScaleError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                                f"{tuple(input_ids.shape)}")
-        if not bool(attention_mask[:, -1].bool().all()):
-            raise ParScaleError("prompts must be left-padded (attention_mask[:, -1] has a 0)")
-    eos = set() if eos_token_id is None else (
-        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    row_seeds = None
+    if isinstance(seeds, (list, tuple)):
+        row_seeds = list(seeds)
+    elif seeds is not None:
+        generator = seeded_generator(seeds, model.model.embed_tokens.weight.device)
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
-    b, s = input_ids.shape
-    n_rows = b * num_samples
-    pick = _Picker(n_rows, temperature, top_k, top_p, seeds, generator)
-
-    if cache is None:
-        cache = model.new_cache(b, s + max_new_tokens)
-    elif cache.batch != b or cache.length + s + max_new_tokens > cache.capacity:
-        raise ParScaleError(f"the cache ({cache.batch} rows, {cache.length}/{cache.capacity} slots used) has no "
-                            f"room for {b} rows of {s} + {max_new_tokens} tokens")
-    logits = model(input_ids, attention_mask, cache=cache).logits[:, -1]
-    prefill_tokens = int(attention_mask.sum()) if attention_mask is not None else b * s
-    if num_samples > 1:
-        cache.repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-
-    tokens: list[list[int]] = [[] for _ in range(n_rows)]
-    logps: list[list[float]] = [[] for _ in range(n_rows)]
-    reason: list[str | None] = [None] * n_rows
-    finish_step = [-1] * n_rows
-    finish_time = [0.0] * n_rows
-    running = list(range(n_rows))  # rows in the cache, in cache order
-    decode_steps = row_steps = 0
-
-    def end(row: int, why: str, step: int) -> None:
-        reason[row], finish_step[row], finish_time[row] = why, step, time.perf_counter() - t0
-        if on_finish is not None:
-            for other in on_finish(row, tokens[row], why, step) or ():
-                if reason[other] is None:
-                    reason[other], finish_step[other] = "pruned", step
-                    finish_time[other] = time.perf_counter() - t0
-
-    for step in range(max_new_tokens):
-        live = [j for j, r in enumerate(running) if reason[r] is None]
-        rows = [running[j] for j in live]
-        step_logits = logits[live].float()
-        scores = None if logits_processor is None else logits_processor(step_logits, rows, [tokens[r] for r in rows])
-        choice, lp = pick(step_logits, rows, scores)
-        for i, r in enumerate(rows):
-            if reason[r] is not None:  # pruned by an earlier row's hook in this step
-                continue
-            tok = int(choice[i])
-            tokens[r].append(tok)
-            logps[r].append(float(lp[i]))
-            if on_token is not None:
-                on_token(r, tok)
-            if tok in eos:
-                end(r, "eos", step)
-            elif stop is not None and stop(r, tokens[r]):
-                end(r, "stop", step)
-            elif step == max_new_tokens - 1:
-                end(r, "length", step)
-        if all(reason[r] is not None for r in running):
-            break
-        next_tok = torch.zeros(len(running), dtype=torch.long)
-        next_tok[live] = choice.to(torch.long)
-        if compact:
-            keep = [j for j, r in enumerate(running) if reason[r] is None]
-            if len(keep) < len(running):
-                cache.select(keep)
-                running = [running[j] for j in keep]
-                next_tok = next_tok[keep]
-        logits = model(next_tok[:, None].to(input_ids.device), cache=cache).logits[:, -1]
-        decode_steps += 1
-        row_steps += len(running)
-
-    model.train(was_training)
-    return DecodeResult(tokens=tokens, logprobs=logps if return_logprobs else None,
-                        finish_reason=[r or "length" for r in reason], finish_step=finish_step,
-                        prompt_index=[r // num_samples for r in range(n_rows)],
-                        prefill_tokens=prefill_tokens, decode_steps=decode_steps,
-                        row_steps=row_steps, wall_s=time.perf_counter() - t0, finish_time=finish_time)
+    try:
+        # no trimming: a caller's cache keeps its slots (and length) as it would alone
+        dec = Decoder(model, generator=generator, stop=stop, on_finish=on_finish,
+                      logits_processor=logits_processor, on_token=on_token, compact=compact, trim=False)
+        ids = dec.add(input_ids, attention_mask, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seeds=row_seeds,
+                      eos_token_id=eos_token_id, cache=cache)
+        while dec.live:
+            dec.step()
+    finally:
+        model.train(was_training)
+    rows = [dec.rows[r] for r in ids]
+    return DecodeResult(tokens=[r.tokens for r in rows],
+                        logprobs=[r.logprobs for r in rows] if return_logprobs else None,
+                        finish_reason=[r.reason or "length" for r in rows],
+                        finish_step=[r.finish_step for r in rows],
+                        prompt_index=[r.prompt_index for r in rows],
+                        prefill_tokens=dec.prefill_tokens, decode_steps=dec.decode_steps,
+                        row_steps=dec.row_steps, wall_s=time.perf_counter() - dec.t0,
+                        finish_time=[r.finish_time for r in rows])
 
 
 class RepetitionPenalty:

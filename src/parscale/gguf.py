@@ -1,9 +1,9 @@
 """GGUF import: a llama.cpp model file as a parscale checkpoint (P = 1), exact to its tensors.
 
-``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) with the ``gguf``
-package (optional extra ``parscale[gguf]``) and returns everything a checkpoint directory holds:
-the config from the metadata, the tensors under HF names (dequantised to float32 with
-``gguf.quants``), and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
+``read_gguf(path)`` reads a GGUF file (Llama, Qwen2 or Qwen3 architecture) and returns
+everything a checkpoint directory holds: the config from the metadata, the tensors under HF names
+(dequantised to float32 by the ``gguf`` package's ``quants``, optional extra ``parscale[gguf]``),
+and the tokenizer (``tokenizers`` BPE from the vocabulary, merges and token
 types) with its ``tokenizer_config.json`` / ``generation_config.json`` entries. ``convert_gguf``
 writes them to a directory; ``load_gguf`` builds the model in memory (what
 ``ParScaleForCausalLM.from_pretrained("model.gguf")`` calls).
@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,11 +43,9 @@ from einops import rearrange
 from .atomic import atomic_write_text
 from .config import ParScaleConfig
 from .errors import ParScaleError
+from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE = (
-    "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 # GGUF tensor names (after "blk.{i}.") -> HF names (after "model.layers.{i}.")
 _LAYER_TENSORS = {
@@ -71,14 +69,20 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {  # name -> (split regex or None for GPT-2's, digits one by one, NFC, ignore_merges)
-    "gpt-2": (None, False, False, False), "default": (None, False, False, False),
-    "smollm": (None, True, False, False), "starcoder": (None, True, False, False),
-    "refact": (None, True, False, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False, False, True), "llama3": (_LLAMA3_SPLIT, False, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, False, True), "smaug-bpe": (_LLAMA3_SPLIT, False, False, True),
-    "qwen2": (_QWEN2_SPLIT, False, True, False), "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True, False),
-}
+
+
+class PreTokenizer(NamedTuple):
+    split: str | None = None  # the split regex; None: GPT-2's (ByteLevel's own)
+    digits: bool = False  # every digit its own piece first (StarCoder / SmolLM)
+    nfc: bool = False  # NFC-normalise first (Qwen2)
+    ignore_merges: bool = False  # a whole piece that is in the vocabulary is one token (Llama-3)
+
+
+_GPT2, _DIGITS = PreTokenizer(), PreTokenizer(digits=True)
+_LLAMA3, _QWEN2 = PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True), PreTokenizer(_QWEN2_SPLIT, nfc=True)
+PRE_TOKENIZERS = {"gpt-2": _GPT2, "default": _GPT2, "smollm": _DIGITS, "starcoder": _DIGITS,
+                  "refact": _DIGITS, "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3,
+                  "smaug-bpe": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
 # Control tokens that end a turn or a document: generation stops at any of them (as llama.cpp does).
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
               "<|end_of_text|>")
@@ -128,16 +132,15 @@ class _Header:
     def __init__(self, path: Path):
         import struct
 
-        self.struct, self.path, self.pos = struct, path, 0
+        self.struct, self.path, self.pos, self.size = struct, path, 0, path.stat().st_size
         with open(path, "rb") as self.file:  # buffered small reads: fast for 100k strings
             if self.file.read(4) != b"GGUF":
                 raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
             self.pos = 4
             self._read_header()
-        size = path.stat().st_size
-        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
         for t in self.tensors:
-            if t.offset + t.n_bytes > size:
+            if t.offset + t.n_bytes > self.size:
                 raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
 
     def _read_header(self) -> None:
@@ -174,9 +177,9 @@ class _Header:
                         for name, qtype, dims, offset, n_bytes in infos]
 
     def _take(self, n: int) -> bytes:
+        if n > self.size - self.pos:  # also guards a corrupt length against a huge allocation
+            raise ParScaleError(f"{self.path}: truncated or corrupt: the header ends early (at byte {self.pos})")
         out = self.file.read(n)
-        if len(out) < n:
-            raise ParScaleError(f"{self.path}: truncated: the header ends early (at byte {self.pos + len(out)})")
         self.pos += n
         return out
 
@@ -214,6 +217,8 @@ class _Header:
 
 
 def _open(path: Path) -> _Header:
+    if path.is_dir():
+        raise ParScaleError(f"{path}: is a directory, expected a .gguf file")
     if not path.is_file():
         raise ParScaleError(f"{path}: no such file")
     try:
@@ -392,9 +397,9 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         raise ParScaleError(f"{source}: missing tensor(s) for {', '.join(missing[:3])}"
                             + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
     _check_types(header, source)
-    tok = tok_cfg = gen_cfg = None
+    tok = tok_cfg = None
     if tokenizer:
-        tok, tok_cfg, gen_cfg = _tokenizer(meta, cfg, source)
+        tok, tok_cfg = _tokenizer(meta, cfg, source)
 
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
@@ -405,7 +410,7 @@ def read_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> GGUFModel:
         elif permuted and ".k_proj." in hf:
             w = _unpermute(w, cfg.num_key_value_heads)
         tensors[hf] = w
-    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, gen_cfg or {})
+    return GGUFModel(cfg, tensors, tok, tok_cfg or {}, _generation_config(meta, cfg))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -437,17 +442,17 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         if not sep or not a or not b or " " in b:
             raise ParScaleError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
         pairs.append((a, b))
-    split, digits, nfc, ignore_merges = PRE_TOKENIZERS[pre]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
+    how = PRE_TOKENIZERS[pre]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=how.ignore_merges, fuse_unk=False,
                                byte_fallback=False))
-    if nfc:
+    if how.nfc:
         tok.normalizer = normalizers.NFC()
     steps = []
-    if split is not None:
-        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
-    if digits:
+    if how.split is not None:
+        steps.append(pre_tokenizers.Split(Regex(how.split), behavior="isolated"))
+    if how.digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=how.split is None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
@@ -460,7 +465,7 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = named("bos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", ignore_merges))  # llama.cpp: Llama-3 adds BOS
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", how is _LLAMA3))  # llama.cpp: Llama-3 adds BOS
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos and bos is None:
         raise ParScaleError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
@@ -480,30 +485,38 @@ def _tokenizer(meta: dict[str, Any], cfg: ParScaleConfig, source: str):
                "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}
     if isinstance(meta.get("tokenizer.chat_template"), str):
         tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, tok_cfg
+
+
+def _generation_config(meta: dict[str, Any], cfg: ParScaleConfig) -> dict[str, Any]:
+    """HF ``generation_config.json`` keys: every id generation should stop at, the file's EOS first."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
     eos_ids = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-    eos_ids += [vocab[t] for t in END_TOKENS if t in vocab and types[vocab[t]] == _CONTROL]
-    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < len(tokens)))
-    gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id}
-    return tok, tok_cfg, gen_cfg
+    if len(types) == len(tokens):
+        position = {t: i for i, t in enumerate(tokens) if types[i] == _CONTROL}
+        eos_ids += [position[t] for t in END_TOKENS if t in position]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if isinstance(i, int) and 0 <= i < cfg.vocab_size))
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids or None, "pad_token_id": cfg.pad_token_id}
 
 
 # --------------------------------------------------------------------------- model / directory
 def _dtype(dtype) -> torch.dtype:
+    from .dtypes import torch_dtype
+
     if dtype is None or dtype == "auto":
         return torch.float32  # dequantised values are float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ParScaleError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def _build(g: GGUFModel, dtype: torch.dtype, source: str, device=None):
+    from .generation_config import GenerationConfig
     from .interop import _assign
     from .model import ParScaleForCausalLM
 
     model = ParScaleForCausalLM.empty(g.config).to(dtype=dtype)
     _assign(model, g.tensors, source)
+    model.generation_config = GenerationConfig.from_dict(g.generation_config)
     return model.to(device=device).eval()
 
 
@@ -517,25 +530,15 @@ def load_gguf(path, *, streams: int | None = None, dtype=None, device=None):
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
-    """``out`` must be a directory or creatable as one, and writable."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ParScaleError(f"{out}: exists and is not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ParScaleError(f"{out}: cannot create it: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ParScaleError(f"{out}: not writable ({parent} does not allow writing)")
-    return out
+    """``out`` must be a directory or creatable as one, and writable (creates nothing)."""
+    from .paths import ensure_writable_dir
+
+    return ensure_writable_dir(out, "--out")
 
 
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="float32") -> Path:
     """Write ``out``: config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     generation_config.json, each atomically (config.json last). Returns ``out``."""
-    from .interop import save_pretrained
-
     out = check_output_dir(out)
     torch_dtype = _dtype(dtype)
     g = read_gguf(path)
@@ -544,8 +547,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype="floa
     try:
         atomic_write_text(out / TOKENIZER_FILE, g.tokenizer.to_str(pretty=False))
         atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(g.tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(out / GENERATION_CONFIG_FILE, json.dumps(g.generation_config, indent=2) + "\n")
-        save_pretrained(model, out)  # weights, then config.json
+        model.save_pretrained(out)  # weights, generation_config.json, then config.json
     except OSError as e:
         raise ParScaleError(f"{out}: cannot write ({e.strerror or e})") from None
     return out

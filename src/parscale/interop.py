@@ -108,8 +108,8 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         prefix_tokens=int(d.get("parscale_n_tokens", 48)),
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
-        prefix_only=d.get("parscale_prefix_only", False),
         quantization=d.get("quantization"),  # ours: "int8" (parscale.quant)
+        prefix_only=d.get("parscale_prefix_only", False),
     )
     if d.get("parscale_zero_attention_bias"):
         fields["attention_bias"] = False  # load_pretrained puts them back if they are not zero
@@ -161,10 +161,10 @@ def config_to_hf_dict(cfg: ParScaleConfig, dtype: torch.dtype) -> dict[str, Any]
     if not cfg.attention_bias:  # the official code builds q/k/v biases: save_pretrained writes zeros
         d["attention_bias"] = True
         d["parscale_zero_attention_bias"] = True
-    if cfg.prefix_only:
-        d["parscale_prefix_only"] = True
     if cfg.qk_norm:
         d["qk_norm"] = True  # ours (a Qwen3 backbone); official code has no q/k norms
+    if cfg.prefix_only:
+        d["parscale_prefix_only"] = True
     if cfg.stream_sets != [cfg.streams]:
         d["parscale_stream_sets"] = cfg.stream_sets
     if cfg.quantization:

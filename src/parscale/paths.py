@@ -72,6 +72,18 @@ def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict,
     return data
 
 
+def jsonl_objects(text: str, where: str):
+    """``(line number, value)`` for each non-blank line of JSONL ``text``; a line that is not JSON
+    raises one error naming ``where`` and the line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParScaleError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def check_utf8_text(text: str, what: str) -> str:
     """``text`` unchanged if it is valid Unicode; command-line bytes that were not UTF-8 reach
     Python as lone surrogates (``surrogateescape``), which no tokenizer can encode."""
@@ -80,6 +92,30 @@ def check_utf8_text(text: str, what: str) -> str:
     except UnicodeEncodeError as e:
         raise ParScaleError(f"{what}: not valid UTF-8 text (undecodable byte at character {e.start})") from None
     return text
+
+
+def check_checkpoint_path(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` names something a model loads from: a checkpoint directory with a readable
+    ``config.json`` (or an adapter directory with ``adapter_config.json``), or a ``.gguf`` file.
+    Checked before a tokenizer or data is read, so a wrong ``--model`` is named as such (not as a
+    missing tokenizer.json); the weights themselves are checked by the loader."""
+    if os.fspath(path) == "":
+        raise ParScaleError(f"{flag}: empty path")
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise ParScaleError(f"{flag} {path}: no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return path
+        raise ParScaleError(f"{flag} {path}: is a file; expected a checkpoint directory (config.json + "
+                            "safetensors) or a .gguf file")
+    if not path.is_dir():
+        raise ParScaleError(f"{flag} {path}: not a directory")
+    for name in ("config.json", "adapter_config.json"):
+        if (path / name).exists():
+            read_json_file(path / name, f"{flag} {path}: {name}")
+            return path
+    raise ParScaleError(f"{flag} {path}: no config.json there (not a checkpoint directory)")
 
 
 # --------------------------------------------------------------------------- output paths
@@ -117,9 +153,9 @@ def _check_parents(path: Path, flag: str) -> None:
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Check that ``path`` is, or can be created as, a writable directory (creates nothing)."""
-    path = Path(path)
-    if str(path) == "":
+    if os.fspath(path) == "":  # Path("") is "." (the working directory): refuse the empty flag
         raise ParScaleError(f"{flag}: empty path")
+    path = Path(path)
     if os.path.lexists(path):
         if not path.is_dir():
             raise ParScaleError(f"{flag} {path}: exists and is not a directory (a directory is needed)")
@@ -132,12 +168,12 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
 def ensure_writable_file(path: str | os.PathLike, flag: str, *, suffixes: tuple[str, ...] = ()) -> Path:
     """Check that ``path`` can be written as a file (creates nothing); ``suffixes`` (e.g.
     ``(".png",)``) are the allowed extensions."""
-    path = Path(path)
+    raw, path = os.fspath(path), Path(path)
     if str(path) in ("", "."):
         raise ParScaleError(f"{flag}: empty path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ParScaleError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if str(path).endswith(os.sep) or path.is_dir():
+    if raw.endswith(os.sep) or path.is_dir():  # "out/" names a directory even before it exists
         raise ParScaleError(f"{flag} {path}: is a directory (a file name is needed)")
     if os.path.lexists(path) and not path.is_file():
         raise ParScaleError(f"{flag} {path}: exists and is not a regular file")

@@ -281,12 +281,11 @@ def merge_adapter(adapter, out, *, base=None) -> None:
     from pathlib import Path
 
     from .atomic import atomic_write
+    from .paths import ensure_writable_dir
 
-    out = Path(out)
+    out = ensure_writable_dir(out, "--out")  # before the base is read and hashed
     if out.resolve() == Path(adapter).resolve():
         raise ParScaleError(f"--out {out}: is the adapter directory itself; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise ParScaleError(f"--out {out}: exists and is not a directory")
     model = load_adapter(adapter, base=base, dtype="auto")
     model.save_pretrained(out)
     tok = Path(adapter) / "tokenizer.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ParScaleError
-from ..paths import (check_utf8_text, ensure_writable_dir, ensure_writable_file,  # noqa: F401 (re-exported)
-                     read_json_file, read_text_file, same_path)
+from ..paths import (check_checkpoint_path, check_utf8_text, ensure_writable_dir,  # noqa: F401 (re-exported)
+                     ensure_writable_file, read_json_file, read_text_file, same_path)
 
 
 # --------------------------------------------------------------------------- flag types
@@ -77,6 +77,37 @@ def at_least(flag: str, value, minimum) -> None:
         raise ParScaleError(f"{flag} must be >= {minimum} (got {value})")
 
 
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags a command has (``--temperature``, ``--top-k``, ``--top-p``,
+    ``--repetition-penalty``, ``--seed``), checked before any model is loaded: finite, in range."""
+    import math
+
+    t = getattr(args, "temperature", None)
+    if t is not None and not math.isfinite(t):
+        raise ParScaleError(f"--temperature must be a finite number (got {t})")
+    if getattr(args, "do_sample", False) and t is not None and not t > 0:
+        raise ParScaleError(f"--temperature must be > 0 with --do-sample (got {t})")
+    if t is not None and t < 0:
+        raise ParScaleError(f"--temperature must be >= 0 (got {t})")
+    k = getattr(args, "top_k", None)
+    if k is not None and k < 0:
+        raise ParScaleError(f"--top-k must be >= 0 (got {k})")
+    p = getattr(args, "top_p", None)
+    if p is not None and not 0 < p <= 1:
+        raise ParScaleError(f"--top-p must be in (0, 1] (got {p})")
+    r = getattr(args, "repetition_penalty", None)
+    if r is not None and not math.isfinite(r):
+        raise ParScaleError(f"--repetition-penalty must be a finite number (got {r})")
+    if r is not None and not r > 0:
+        raise ParScaleError(f"--repetition-penalty must be > 0 (got {r})")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ParScaleError(f"--seed must be in [-2**63, 2**64) (got {seed})")
+
+
 def check_count(flag: str, n: int, bytes_each: float, what: str) -> None:
     """Refuse a count whose records alone cannot fit in memory (``--n 1e9`` problems)."""
     avail = available_memory()
@@ -86,9 +117,9 @@ def check_count(flag: str, n: int, bytes_each: float, what: str) -> None:
 
 
 def check_generation_budget(model_config, prompt_tokens: int, max_new_tokens: int, rows: int = 1,
-                            *, flag: str = "--max-new-tokens") -> None:
+                            *, flag: str = "--max-new-tokens", device=None, dtype_bytes: int = 4) -> None:
     """Refuse a decode that cannot fit before anything is allocated: the context
-    (``max_position_embeddings``) and a KV-cache memory estimate against available memory."""
+    (``max_position_embeddings``) and a KV-cache estimate against the memory of ``device``."""
     cfg = model_config
     total = prompt_tokens + max_new_tokens
     if total > cfg.max_position_embeddings:
@@ -96,16 +127,24 @@ def check_generation_budget(model_config, prompt_tokens: int, max_new_tokens: in
                             f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     prefix = cfg.prefix_tokens if cfg.streams > 1 else 0
     kv_bytes = (2 * cfg.num_hidden_layers * rows * cfg.streams * cfg.num_key_value_heads * cfg.head_dim
-                * (total + prefix) * 4)
-    avail = available_memory()
+                * (total + prefix) * dtype_bytes)
+    avail = available_memory(device)
     if avail is not None and kv_bytes > avail:
         raise ParScaleError(f"{flag} {max_new_tokens}: the KV cache for {rows} row(s) x {total} tokens "
                             f"needs ~{kv_bytes / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB "
                             "of memory available")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to allocate (Linux MemAvailable), None when unknown."""
+def available_memory(device=None) -> int | None:
+    """Bytes free to allocate on ``device``: a CUDA device's free memory, else the host's
+    (Linux MemAvailable); None when unknown."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -150,8 +150,10 @@ class ChatSession:
 
 
 def sampling_kwargs(args) -> dict:
-    if args.do_sample and args.temperature <= 0:
-        raise ParScaleError(f"--temperature must be > 0 with --do-sample (got {args.temperature})")
+    """generate()'s sampling arguments from the flags, checked (before any model is loaded)."""
+    from ._common import check_sampling_flags
+
+    check_sampling_flags(args)
     return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -159,7 +161,7 @@ def sampling_kwargs(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..model import ParScaleForCausalLM
     from ..tokenizer import Tokenizer
-    from ._common import apply_threads
+    from ._common import apply_threads, check_checkpoint_path
 
     if args.system is not None:
         check_utf8_text(args.system, "--system")
@@ -167,16 +169,24 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError(f"--streams must be >= 1 (got {args.streams})")
     if args.max_new_tokens < 1:
         raise ParScaleError("--max-new-tokens must be >= 1")
+    sampling = sampling_kwargs(args)
+    check_checkpoint_path(args.model, "--model")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tok.chat_template is None:
         raise ParScaleError(f"{tok.name}: no chat template (tokenizer_config.json has no 'chat_template')")
+    # a template that does not compile or raises on a plain conversation: say so once, up front
+    # (not once per input line with exit status 0)
+    tok.apply_chat_template(([{"role": "system", "content": args.system}] if args.system else [])
+                            + [{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    if args.max_new_tokens >= model.config.max_position_embeddings:
+        raise ParScaleError(f"--max-new-tokens {args.max_new_tokens}: a reply that long cannot fit the model's "
+                            f"context of {model.config.max_position_embeddings} tokens")
     if tok.vocab_size > model.config.vocab_size:
         raise ParScaleError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                             f"{model.config.vocab_size}")
-    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
-                          **sampling_kwargs(args))
+    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"parscale chat: {args.model} at P = {model.streams}; /reset clears the history, /exit quits",

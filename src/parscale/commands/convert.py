@@ -26,7 +26,7 @@ Without converting: ParScaleForCausalLM.from_pretrained("model.gguf").
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ..gguf import DTYPES
+    from ._common import dtype_type
 
     p = sub.add_parser("convert", help="convert a GGUF file to a checkpoint directory", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -34,7 +34,8 @@ def register(sub) -> None:
                                    "quantisation gguf can dequantise) to a parscale/HF checkpoint directory.")
     p.add_argument("gguf", help="the .gguf file")
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--dtype", type=dtype_type(), default="float32",
+                   help="dtype of the saved weights: float32, bfloat16 or float16 (bf16, fp16)")
     p.set_defaults(func=run)
 
 

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
-    from ._common import apply_threads, check_generation_budget, check_utf8_text
+    from ._common import (apply_threads, check_checkpoint_path, check_generation_budget, check_sampling_flags,
+                          check_utf8_text)
 
     if args.prompt is not None:
         check_utf8_text(args.prompt, "--prompt")
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--chat needs --prompt (the user message)")
     if args.system is not None and not args.chat:
         raise ParScaleError("--system goes with --chat")
+    check_sampling_flags(args)
+    check_checkpoint_path(args.model, "--model")
     apply_threads(args.threads)
     tok = None
     if args.prompt is not None:
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise ParScaleError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences)
+    check_generation_budget(model.config, len(ids), args.max_new_tokens, rows=args.num_return_sequences,
+                            device=model.device, dtype_bytes=model.dtype.itemsize)
     eos = default_eos_ids(model, tok)  # every EOS id of the config, generation_config and tokenizer
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -75,8 +75,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import get_preset, reproduce
+    from ._common import ensure_writable_dir
 
     preset = get_preset(args.preset)  # a bad name fails before anything is prepared
+    ensure_writable_dir(args.out or f"runs/reproduce-{preset.name}", "--out")
     result = reproduce(preset, args.out, threads=args.threads, data=args.data, progress=not args.quiet,
                        command=_command_line(args), baseline=args.baseline)
     fit = result.fit

@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams)
     longest = max(len(tok.encode(p.prompt)) for p in problems)
-    check_generation_budget(model.config, longest, args.max_new_tokens, rows=args.n * args.batch_problems)
+    check_generation_budget(model.config, longest, args.max_new_tokens, rows=args.n * args.batch_problems,
+                            device=model.device, dtype_bytes=model.dtype.itemsize)
     meta = {"task": task.name, "model": str(args.model), "difficulty": args.difficulty,
             "problem_seed": args.problem_seed, "strategy": args.strategy}
     if not str(args.problems).strip().isdigit():

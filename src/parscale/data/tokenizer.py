@@ -121,6 +121,9 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema
             raise ParScaleError(f"tokenizer file {file}: cannot load ({e})") from None
         config = _read_config(file.parent / "tokenizer_config.json") if p.is_dir() else None
+        template = file.parent / "chat_template.jinja"  # transformers 5 keeps the template here
+        if p.is_dir() and template.is_file():
+            config = dict(config or {}, chat_template=template.read_text(encoding="utf-8", errors="replace"))
         if eos_token is None:
             eos_token = find_separator(tok, _eos_from_config(file.parent / "tokenizer_config.json"))
         if eos_token is None:

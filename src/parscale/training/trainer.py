@@ -759,12 +759,14 @@ def train(cfg: TrainConfig, progress_callback: Callable[[dict], None] | None = N
     """
     import shutil
 
-    from ..paths import ensure_writable_dir
+    from ..paths import check_checkpoint_path, ensure_writable_dir
 
     if not isinstance(cfg, TrainConfig):
         raise ParScaleError(f"train() needs a TrainConfig (got {type(cfg).__name__})")
     cfg.validate()
     ensure_writable_dir(cfg.out, "--out")  # before any work, and creating nothing
+    if cfg.init_from is not None:  # before the data is read (which can take a while)
+        check_checkpoint_path(cfg.init_from, "--init-from")
     created = _first_missing(Path(cfg.out))
     dist = _Dist(cfg)
     run = _Run(cfg, dist, progress_callback)

@@ -1,0 +1,102 @@
+"""`parscale serve`: an OpenAI-compatible HTTP server (continuous batching, streaming) for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+from ..errors import ParScaleError
+
+EXAMPLE = """\
+examples:
+  # serve a checkpoint (config.json + safetensors + tokenizer.json [+ tokenizer_config.json])
+  parscale serve --model runs/demo/model --port 8000
+
+  # then, from another shell: a completion, and a streamed chat completion at P = 4
+  curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "model", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
+  curl -sN http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "model", "messages": [{"role": "user", "content": "Hi"}], "stream": true, "streams": 4}'
+
+  # a dynamic-P checkpoint, 32 rows per batch, at most 256 new tokens per request
+  parscale serve --model runs/frozen/model --streams 2 --max-batch 32 --max-tokens-per-request 256
+
+SIGTERM or Ctrl-C stops accepting connections, finishes the running requests, then exits.
+"""
+
+
+def register(sub) -> None:
+    from ..cli import HelpFormatter
+    from ._common import add_threads_argument, dtype_type
+
+    p = sub.add_parser("serve", help="serve a checkpoint over OpenAI's HTTP API", epilog=EXAMPLE,
+                       formatter_class=HelpFormatter,
+                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health) with continuous batching and streaming. Requests may "
+                                   "pick a stored stream set with the extension field \"streams\".")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors + tokenizer.json)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send as \"model\" (default: the directory's name)")
+    p.add_argument("--streams", type=int, default=None, help="default stream set P (default: the checkpoint's)")
+    p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
+                   help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (all requests, all P)")
+    p.add_argument("--max-tokens-per-request", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for rows (admitted at the next step); beyond it: HTTP 429")
+    add_threads_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._common import apply_threads, at_least, check_checkpoint_path
+
+    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                        ("--max-tokens-per-request", args.max_tokens_per_request, 1), ("--port", args.port, 0),
+                        ("--streams", args.streams, 1)):
+        at_least(flag, v, lo)
+    if args.port > 65535:
+        raise ParScaleError(f"--port must be <= 65535 (got {args.port})")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ParScaleError("--served-model-name must not be empty")
+    model_dir = check_checkpoint_path(args.model, "--model")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ParScaleError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer; "
+                            "for a .gguf file run `parscale convert` first)")
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+    except ImportError:
+        raise ParScaleError("needs the serve extra: pip install 'parscale[serve]'") from None
+    import torch
+
+    from ..model import ParScaleForCausalLM
+    from ..serve import build_app, load_tokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ParScaleError(f"--device: unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParScaleError("--device cuda: no CUDA device is available")
+    if device.type == "cpu":
+        apply_threads(args.threads)
+    tokenizer = load_tokenizer(model_dir)
+    model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype, device=device)
+    name = args.served_model_name or model_dir.resolve().name
+    app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_tokens_per_request=args.max_tokens_per_request)
+    print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
+          f"{device}, {torch.get_num_threads()} threads) on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                lifespan="on", timeout_graceful_shutdown=None)
+    print("parscale serve: drained, exiting", flush=True)
+    return 0
