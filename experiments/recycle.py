@@ -316,7 +316,7 @@ def render(results) -> str:
     base = results["base"]["window_losses"]
     b_mean = sum(base) / len(base)
     lo, hi = bootstrap_ci(base)
-    lines = [f"# Recycling SmolLM2-135M-Instruct: P streams vs prefix tuning (frozen backbone)", "",
+    lines = ["# Recycling SmolLM2-135M-Instruct: P streams vs prefix tuning (frozen backbone)", "",
              f"Budget: {s['tokens']:,} training tokens per run (P = 1 2x: {2 * s['tokens']:,}), batch "
              f"{s['batch_size']} x {s['seq_len']}, prefix {s['prefix_tokens']} tokens, lr {s['lr']}, "
              f"seeds {s['seeds']}; held-out: {len(base)} windows of {s['seq_len']} tokens from "
