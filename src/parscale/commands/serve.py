@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
                        max_tokens_per_request=args.max_tokens_per_request)
     print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
-          f"{device}, {torch.get_num_threads()} threads) on http://{args.host}:{args.port}/v1", flush=True)
+          f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
