@@ -2,6 +2,7 @@
 prefix-only P = 1 set (the fair control); zero q/k/v biases on export of bias-free backbones."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,25 @@ def test_reproduce_baseline_prefix_runs_beside_every_p(tmp_path, monkeypatch):
     assert any("fair control" in c for c in results["conclusions"])
     model = ParScaleForCausalLM.from_pretrained(tmp_path / "r" / "runs" / "xxs-p1-prefix" / "model")
     assert model.config.prefix_only and model.stream_set.aggregate_layer is None
+
+
+def test_sampled_snippets_end_with_the_document_separator(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serving import write_model_dir
+
+    from parscale.recycle import document_separator
+    from parscale.tokenizer import Tokenizer
+
+    d = write_model_dir(tmp_path / "m", streams=())
+    model = ParScaleForCausalLM.from_pretrained(d)
+    sep = Tokenizer.from_pretrained(d).separator_id
+    assert model.name_or_path == str(d) and sep is not None and document_separator(model) == sep
+    plain, ended = sample_snippets(model, 2, 3), sample_snippets(model, 2, 3, separator=sep)
+    assert ended.shape == (2, 3) and bool((ended[:, -1] == sep).all())
+    assert torch.equal(ended[:, :2], plain[:, :2])  # the same samples, the last slot the separator
+    model.add_stream_set(2)  # no snippets: sampled ones that end with the separator
+    k, _ = backbone_kv(model, sample_snippets(model, 2, 3, separator=sep), rope="prepend")
+    assert torch.equal(model.stream_set.prefix_k, k)
+    assert document_separator(tiny()) is None  # built in memory: no tokenizer to ask

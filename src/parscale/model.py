@@ -406,6 +406,7 @@ class ParScaleForCausalLM(nn.Module):
                 self.stream_sets[str(p)] = StreamSet(config, p)
                 self.stream_sets[str(p)].reset_parameters(config.initializer_range)
         self.gradient_checkpointing = False
+        self.name_or_path = ""  # set by from_pretrained (HF's attribute of the same name)
         self.generation_config = GenerationConfig.from_model_config(config)
         if config.quantization:  # a quantised config builds the quantised layers (loaders fill them)
             self.quantize(config.quantization)
@@ -646,6 +647,7 @@ class ParScaleForCausalLM(nn.Module):
                                 adapter=adapter)
         if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
             model.generation_config = GenerationConfig.load(path, model.config)
+        model.name_or_path = str(path)  # as in HF: where it came from (its tokenizer, for recycling)
         return model
 
     def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":
