@@ -72,6 +72,16 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _check_unicode(text: str) -> str:
+    """``text`` if it can be encoded: a lone surrogate (undecodable command-line bytes, or a JSON
+    ``"\\ud800"``) is a ParScaleError, not a TypeError deep in the tokenizers library."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParScaleError(f"text to encode is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
+
+
 def _ids(value) -> list[int]:
     """``eos_token_id`` of a config: an int, a list of ints, or absent."""
     if isinstance(value, bool):
@@ -128,6 +138,7 @@ class TextEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise ParScaleError(f"text to encode must be a string (got {type(t).__name__})")
+            _check_unicode(t)
         sep = self.separator
         plain = [i for i, t in enumerate(texts) if sep is None or sep not in t]
         out: list[list[int] | None] = [None] * len(texts)
@@ -427,7 +438,7 @@ class Tokenizer:
                                     **{**self.special_tokens_map, **template_vars})
         if not tokenize:
             return text
-        ids = self.backend.encode(text, add_special_tokens=False).ids  # markup: all specials parsed
+        ids = self.backend.encode(_check_unicode(text), add_special_tokens=False).ids  # markup: all specials parsed
         if return_dict:
             return self._as([ids], [[1] * len(ids)], return_tensors) if return_tensors else \
                 {"input_ids": ids, "attention_mask": [1] * len(ids)}
