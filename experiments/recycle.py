@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--only", nargs="*", help="run names to train (default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-train", action="store_true",
+                    help="train nothing: report the runs already finished (the others are listed as missing)")
     ap.add_argument("--measure", choices=["init", "speed"], default=None,
                     help="measure init methods or fp32-vs-bf16 speed instead of training")
     ap.add_argument("--windows", type=int, default=12, help="--measure init: held-out windows")
@@ -124,7 +126,17 @@ def main(argv=None) -> int:
                               seed=seed, threads=args.threads, quiet=True, resume=True,
                               out=str(out / "runs" / f"{name}-s{seed}"), **over)
             t0 = time.time()
-            res = train(cfg)
+            if args.no_train:
+                summary = Path(cfg.out) / "summary.json"
+                if not summary.is_file():
+                    results.setdefault("missing", []).append(f"{name}-s{seed}")
+                    continue
+                from parscale.training.trainer import TrainResult
+
+                known = TrainResult.__dataclass_fields__
+                res = TrainResult(**{k: v for k, v in json.loads(summary.read_text()).items() if k in known})
+            else:
+                res = train(cfg)
             print(f"{name} seed {seed}: val {res.val_loss:.4f}, {res.tokens_per_s:.0f} tok/s "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
             results["runs"][f"{name}-s{seed}"] = {"name": name, "seed": seed, "result": res.to_dict(),
@@ -326,6 +338,8 @@ def render(results) -> str:
     if usage:
         lines += ["", "What the streams do (parscale.diagnostics.stream_usage on the first held-out "
                       "windows):", "", usage_table(usage)]
+    if results.get("missing"):
+        lines += ["", f"Not finished in the time available (not in the table): {', '.join(results['missing'])}."]
     lines += ["", "Greedy generations (first seed):", ""]
     names = ["base"] + [k for k, r in results["runs"].items() if "generations" in r]
     for i, prompt in enumerate(PROMPTS):

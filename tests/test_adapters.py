@@ -76,7 +76,7 @@ def test_the_base_hash_is_checked_and_ignores_file_layout(tmp_path):
     (base / "model.safetensors").unlink()
     (base / "config.json").unlink()
     base.rmdir()
-    with pytest.raises(ParScaleError, match="is not a directory .moved"):
+    with pytest.raises(ParScaleError, match="does not exist .moved"):
         ParScaleForCausalLM.from_pretrained(tmp_path / "ad")
 
 

@@ -595,3 +595,7 @@ def test_devices_seeds_and_counts(tmp_path, capsys, argv, expect):
 def test_reproduce_out_unwritable(tmp_path, capsys, kind):
     out, expect = _unwritable(kind, tmp_path, "dir")
     assert_clean_refusal(["reproduce", "--preset", "micro", "--out", out, "--quiet"], capsys, tmp_path, expect)
+
+
+def test_a_trailing_slash_names_a_directory(tmp_path, capsys):
+    assert_clean_refusal(["tasks", "--task", "arithmetic", "--out", "new/"], capsys, tmp_path, "is a directory")

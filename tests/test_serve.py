@@ -41,11 +41,29 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """One row, one waiting request, no chat template; each forward sleeps a little (slow_forward)."""
+    """One row, one waiting request, no chat template. Each forward sleeps a little, and waits
+    while ``small.gate`` is closed (``small.entered`` is set when a forward waits there)."""
     d = write_model_dir(tmp_path_factory.mktemp("serve") / "small", context=CONTEXT, chat_template=False)
     with LocalServer(d, model_id="small", max_batch=1, max_queue=1, max_tokens_per_request=100) as s:
-        s.model.register_forward_pre_hook(lambda mod, args: time.sleep(0.02))
+        s.gate, s.entered = threading.Event(), threading.Event()
+        s.gate.set()
+
+        def hook(mod, args):
+            if not s.gate.is_set():
+                s.entered.set()
+                s.gate.wait(30)
+            time.sleep(0.02)
+
+        s.model.register_forward_pre_hook(hook)
         yield s
+        s.gate.set()
+
+
+def until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -349,25 +367,30 @@ def test_beyond_the_queue_429(small):
         return post(small, "/v1/completions", {"model": "small", "prompt": "x", "max_tokens": tokens})
 
     def fill(pool):
-        """The only row busy for >1 s, the one queue place taken."""
-        small.wait_idle()
-        busy = pool.submit(slow, 60)
-        while small.engine.stats()["running"] == 0:
-            time.sleep(0.005)
+        """The only row taken (its forward held at the gate), the one queue place taken."""
+        until(lambda: not any(small.engine.stats()[k] for k in ("running", "queued", "rows")))
+        small.entered.clear()
+        small.gate.clear()
+        busy = pool.submit(slow, 5)
+        until(small.entered.is_set)  # the engine is inside the busy request's forward
         waiting = pool.submit(slow, 2)
-        while small.engine.stats()["queued"] == 0:
-            time.sleep(0.005)
+        until(lambda: small.engine.stats()["queued"] == 1)  # and cannot admit it meanwhile
         return busy, waiting
 
-    with ThreadPoolExecutor(2) as pool:
-        busy, waiting = fill(pool)
-        r = slow(2)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-        assert busy.result().status_code == 200 and waiting.result().status_code == 200
-    with ThreadPoolExecutor(2) as pool:
-        fill(pool)
-        with pytest.raises(openai.RateLimitError):  # the client's own error class for it
-            small.client().completions.create(model="small", prompt="x", max_tokens=2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            busy, waiting = fill(pool)
+            r = slow(2)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            small.gate.set()
+            assert busy.result().status_code == 200 and waiting.result().status_code == 200
+        with ThreadPoolExecutor(2) as pool:
+            fill(pool)
+            with pytest.raises(openai.RateLimitError):  # the client's own error class for it
+                small.client().completions.create(model="small", prompt="x", max_tokens=2)
+            small.gate.set()
+    finally:
+        small.gate.set()
     s = small.wait_idle()
     assert (s["running"], s["rows"], s["owned"]) == (0, 0, 0)
 

@@ -132,16 +132,15 @@ class _Header:
     def __init__(self, path: Path):
         import struct
 
-        self.struct, self.path, self.pos = struct, path, 0
+        self.struct, self.path, self.pos, self.size = struct, path, 0, path.stat().st_size
         with open(path, "rb") as self.file:  # buffered small reads: fast for 100k strings
             if self.file.read(4) != b"GGUF":
                 raise ParScaleError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
             self.pos = 4
             self._read_header()
-        size = path.stat().st_size
-        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
         for t in self.tensors:
-            if t.offset + t.n_bytes > size:
+            if t.offset + t.n_bytes > self.size:
                 raise ParScaleError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
 
     def _read_header(self) -> None:
@@ -178,9 +177,9 @@ class _Header:
                         for name, qtype, dims, offset, n_bytes in infos]
 
     def _take(self, n: int) -> bytes:
+        if n > self.size - self.pos:  # also guards a corrupt length against a huge allocation
+            raise ParScaleError(f"{self.path}: truncated or corrupt: the header ends early (at byte {self.pos})")
         out = self.file.read(n)
-        if len(out) < n:
-            raise ParScaleError(f"{self.path}: truncated: the header ends early (at byte {self.pos + len(out)})")
         self.pos += n
         return out
 

@@ -16,11 +16,6 @@ config.json keys: ``model_type: "qwen2_parscale"`` with ``parscale_n`` (P), ``pa
 (prefix length) and ``parscale_attn_smooth`` (ε). ε is always read from the file: released
 checkpoints use 0.1, the official class default is 0.01 (used only when the key is absent).
 
-Architectures other than Qwen2 are saved under the same ``qwen2_parscale`` type with our keys for
-their switches: ``attention_bias: false`` (Llama), ``qk_norm: true`` (Qwen3, per-head q/k RMSNorm
-tensors ``self_attn.q_norm.weight`` / ``k_norm.weight``) and ``rope_scaling`` (Llama-3's
-``{"rope_type": "llama3", ...}``, which HF's Qwen2 code also understands). The official code knows
-neither ``attention_bias: false`` nor ``qk_norm``: such checkpoints are exact in parscale only.
 Bias-free backbones (Llama, recycled): the official Qwen2 code always builds q/k/v biases, so we
 write zero bias tensors, ``attention_bias: true`` and our marker ``parscale_zero_attention_bias:
 true``; reading such a file back drops the biases again when they are still exactly zero (a
@@ -29,6 +24,12 @@ bias-free model, bit-identical), and keeps them otherwise (someone trained them)
 The prefix-only control (P = 1 with one prefix, ``prefix_only``) is written with ``parscale_n: 1``,
 its prefix under the official names with P = 1 and ``parscale_prefix_only: true``; the official
 code ignores the prefix at P = 1 (it loads the plain backbone).
+
+Architectures other than Qwen2 are saved under the same ``qwen2_parscale`` type with our keys for
+their switches: ``qk_norm: true`` (Qwen3, per-head q/k RMSNorm
+tensors ``self_attn.q_norm.weight`` / ``k_norm.weight``) and ``rope_scaling`` (Llama-3's
+``{"rope_type": "llama3", ...}``, which HF's Qwen2 code also understands). The official code does not know
+``qk_norm``: such checkpoints are exact in parscale only (bias-free ones load there, see above).
 """
 
 from __future__ import annotations
@@ -276,9 +277,9 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
         raise ParScaleError(f"unknown quantization {quantize!r} (supported: {', '.join(MODES)})")
 
     if adapter is not None:
-        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device)
+        return load_adapter(adapter, base=path, streams=streams, dtype=dtype, device=device, quantize=quantize)
     if is_adapter(path):
-        return load_adapter(path, streams=streams, dtype=dtype, device=device)
+        return load_adapter(path, streams=streams, dtype=dtype, device=device, quantize=quantize)
     path = Path(path)
     if path.suffix.lower() == ".gguf" and not path.is_dir():  # a llama.cpp file: converted in memory
         from .gguf import load_gguf

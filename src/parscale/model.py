@@ -102,49 +102,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------- inference matmuls
 # Batch-1 decode multiplies a few rows (M = P·B) by each weight, so the BLAS path chosen for
 # skinny products, not the FLOPs, sets the speed. Measured on this machine's MKL (AVX-512),
-# 5632×1024 weight, 1 thread, M = 1 / 2 / 8 rows:
-#   float32  F.linear (weight n×k)     0.82 / 0.82 / 2.45 ms   (about M× the M = 1 time)
-#   float32  x @ Wᵀ stored k×n         0.81 / 0.88 / 0.99 ms   (flat: reads the weight once)
-#   bfloat16 F.linear                  0.76 / 0.82 / 0.81 ms
-#   bfloat16 W @ xᵀ (weight n×k)       0.77 / 0.54 / 0.54 ms   (M = 1 padded to 2 rows: 0.56 ms)
-# So at inference float32 weights are stored transposed (k×n) and reduced-precision ones keep
-# n×k and are multiplied as W @ xᵀ. Projections that read the same input (q/k/v, gate/up) share
-# one buffer: one matmul instead of two or three. The parameters become views into that buffer
-# (no extra memory; checkpoint names, state_dict and in-place loads unchanged).
-_SKINNY_ROWS = 16  # up to this many rows the W @ xᵀ form beats F.linear in reduced precision
+# weights n×k as stored, 1 thread, M = 1 / 2 / 8 rows:
+#   float32  F.linear, 5632×1024      0.82 / 0.82 / 2.45 ms   (about M× the M = 1 time past 2 rows)
+#   float32  W @ xᵀ                   0.82 / 1.57 / 1.61 ms   (flat from 2 rows on)
+#   bfloat16 F.linear                 0.76 / 0.82 / 0.81 ms
+#   bfloat16 W @ xᵀ                   0.77 / 0.54 / 0.54 ms   (one row padded to two: 0.56 ms)
+# So decode steps (one position, ≤ _SKINNY_ROWS rows) take the faster form per dtype and rows,
+# and projections that read the same input (q/k/v, gate/up) share one n×k buffer: one matmul
+# instead of two or three. The parameters become contiguous row slices of that buffer (no extra
+# memory; names, state_dict and in-place loads unchanged). Prefill and full forwards take the
+# plain layers, so those stay bit-identical to the training path and to transformers.
+_SKINNY_ROWS = 16
 
 
 class PackedLinear:
-    """One or more ``nn.Linear`` layers with the same input, laid out for fast inference.
+    """One or more ``nn.Linear`` layers with the same input, laid out for fast decode.
 
-    Building one moves the layers' weights (and biases) into one buffer and makes each parameter
-    a view into it; calling it on ``x`` gives the layers' outputs, concatenated, from one matmul.
-    ``valid`` says whether the parameters still live there (``model.to(...)`` or ``train()``
-    replaces them; the owner then packs again)."""
+    Building one moves the layers' weights (and biases) into one n×k buffer and makes each
+    parameter a contiguous row slice of it; calling it on ``x`` (≤ ``_SKINNY_ROWS`` rows) gives
+    the layers' outputs, concatenated, from one matmul. ``valid`` says whether the parameters
+    still live there (``model.to(...)`` or ``train()`` replaces them; the owner then packs again)."""
 
     def __init__(self, linears: list[nn.Linear]):
         w0 = linears[0].weight
         self.linears, self.sizes = linears, [lin.out_features for lin in linears]
-        n, k = sum(self.sizes), w0.shape[1]
-        # CPU float32 (and float64): k×n, multiplied as x @ buf; otherwise n×k (bf16/fp16 on CPU:
-        # buf @ xᵀ; other devices: F.linear, their BLAS has no such skinny-product penalty)
-        self.transposed = w0.dtype in (torch.float32, torch.float64) and w0.device.type == "cpu"
-        with torch.inference_mode(False):
-            buf = torch.empty((k, n) if self.transposed else (n, k), dtype=w0.dtype, device=w0.device)
+        if len(linears) == 1:  # nothing to fuse: the layer's own tensors
+            self.weight, self.bias = w0, linears[0].bias
+        else:
+            n, k = sum(self.sizes), w0.shape[1]
             has_bias = any(lin.bias is not None for lin in linears)
-            bias = torch.zeros(n, dtype=w0.dtype, device=w0.device) if has_bias else None
-        start = 0
-        # ordinary tensors even under inference_mode: the parameters must stay usable for training
-        with torch.inference_mode(False), torch.no_grad():
-            for lin, size in zip(linears, self.sizes):
-                view = buf[:, start:start + size].t() if self.transposed else buf[start:start + size]
-                view.copy_(lin.weight)
-                lin.weight.data = view
-                if lin.bias is not None:
-                    bias[start:start + size].copy_(lin.bias)
-                    lin.bias.data = bias[start:start + size]
-                start += size
-        self.weight, self.bias = buf, bias
+            # ordinary tensors even under inference_mode: the parameters must stay usable for training
+            with torch.inference_mode(False), torch.no_grad():
+                buf = torch.empty(n, k, dtype=w0.dtype, device=w0.device)
+                bias = torch.zeros(n, dtype=w0.dtype, device=w0.device) if has_bias else None
+                start = 0
+                for lin, size in zip(linears, self.sizes):
+                    buf[start:start + size].copy_(lin.weight)
+                    lin.weight.data = buf[start:start + size]
+                    if lin.bias is not None:
+                        bias[start:start + size].copy_(lin.bias)
+                        lin.bias.data = bias[start:start + size]
+                    start += size
+            self.weight, self.bias = buf, bias
         self._ptrs = self._pointers()
 
     def _pointers(self) -> tuple:
@@ -154,35 +153,40 @@ class PackedLinear:
     def valid(self) -> bool:
         return self._pointers() == self._ptrs
 
+    def __deepcopy__(self, memo):
+        return None  # a copy's parameters get their own storage; its first forward packs again
+
     def unpack(self) -> None:
-        """Give every parameter its own contiguous storage again (for training)."""
+        """Give every parameter its own storage again (for training)."""
+        if len(self.linears) == 1:
+            return
         with torch.no_grad():
             for lin in self.linears:
-                lin.weight.data = lin.weight.data.clone(memory_format=torch.contiguous_format)
+                lin.weight.data = lin.weight.data.clone()
                 if lin.bias is not None:
                     lin.bias.data = lin.bias.data.clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (rows) k
-        w, b = self.weight, self.bias
-        if self.transposed:
-            out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        elif x2.shape[0] <= _SKINNY_ROWS and w.device.type == "cpu":
-            rows = x2.shape[0]
+        w, b, rows = self.weight, self.bias, x2.shape[0]
+        # float32 up to 2 rows, other devices, or fp64: F.linear is as fast (or the only sane form)
+        if w.device.type != "cpu" or w.dtype == torch.float64 or (w.dtype == torch.float32 and rows <= 2):
+            out = F.linear(x2, w, b)
+        else:
             if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
                 x2 = torch.cat([x2, x2])
             out = (w @ x2.t()).t()[:rows]  # rows n, as a transposed view
             out = out + b if b is not None else out.contiguous()
-        else:
-            out = F.linear(x2, w, b)
         return out.view(*lead, out.shape[-1])
 
 
-def packed(owner: nn.Module, name: str, linears: list[nn.Linear]) -> PackedLinear | None:
-    """The inference layout of ``linears`` held by ``owner`` under ``name``, or None when the
-    forward pass must use the plain layers (training, or gradients wanted)."""
-    if torch.is_grad_enabled() or owner.training:
+def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tensor) -> PackedLinear | None:
+    """The decode layout of ``linears`` held by ``owner`` under ``name``, or None when the forward
+    pass must use the plain layers: training, gradients wanted, or ``x`` (``r s k``) is not a
+    decode step (one position, at most ``_SKINNY_ROWS`` rows). Prefill and full forwards stay the
+    plain computation, bit for bit that of training and of transformers."""
+    if torch.is_grad_enabled() or owner.training or x.shape[-2] != 1 or x.numel() > _SKINNY_ROWS * x.shape[-1]:
         return None
     p = owner.__dict__.get(name)  # a plain attribute, not a submodule or buffer
     if p is None or not p.valid():
@@ -195,11 +199,14 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear]) -> PackedLinea
     return p
 
 
-def unpack_all(model: nn.Module) -> None:
-    """Undo every ``packed`` layout under ``model`` (training wants plain contiguous weights)."""
+def unpack_all(model: nn.Module, stale_only: bool = False) -> None:
+    """Undo every ``packed`` layout under ``model`` (training wants plain contiguous weights);
+    ``stale_only``: just forget the layouts whose parameters moved (frees their buffers)."""
     for m in model.modules():
         for key in [k for k, v in list(m.__dict__.items()) if isinstance(v, PackedLinear)]:
             if m.__dict__[key].valid():
+                if stale_only:
+                    continue
                 m.__dict__[key].unpack()
             del m.__dict__[key]
 
@@ -221,7 +228,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
-        qkv = packed(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj])
+        qkv = packed(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj], x)
         if qkv is not None and not self.qk_norm:  # inference: one matmul, one RoPE call for q and k
             qk, v = qkv(x).split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
             qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
@@ -245,7 +252,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv != self.n_heads)
         out = rearrange(out, "r h s d -> r s (h d)")
-        o = packed(self, "_o", [self.o_proj])
+        o = packed(self, "_o", [self.o_proj], out)
         return self.o_proj(out) if o is None else o(out)
 
 
@@ -257,11 +264,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate_up = packed(self, "_gate_up", [self.gate_proj, self.up_proj])
+        gate_up = packed(self, "_gate_up", [self.gate_proj, self.up_proj], x)
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = gate_up(x).chunk(2, dim=-1)
-        return packed(self, "_down", [self.down_proj])(F.silu(g) * u)
+        h = F.silu(g) * u
+        return packed(self, "_down", [self.down_proj], h)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -421,9 +429,14 @@ class ParScaleForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True) -> "ParScaleForCausalLM":
-        if mode:  # inference packs weights into fused, transposed buffers; training wants them plain
+        if mode:  # decode steps pack weights into fused buffers; training wants each its own storage
             unpack_all(self)
         return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        out = super()._apply(*args, **kwargs)
+        unpack_all(self, stale_only=True)  # after .to(...): the old buffers are not kept alive
+        return out
 
     def reset_parameters(self) -> None:
         """Re-initialise everything: the backbone, then each stream set."""
@@ -563,9 +576,7 @@ class ParScaleForCausalLM(nn.Module):
         weights = None
         if sset is not None:
             x, weights = sset(x)  # (p b) s h -> b s h
-        # a tied float32 head keeps the embedding's row-major layout (lookups in a transposed table are slow)
-        tied32 = self.config.tie_word_embeddings and self.lm_head.weight.dtype in (torch.float32, torch.float64)
-        head = None if tied32 else packed(self, "_head", [self.lm_head])
+        head = packed(self, "_head", [self.lm_head], x)
         logits = self.lm_head(x) if head is None else head(x)
 
         loss = None

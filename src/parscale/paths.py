@@ -72,6 +72,18 @@ def read_json_file(path: str | os.PathLike, what: str, *, expect: type = dict,
     return data
 
 
+def jsonl_objects(text: str, where: str):
+    """``(line number, value)`` for each non-blank line of JSONL ``text``; a line that is not JSON
+    raises one error naming ``where`` and the line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParScaleError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def check_utf8_text(text: str, what: str) -> str:
     """``text`` unchanged if it is valid Unicode; command-line bytes that were not UTF-8 reach
     Python as lone surrogates (``surrogateescape``), which no tokenizer can encode."""
@@ -156,12 +168,12 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
 def ensure_writable_file(path: str | os.PathLike, flag: str, *, suffixes: tuple[str, ...] = ()) -> Path:
     """Check that ``path`` can be written as a file (creates nothing); ``suffixes`` (e.g.
     ``(".png",)``) are the allowed extensions."""
-    path = Path(path)
+    raw, path = os.fspath(path), Path(path)
     if str(path) in ("", "."):
         raise ParScaleError(f"{flag}: empty path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ParScaleError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if str(path).endswith(os.sep) or path.is_dir():
+    if raw.endswith(os.sep) or path.is_dir():  # "out/" names a directory even before it exists
         raise ParScaleError(f"{flag} {path}: is a directory (a file name is needed)")
     if os.path.lexists(path) and not path.is_file():
         raise ParScaleError(f"{flag} {path}: exists and is not a regular file")

@@ -106,7 +106,7 @@ class PackedInt8Linear(PackedLinear):
 
     def __init__(self, linears: list[Int8Linear]):
         w0 = linears[0].weight
-        self.linears, self.sizes, self.transposed = linears, [lin.out_features for lin in linears], False
+        self.linears, self.sizes = linears, [lin.out_features for lin in linears]
         n, k = sum(self.sizes), w0.shape[1]
         with torch.inference_mode(False), torch.no_grad():
             buf = torch.empty(n, k, dtype=torch.int8, device=w0.device)

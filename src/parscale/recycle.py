@@ -134,12 +134,19 @@ def is_adapter(path) -> bool:
 
 def weights_hash(path) -> str:
     """sha256 of a checkpoint directory's backbone tensors as stored (names, dtypes, shapes and
-    bytes in name order; stream-set tensors excluded, sharding and file layout irrelevant)."""
+    bytes in name order; stream-set tensors excluded, sharding and file layout irrelevant), or
+    of a single-file checkpoint's bytes (a GGUF file)."""
     import hashlib
     from pathlib import Path
 
     from .interop import _IGNORED_SUFFIXES, _restore_zero_biases, read_config, read_tensors
 
+    if Path(path).is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()
     cfg, raw = read_config(path)
     tensors, _ = read_tensors(Path(path))
     if raw.get("parscale_zero_attention_bias"):
@@ -203,14 +210,16 @@ def save_adapter(model, path, *, base: str, base_sha256: str) -> None:
             "base_model": str(Path(base).resolve()), "base_sha256": base_sha256,
             "streams": cfg.streams, "prefix_tokens": cfg.prefix_tokens, "agg_smoothing": cfg.agg_smoothing,
             "stream_sets": cfg.stream_sets, "prefix_only": cfg.prefix_only,
-            "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
+            "dtype": str(model.model.norm.weight.dtype).removeprefix("torch.")}
     atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
 
 
-def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, device=None, verify: bool = True):
-    """The base model (``base``, default: the path the adapter records) with the adapter's stream
-    sets. The base's backbone must hash to the recorded ``base_sha256`` (``verify``)."""
+def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, device=None, quantize=None,
+                 verify: bool = True):
+    """The base model (``base``, default: the path the adapter records; a directory or a GGUF
+    file) with the adapter's stream sets. The base's weights must hash to the recorded
+    ``base_sha256`` (``verify``). ``quantize`` applies to the base (see ``from_pretrained``)."""
     from pathlib import Path
 
     from safetensors import SafetensorError
@@ -224,15 +233,15 @@ def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, dev
     base = Path(meta["base_model"] if base is None else base)
     if is_adapter(base):
         raise ParScaleError(f"{base}: the base of an adapter must be a full checkpoint, not another adapter")
-    if not base.is_dir():
-        raise ParScaleError(f"adapter {path}: its base model {base} is not a directory (moved? pass "
+    if not base.exists():
+        raise ParScaleError(f"adapter {path}: its base model {base} does not exist (moved? pass "
                             f"the base explicitly: from_pretrained(BASE, adapter={str(path)!r}))")
     if verify:
         got = weights_hash(base)
         if got != meta["base_sha256"]:
             raise ParScaleError(f"adapter {path}: base model {base} has different weights than the one "
                                 f"it was trained on (sha256 {got[:12]}… != {meta['base_sha256'][:12]}…)")
-    model = load_pretrained(base, dtype=dtype, device=device)
+    model = load_pretrained(base, dtype=dtype, device=device, quantize=quantize)
     try:
         tensors = load_file(str(path / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -244,7 +253,7 @@ def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, dev
                             f"{cfg.prefix_tokens}/{cfg.agg_smoothing}")
     cfg.prefix_tokens, cfg.agg_smoothing = int(meta["prefix_tokens"]), float(meta["agg_smoothing"])
     cfg.prefix_only = cfg.prefix_only or bool(meta.get("prefix_only", False))
-    ref = model.model.embed_tokens.weight
+    ref = model.model.norm.weight  # the compute dtype (the embedding may be int8)
     sets = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("stream_sets.")})
     if sets != sorted(p for p in meta["stream_sets"] if p > 1 or meta.get("prefix_only")):
         raise ParScaleError(f"{path / ADAPTER_WEIGHTS}: holds stream sets {sets}, "

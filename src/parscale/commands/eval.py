@@ -59,19 +59,14 @@ def register(sub) -> None:
 
 def read_documents(path: str, field: str = "text") -> list[str]:
     """The documents of ``path``: one per JSONL line (``field``), or the whole UTF-8 text file."""
+    from ..paths import jsonl_objects
     from ._common import read_text_file
 
     text = read_text_file(path, f"--data {path}")
     if not path.lower().endswith((".jsonl", ".ndjson")):
         return [text] if text else []
     docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ParScaleError(f"--data {path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, obj in jsonl_objects(text, f"--data {path}"):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise ParScaleError(f"--data {path}:{lineno}: expected an object with a string field {field!r}")
         if obj[field]:

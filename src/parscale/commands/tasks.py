@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     held_out = task.make_problems(args.eval_problems, seed=args.eval_seed, difficulty=args.difficulty)
     exclude = set() if args.include_eval else {p.prompt for p in held_out}
     train = task.make_problems(args.n, seed=args.seed, difficulty=args.difficulty, exclude=exclude)
-    overlap = len({p.prompt for p in train} & {p.prompt for p in held_out})
+    trained = {p.prompt for p in train}
+    overlap = sum(p.prompt in trained for p in held_out)  # evaluation problems (repeats count) seen in training
     atomic_write_text(out, "".join(json.dumps({"text": task.training_text(p)}) + "\n" for p in train))
     if eval_out is not None:
         atomic_write_text(eval_out, "".join(json.dumps(p.to_dict()) + "\n" for p in held_out))

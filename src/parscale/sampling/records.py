@@ -254,18 +254,12 @@ class SampleSet:
 
     @classmethod
     def load_jsonl(cls, path: str | os.PathLike) -> "SampleSet":
-        from ..paths import read_text_file
+        from ..paths import jsonl_objects, read_text_file
 
         path = Path(path)
         text = read_text_file(path, str(path))  # missing, binary, not UTF-8, a device: one line
         header, samples = None, []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ParScaleError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, obj in jsonl_objects(text, str(path)):
             try:
                 if header is None:
                     header = _check_header(obj)

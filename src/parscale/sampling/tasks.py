@@ -451,19 +451,13 @@ def load_problems(path: str | os.PathLike, task: str | Task = "exact") -> list[P
     Every problem's own reference answer must pass ``task``'s verifier, so a task that needs
     parameters in ``meta`` (arithmetic's operands, ...) refuses problems that lack them.
     """
-    from ..paths import read_text_file
+    from ..paths import jsonl_objects, read_text_file
 
     t = get_task(task)
     where = f"--problems {path}"
     text = read_text_file(path, where)
     problems: list[Problem] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ParScaleError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, obj in jsonl_objects(text, where):
         if not isinstance(obj, dict):
             raise ParScaleError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if "task" in obj and "id" in obj:  # a saved Problem
