@@ -144,6 +144,7 @@ def _isolated(tmp_path, monkeypatch):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", no_listen)
+    monkeypatch.setattr(uvicorn.Server, "run", no_listen)
 
 
 def refuse(argv, capsys, root: Path, expect: str | tuple, *, stdin: bytes | None = None, monkeypatch=None):
@@ -197,7 +198,7 @@ def _argv(cmd: str, model: Path, tmp: Path) -> list:
             "generate-chat": ["generate", "--model", model, "--chat", "--prompt", "Hi", "--max-new-tokens", "2",
                               "--threads", "1"],
             "chat": ["chat", "--model", model, "--max-new-tokens", "2", "--threads", "1"],
-            "serve": ["serve", "--model", model, "--threads", "1", "--device", "cpu"],
+            "serve": ["serve", "--model", model, "--threads", "1", "--device", "cpu", "--port", "0"],
             "eval": ["eval", "--model", model, "--data", data, "--threads", "1", "--device", "cpu"],
             }[cmd]
 
@@ -442,3 +443,21 @@ def test_chat_binary_stdin_skips_the_line(text, tmp_path, base, capsys, monkeypa
     assert rc == 0 and "Traceback" not in err, err
     assert err.count("not valid UTF-8") == (0 if text.startswith(b"\x00") else 1), err
     assert out.endswith("\n")
+
+
+def test_serve_port_in_use_and_unknown_host(tmp_path, base, capsys):
+    """Said in one line before the model loads (not uvicorn's ERROR line and exit status 3)."""
+    import socket
+
+    model = make("model", tmp_path, base)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        refuse(["serve", "--model", model, "--port", port, "--threads", "1", "--device", "cpu"], capsys, tmp_path,
+               "cannot listen")
+    finally:
+        taken.close()
+    refuse(["serve", "--model", model, "--host", "no.such.host.invalid", "--threads", "1", "--device", "cpu"],
+           capsys, tmp_path, "--host")
