@@ -499,3 +499,30 @@ def test_cli_rejects_bad_flags(tmp_path, model_dir):
     assert main(["serve", "--model", str(tmp_path), "--port", "1"]) == 2  # no tokenizer.json
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
     assert main(["serve", "--model", str(model_dir), "--port", "70000"]) == 2
+
+
+def test_text_stream_holds_back_a_possible_stop_string(model_dir):
+    from parscale.serve.engine import TextStream
+
+    tok = load_tokenizer(model_dir)
+    text = "for i in range(10): Ünïcödé €"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    # no stop strings: the pieces join to the text, and no piece ends inside a character
+    ts = TextStream(tok, [])
+    pieces = []
+    for t in ids:
+        assert not ts.push(t)
+        pieces.append(ts.delta())
+    pieces.append(ts.delta(final=True))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    # a stop string spanning tokens: nothing of it is ever handed out, the text ends before it
+    ts, out, stopped = TextStream(tok, ["ge(1", "never"]), "", False
+    for t in ids:
+        stopped = ts.push(t)
+        out += ts.delta()
+        assert "ge(" not in out
+        if stopped:
+            break
+    out += ts.delta(final=True)
+    assert stopped and out == "for i in ran"

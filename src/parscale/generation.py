@@ -1,6 +1,8 @@
 """Generation: one decode loop (prefill once, then one token per step) that everything else reuses.
 
-``decode`` is the engine. It is built for sample-level scaling as much as for plain generation:
+``Decoder`` is the engine, step-wise so that a server can drive it (continuous batching: prompts
+join the running batch at any step, rows leave when they end); ``decode`` is a loop over it for
+one batch of prompts. It is built for sample-level scaling as much as for plain generation:
 
 * a batch of (left-padded) prompts is prefilled **once**; with ``num_samples = n`` each prompt's
   cache is then shared by n rows (row ``r`` belongs to prompt ``r // n``);
@@ -9,7 +11,9 @@
 * the chosen token's log-probability (under the model's unmodified distribution) is recorded;
 * rows stop at EOS, at a caller's stop test, at ``max_new_tokens``, or when a caller's
   ``on_finish`` hook prunes them; stopped rows leave the running batch (compaction), and the
-  counters ``decode_steps`` / ``row_steps`` say how much decode work was really done.
+  counters ``decode_steps`` / ``row_steps`` say how much decode work was really done;
+* rows of different lengths share a forward (``KVCache.concat`` right-aligns their caches), and
+  each row's tokens equal what it gets alone, up to the rounding of a batched forward.
 
 ``generate`` wraps it with Hugging Face's calling convention and return value.
 """

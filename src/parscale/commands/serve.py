@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                            max_tokens_per_request=args.max_tokens_per_request)
         port = sock.getsockname()[1]  # --port 0: the one the system chose
         print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
-              f"{device}, {torch.get_num_threads()} threads) on http://{args.host}:{port}/v1", flush=True)
+              f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{port}/v1", flush=True)
         # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
