@@ -461,3 +461,11 @@ def test_serve_port_in_use_and_unknown_host(tmp_path, base, capsys):
         taken.close()
     refuse(["serve", "--model", model, "--host", "no.such.host.invalid", "--threads", "1", "--device", "cpu"],
            capsys, tmp_path, "--host")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "generate-chat", "chat", "eval"])
+def test_a_gguf_model_without_tokenizer_says_convert(cmd, tmp_path, capsys, monkeypatch):
+    """A .gguf as --model loads (P = 1), but its tokenizer needs `parscale convert`: say so (not
+    "not a valid tokenizer.json"). The header is not read: any bytes named .gguf show it."""
+    monkeypatch.setattr("sys.stdin", _Stdin(b"hello\n"))
+    refuse(_argv(cmd, _gguf("truncated", tmp_path), tmp_path), capsys, tmp_path, "parscale convert")

@@ -82,6 +82,13 @@ def _check_unicode(text: str) -> str:
     return text
 
 
+def refuse_gguf(file: Path) -> None:
+    """A ``.gguf`` where a tokenizer.json is expected: say how to get one, not that it is bad JSON."""
+    if file.suffix.lower() == ".gguf" and file.is_file():
+        raise ParScaleError(f"{file}: a GGUF file has no tokenizer.json; convert it first (`parscale convert "
+                            f"{file} --out DIR`, then use DIR), or pass --tokenizer DIR")
+
+
 def _ids(value) -> list[int]:
     """``eos_token_id`` of a config: an int, a list of ints, or absent."""
     if isinstance(value, bool):
@@ -257,6 +264,7 @@ class Tokenizer:
         file = p / TOKENIZER_FILE if p.is_dir() else p
         if not file.is_file():
             raise ParScaleError(f"{file}: no tokenizer.json there")
+        refuse_gguf(file)
         try:
             backend = Backend.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema
