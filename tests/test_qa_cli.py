@@ -469,3 +469,27 @@ def test_a_gguf_model_without_tokenizer_says_convert(cmd, tmp_path, capsys, monk
     "not a valid tokenizer.json"). The header is not read: any bytes named .gguf show it."""
     monkeypatch.setattr("sys.stdin", _Stdin(b"hello\n"))
     refuse(_argv(cmd, _gguf("truncated", tmp_path), tmp_path), capsys, tmp_path, "parscale convert")
+
+
+def test_merged_adapter_keeps_the_chat_template_and_eos(tmp_path, base, capsys, monkeypatch):
+    """merge-adapter's output chats like its base: tokenizer_config.json (chat template, EOS) and
+    generation_config.json come along, not only tokenizer.json."""
+    import torch
+
+    from parscale import ParScaleForCausalLM, Tokenizer
+    from parscale.recycle import save_adapter, weights_hash
+
+    b = make("model", tmp_path, base)
+    (b / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "bos_token_id": 1}))
+    model = ParScaleForCausalLM.from_pretrained(b)
+    model.add_stream_set(2, snippets=torch.arange(6).view(2, 3))
+    save_adapter(model, tmp_path / "ad", base=str(b), base_sha256=weights_hash(b))
+    assert not (tmp_path / "ad" / "tokenizer_config.json").exists()  # the base's is the one to take
+    assert run_cli(["merge-adapter", tmp_path / "ad", "--out", tmp_path / "merged"], capsys)[0] == 0
+    merged = tmp_path / "merged"
+    assert Tokenizer.from_pretrained(merged).chat_template == Tokenizer.from_pretrained(b).chat_template
+    assert ParScaleForCausalLM.from_pretrained(merged).generation_config.eos_token_id == [2, 0]
+    monkeypatch.setattr("sys.stdin", _Stdin(b"Hi\n"))
+    rc, out, err = run_cli(["chat", "--model", merged, "--streams", "2", "--max-new-tokens", "2", "--threads", "1"],
+                           capsys)
+    assert rc == 0 and err == "", err
