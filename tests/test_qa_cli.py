@@ -493,3 +493,15 @@ def test_merged_adapter_keeps_the_chat_template_and_eos(tmp_path, base, capsys, 
     rc, out, err = run_cli(["chat", "--model", merged, "--streams", "2", "--max-new-tokens", "2", "--threads", "1"],
                            capsys)
     assert rc == 0 and err == "", err
+
+
+@pytest.mark.parametrize("prefix,expect", [("0", "must be >= 1"), ("1000000000", "--prefix-tokens")])
+def test_train_init_from_plain_backbone_bad_prefix_tokens(prefix, expect, tmp_path, tmp_path_factory, capsys,
+                                                         monkeypatch):
+    """A plain backbone takes this run's --prefix-tokens: 0 with P > 1 was a torch.cat traceback
+    (and a run folder left behind), 1e9 an endless allocation."""
+    monkeypatch.setenv("PARSCALE_CACHE", str(tmp_path_factory.mktemp("token-cache")))  # a cache may fill
+    plain = write_model_dir(tmp_path / "plain", streams=(), context=64)
+    (tmp_path / "t.txt").write_text("some text to train on, and more of it.\n" * 100)
+    refuse(["train", "--init-from", plain, "--data", "t.txt", "--streams", "2", "--steps", "1", "--out", "run",
+            "--threads", "1", "--quiet", "--prefix-tokens", prefix], capsys, tmp_path, expect)
