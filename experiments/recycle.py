@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-train", action="store_true",
                     help="train nothing: report the runs already finished (the others are listed as missing)")
+    ap.add_argument("--render", action="store_true", help="only rewrite report.md and the plot from results.json")
     ap.add_argument("--measure", choices=["init", "speed"], default=None,
                     help="measure init methods or fp32-vs-bf16 speed instead of training")
     ap.add_argument("--windows", type=int, default=12, help="--measure init: held-out windows")
@@ -112,6 +113,11 @@ def main(argv=None) -> int:
         return measure_init(args, out)
     if args.measure == "speed":
         return measure_speed(args, out)
+    if args.render:  # rewrite report.md and the plot from OUT/results.json
+        results = json.loads((out / "results.json").read_text())
+        atomic_write_text(out / "report.md", render(results))
+        plot(results, out / "loss_vs_tokens.png")
+        return 0
     (out / "runs").mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
 
@@ -310,7 +316,7 @@ def render(results) -> str:
     base = results["base"]["window_losses"]
     b_mean = sum(base) / len(base)
     lo, hi = bootstrap_ci(base)
-    lines = [f"# Recycling SmolLM2-135M-Instruct: P streams vs prefix tuning (frozen backbone)", "",
+    lines = ["# Recycling SmolLM2-135M-Instruct: P streams vs prefix tuning (frozen backbone)", "",
              f"Budget: {s['tokens']:,} training tokens per run (P = 1 2x: {2 * s['tokens']:,}), batch "
              f"{s['batch_size']} x {s['seq_len']}, prefix {s['prefix_tokens']} tokens, lr {s['lr']}, "
              f"seeds {s['seeds']}; held-out: {len(base)} windows of {s['seq_len']} tokens from "
@@ -334,6 +340,26 @@ def render(results) -> str:
         lines.append(f"| {name} | {P} | {runs[0]['result']['tokens']:,} | {mean:.4f} | {lo:.4f}–{hi:.4f} | "
                      f"{mean - b_mean:+.4f} ({d_lo:+.4f}…{d_hi:+.4f}) | "
                      f"{(sum(step0) / len(step0)) if step0 else float('nan'):.4f} | {tps:.0f} |")
+    groups = _groups(results)
+    pairs = [("p2", "p1-prefix", "P = 2 vs the control, equal tokens"),
+             ("p4", "p1-prefix", "P = 4 vs the control, equal tokens"),
+             ("p2", "p1-prefix-2x", "P = 2 vs the control at equal compute (2x tokens)"),
+             ("p4", "p1-prefix-2x", "P = 4 vs the control at 2x tokens (P = 4 costs ~2x more)"),
+             ("p4", "p2", "P = 4 vs P = 2, equal tokens")]
+    rows = []
+    for a, b, what in pairs:
+        if a in groups and b in groups:
+            wa = {r["seed"]: r["window_losses"] for r in groups[a]}
+            wb = {r["seed"]: r["window_losses"] for r in groups[b]}
+            d = [x - y for seed in sorted(set(wa) & set(wb)) for x, y in zip(wa[seed], wb[seed])]
+            per_seed = [sum(x - y for x, y in zip(wa[k], wb[k])) / len(wa[k]) for k in sorted(set(wa) & set(wb))]
+            lo, hi = bootstrap_ci(d)
+            rows.append(f"| {a} − {b} | {what} | {sum(d) / len(d):+.4f} | {lo:+.4f}…{hi:+.4f} | "
+                        f"{', '.join(f'{v:+.4f}' for v in per_seed)} |")
+    if rows:
+        lines += ["", "Paired differences (same windows, same seed; < 0: the first run is better; 95% bootstrap "
+                      "interval over windows x seeds; the seed also changes the batch order and the snippets):", "",
+                  "| difference | what | mean (nats) | 95% interval | per seed |", "|---|---|---|---|---|", *rows]
     usage = {k: r["usage"] for k, r in results["runs"].items() if "usage" in r}
     if usage:
         lines += ["", "What the streams do (parscale.diagnostics.stream_usage on the first held-out "

@@ -97,7 +97,8 @@ def test_random_init_is_the_from_scratch_init():
     model = tiny()
     torch.manual_seed(5)
     s = model.add_stream_set(2, init="random", std=0.01)
-    assert 0.005 < float(s.prefix_k.detach().std()) < 0.015 and float(s.aggregate_layer[2].weight.detach().abs().sum()) == 0
+    assert 0.005 < float(s.prefix_k.detach().std()) < 0.015
+    assert float(s.aggregate_layer[2].weight.detach().abs().sum()) == 0
 
 
 def test_missing_stream_set_error_points_to_recycling(tmp_path):
@@ -213,7 +214,7 @@ def test_reproduce_baseline_prefix_runs_beside_every_p(tmp_path, monkeypatch):
     ctrl = results["baseline_prefix"][0]
     assert ctrl["P"] == 1 and ctrl["params"] > results["runs"][0]["params"]  # the prefix counts in N
     report = res.report_path.read_text()
-    assert "P = 1 + one learned prefix" in report and f"| xxs-p2 | 2 |" in report
+    assert "P = 1 + one learned prefix" in report and "| xxs-p2 | 2 |" in report
     assert any("fair control" in c for c in results["conclusions"])
     model = ParScaleForCausalLM.from_pretrained(tmp_path / "r" / "runs" / "xxs-p1-prefix" / "model")
     assert model.config.prefix_only and model.stream_set.aggregate_layer is None

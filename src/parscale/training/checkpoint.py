@@ -149,7 +149,8 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(out_dir: str | os.PathLike, model, optimizer,
                     state: dict[str, Any], adapter_base: tuple[str, str] | None = None) -> Path:
     """Write model + optimizer (or its state dict) + RNG + ``state`` (JSON-able) as the new
-    ``OUT/checkpoint``; the model as an adapter of ``adapter_base`` = (base path, base hash) when given (frozen backbone)."""
+    ``OUT/checkpoint``; the model as an adapter of ``adapter_base`` = (base path, base hash)
+    when given (frozen backbone)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
