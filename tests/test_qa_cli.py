@@ -144,6 +144,7 @@ def _isolated(tmp_path, monkeypatch):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", no_listen)
+    monkeypatch.setattr(uvicorn.Server, "run", no_listen)
 
 
 def refuse(argv, capsys, root: Path, expect: str | tuple, *, stdin: bytes | None = None, monkeypatch=None):
@@ -197,7 +198,7 @@ def _argv(cmd: str, model: Path, tmp: Path) -> list:
             "generate-chat": ["generate", "--model", model, "--chat", "--prompt", "Hi", "--max-new-tokens", "2",
                               "--threads", "1"],
             "chat": ["chat", "--model", model, "--max-new-tokens", "2", "--threads", "1"],
-            "serve": ["serve", "--model", model, "--threads", "1", "--device", "cpu"],
+            "serve": ["serve", "--model", model, "--threads", "1", "--device", "cpu", "--port", "0"],
             "eval": ["eval", "--model", model, "--data", data, "--threads", "1", "--device", "cpu"],
             }[cmd]
 
@@ -442,3 +443,65 @@ def test_chat_binary_stdin_skips_the_line(text, tmp_path, base, capsys, monkeypa
     assert rc == 0 and "Traceback" not in err, err
     assert err.count("not valid UTF-8") == (0 if text.startswith(b"\x00") else 1), err
     assert out.endswith("\n")
+
+
+def test_serve_port_in_use_and_unknown_host(tmp_path, base, capsys):
+    """Said in one line before the model loads (not uvicorn's ERROR line and exit status 3)."""
+    import socket
+
+    model = make("model", tmp_path, base)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        refuse(["serve", "--model", model, "--port", port, "--threads", "1", "--device", "cpu"], capsys, tmp_path,
+               "cannot listen")
+    finally:
+        taken.close()
+    refuse(["serve", "--model", model, "--host", "no.such.host.invalid", "--threads", "1", "--device", "cpu"],
+           capsys, tmp_path, "--host")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "generate-chat", "chat", "eval"])
+def test_a_gguf_model_without_tokenizer_says_convert(cmd, tmp_path, capsys, monkeypatch):
+    """A .gguf as --model loads (P = 1), but its tokenizer needs `parscale convert`: say so (not
+    "not a valid tokenizer.json"). The header is not read: any bytes named .gguf show it."""
+    monkeypatch.setattr("sys.stdin", _Stdin(b"hello\n"))
+    refuse(_argv(cmd, _gguf("truncated", tmp_path), tmp_path), capsys, tmp_path, "parscale convert")
+
+
+def test_merged_adapter_keeps_the_chat_template_and_eos(tmp_path, base, capsys, monkeypatch):
+    """merge-adapter's output chats like its base: tokenizer_config.json (chat template, EOS) and
+    generation_config.json come along, not only tokenizer.json."""
+    import torch
+
+    from parscale import ParScaleForCausalLM, Tokenizer
+    from parscale.recycle import save_adapter, weights_hash
+
+    b = make("model", tmp_path, base)
+    (b / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "bos_token_id": 1}))
+    model = ParScaleForCausalLM.from_pretrained(b)
+    model.add_stream_set(2, snippets=torch.arange(6).view(2, 3))
+    save_adapter(model, tmp_path / "ad", base=str(b), base_sha256=weights_hash(b))
+    assert not (tmp_path / "ad" / "tokenizer_config.json").exists()  # the base's is the one to take
+    assert run_cli(["merge-adapter", tmp_path / "ad", "--out", tmp_path / "merged"], capsys)[0] == 0
+    merged = tmp_path / "merged"
+    assert Tokenizer.from_pretrained(merged).chat_template == Tokenizer.from_pretrained(b).chat_template
+    assert ParScaleForCausalLM.from_pretrained(merged).generation_config.eos_token_id == [2, 0]
+    monkeypatch.setattr("sys.stdin", _Stdin(b"Hi\n"))
+    rc, out, err = run_cli(["chat", "--model", merged, "--streams", "2", "--max-new-tokens", "2", "--threads", "1"],
+                           capsys)
+    assert rc == 0 and err == "", err
+
+
+@pytest.mark.parametrize("prefix,expect", [("0", "must be >= 1"), ("1000000000", "--prefix-tokens")])
+def test_train_init_from_plain_backbone_bad_prefix_tokens(prefix, expect, tmp_path, tmp_path_factory, capsys,
+                                                         monkeypatch):
+    """A plain backbone takes this run's --prefix-tokens: 0 with P > 1 was a torch.cat traceback
+    (and a run folder left behind), 1e9 an endless allocation."""
+    monkeypatch.setenv("PARSCALE_CACHE", str(tmp_path_factory.mktemp("token-cache")))  # a cache may fill
+    plain = write_model_dir(tmp_path / "plain", streams=(), context=64)
+    (tmp_path / "t.txt").write_text("some text to train on, and more of it.\n" * 100)
+    refuse(["train", "--init-from", plain, "--data", "t.txt", "--streams", "2", "--steps", "1", "--out", "run",
+            "--threads", "1", "--quiet", "--prefix-tokens", prefix], capsys, tmp_path, expect)

@@ -103,6 +103,10 @@ class ParScaleConfig:
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.streams > 1 or self.prefix_only:
             need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1 or prefix_only")
+        # a prefix is prefix_tokens extra keys per stream in every layer (snippet prefixes are the
+        # backbone's own keys on that many tokens): no longer than the context
+        need(self.prefix_tokens <= self.max_position_embeddings, "prefix_tokens",
+             f"must be <= max_position_embeddings={self.max_position_embeddings}")
         sets = sorted(set(int(p) for p in self.stream_sets) | {self.streams} | ({1} if self.prefix_only else set()))
         if any(p < 1 for p in sets):
             raise ParScaleError(f"config field 'stream_sets': every P must be >= 1 (got {self.stream_sets!r})")

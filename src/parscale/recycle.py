@@ -304,7 +304,8 @@ def load_adapter(path, *, base=None, streams: int | None = None, dtype=None, dev
 
 def merge_adapter(adapter, out, *, base=None) -> None:
     """Write the base + adapter as one full checkpoint directory ``out`` (official format, the
-    stored dtype), with the adapter's tokenizer.json when it has one."""
+    stored dtype), with the tokenizer files (tokenizer.json, tokenizer_config.json, a chat template)
+    of the adapter, else of the base, and the base's generation_config.json."""
     import shutil
     from pathlib import Path
 
@@ -314,8 +315,16 @@ def merge_adapter(adapter, out, *, base=None) -> None:
     out = ensure_writable_dir(out, "--out")  # before the base is read and hashed
     if out.resolve() == Path(adapter).resolve():
         raise ParScaleError(f"--out {out}: is the adapter directory itself; choose another directory")
+    from .generation_config import GenerationConfig
+    from .tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
     model = load_adapter(adapter, base=base, dtype="auto")
+    base_dir = Path(adapter_base(adapter)[0] if base is None else base)
+    if base_dir.is_dir():  # the base's EOS ids (e.g. every end-of-turn token of a chat model)
+        model.generation_config = GenerationConfig.load(base_dir, model.config)
     model.save_pretrained(out)
-    tok = Path(adapter) / "tokenizer.json"
-    if tok.is_file():
-        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(tok, tmp))
+    # the tokenizer with its config (chat template, special tokens): the adapter's, else the base's
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
+        src = next((d / name for d in (Path(adapter), base_dir) if (d / name).is_file()), None)
+        if src is not None:
+            atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))

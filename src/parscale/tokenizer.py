@@ -72,6 +72,23 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _check_unicode(text: str) -> str:
+    """``text`` if it can be encoded: a lone surrogate (undecodable command-line bytes, or a JSON
+    ``"\\ud800"``) is a ParScaleError, not a TypeError deep in the tokenizers library."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParScaleError(f"text to encode is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
+
+
+def refuse_gguf(file: Path) -> None:
+    """A ``.gguf`` where a tokenizer.json is expected: say how to get one, not that it is bad JSON."""
+    if file.suffix.lower() == ".gguf" and file.is_file():
+        raise ParScaleError(f"{file}: a GGUF file has no tokenizer.json; convert it first (`parscale convert "
+                            f"{file} --out DIR`, then use DIR), or pass --tokenizer DIR")
+
+
 def _ids(value) -> list[int]:
     """``eos_token_id`` of a config: an int, a list of ints, or absent."""
     if isinstance(value, bool):
@@ -128,6 +145,7 @@ class TextEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise ParScaleError(f"text to encode must be a string (got {type(t).__name__})")
+            _check_unicode(t)
         sep = self.separator
         plain = [i for i, t in enumerate(texts) if sep is None or sep not in t]
         out: list[list[int] | None] = [None] * len(texts)
@@ -246,6 +264,7 @@ class Tokenizer:
         file = p / TOKENIZER_FILE if p.is_dir() else p
         if not file.is_file():
             raise ParScaleError(f"{file}: no tokenizer.json there")
+        refuse_gguf(file)
         try:
             backend = Backend.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema
@@ -427,7 +446,7 @@ class Tokenizer:
                                     **{**self.special_tokens_map, **template_vars})
         if not tokenize:
             return text
-        ids = self.backend.encode(text, add_special_tokens=False).ids  # markup: all specials parsed
+        ids = self.backend.encode(_check_unicode(text), add_special_tokens=False).ids  # markup: all specials parsed
         if return_dict:
             return self._as([ids], [[1] * len(ids)], return_tensors) if return_tensors else \
                 {"input_ids": ids, "attention_mask": [1] * len(ids)}

@@ -21,13 +21,13 @@ from ..paths import check_utf8_text
 EXAMPLE = """\
 examples:
   # chat with a converted SmolLM2 (see docs/chat.md); /reset starts over, /exit or Ctrl-D quits
-  parscale chat --model smollm2 --system "You are a concise assistant."
+  parscale chat --model runs/smollm2 --system "You are a concise assistant."
 
   # sampled replies at P = 4 (a checkpoint holding a P = 4 stream set), per-turn statistics
   parscale chat --model runs/frozen/model --streams 4 --do-sample --temperature 0.7 --top-p 0.9 --stats
 
   # scripted: one user message per line from a pipe
-  printf 'Hi!\\nWhat is 2 + 2?\\n' | parscale chat --model smollm2 --max-new-tokens 64
+  printf 'Hi!\\nWhat is 2 + 2?\\n' | parscale chat --model runs/smollm2 --max-new-tokens 64
 """
 
 CAPACITY_STEP = 256  # the cache grows in steps of this many tokens

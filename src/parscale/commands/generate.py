@@ -17,7 +17,7 @@ examples:
       --do-sample --temperature 0.8 --top-p 0.95 --seed 0 --num-return-sequences 4
 
   # one chat turn: --prompt is the user message, rendered with the model's chat template
-  parscale generate --model smollm2 --chat --prompt "What is the capital of France?"
+  parscale generate --model runs/smollm2 --chat --prompt "What is the capital of France?"
 
   # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
   parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2

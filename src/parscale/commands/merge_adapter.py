@@ -9,7 +9,7 @@ from ..cli import HelpFormatter
 EPILOG = """\
 examples:
   # a frozen-backbone run wrote runs/p2/model as an adapter (stream sets + the base's path and hash)
-  parscale train --init-from smollm2 --streams 2 --freeze-backbone --tokens 40000 --out runs/p2
+  parscale train --init-from runs/smollm2 --streams 2 --freeze-backbone --tokens 40000 --out runs/p2
   parscale merge-adapter runs/p2/model --out runs/p2-full
   parscale generate --model runs/p2-full --prompt "ROMEO."
 

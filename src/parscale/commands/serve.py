@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 
 from ..errors import ParScaleError
 
@@ -51,6 +52,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it); one-line errors for a host that
+    does not resolve and an address that cannot be bound (in use, not this machine's)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ParScaleError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ParScaleError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     from ._common import apply_threads, at_least, check_checkpoint_path
 
@@ -87,16 +106,26 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--device cuda: no CUDA device is available")
     if device.type == "cpu":
         apply_threads(args.threads)
-    tokenizer = load_tokenizer(model_dir)
-    model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype, device=device)
-    name = args.served_model_name or model_dir.resolve().name
-    app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
-                       max_tokens_per_request=args.max_tokens_per_request)
-    print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
-          f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{args.port}/v1", flush=True)
-    # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                lifespan="on", timeout_graceful_shutdown=None)
+    sock = _bind(args.host, args.port)  # a taken port or an unknown host: said before the model loads
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype,
+                                                    device=device)
+        name = args.served_model_name or model_dir.resolve().name
+        app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                           max_tokens_per_request=args.max_tokens_per_request)
+        port = sock.getsockname()[1]  # --port 0: the one the system chose
+        print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
+              f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{port}/v1", flush=True)
+        # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                               timeout_graceful_shutdown=None))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sock.close()
     print("parscale serve: drained, exiting", flush=True)
     return 0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..atomic import atomic_write_text
 from ..errors import ParScaleError
-from ..tokenizer import SEPARATOR_CANDIDATES, TextEncoder, find_separator
+from ..tokenizer import SEPARATOR_CANDIDATES, TextEncoder, find_separator, refuse_gguf
 from .corpus import cap_order
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class TextTokenizer:
         file = p / TOKENIZER_FILE if p.is_dir() else p
         if not file.is_file():
             raise ParScaleError(f"tokenizer file {file} not found")
+        refuse_gguf(file)
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON/schema

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..errors import ParScaleError
 from .engine import Delta, Done, Engine, Failed, Finish, QueueFull, ShuttingDown
 from .protocol import (APIError, Limits, chat_choice, chat_logprobs, completion_choice, completion_logprobs, new_id,
                        now, parse_chat, parse_completion, usage)
@@ -70,6 +71,8 @@ def create_app(engine: Engine, limits: Limits, tokenizer) -> Starlette:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             raise APIError("the request body is not valid JSON") from None
+        except RecursionError:
+            raise APIError("the request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object")
         return body
@@ -180,6 +183,15 @@ def create_app(engine: Engine, limits: Limits, tokenizer) -> Starlette:
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    async def bad_input(request: Request, exc: ParScaleError) -> JSONResponse:
+        # bad input found below the protocol checks (the tokenizer, the chat template)
+        return JSONResponse(APIError(str(exc)).body(), status_code=400)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # anything else: still OpenAI's error JSON (starlette logs the traceback)
+        err = APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         err = APIError(exc.detail or "error", status=exc.status_code,
                        type="invalid_request_error" if exc.status_code < 500 else "server_error")
@@ -198,4 +210,5 @@ def create_app(engine: Engine, limits: Limits, tokenizer) -> Starlette:
               Route("/v1/chat/completions", _endpoint(_Chat(True)), methods=["POST"]),
               Route("/health", health, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={APIError: api_error, HTTPException: http_error})
+                     exception_handlers={APIError: api_error, HTTPException: http_error,
+                                         ParScaleError: bad_input, Exception: server_error})

@@ -79,6 +79,14 @@ def _int(body, name, default, lo, hi=None):
     return v
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # JSON may spell a lone surrogate ("\\ud800"), which no text holds
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _unsupported(body, name, allowed):
     """Known OpenAI fields we do not implement: accepted only at their neutral value."""
     v = body.get(name)
@@ -99,6 +107,8 @@ def _common(body: dict, limits: Limits) -> dict:
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(f"'stop' must be a non-empty string or at most {MAX_STOP} of them", param="stop")
+    if not all(_is_unicode(s) for s in stop):
+        raise APIError("'stop' must be valid Unicode (it has a lone surrogate)", param="stop")
     stream = _field(body, "stream", (bool,), False)
     options = _field(body, "stream_options", (dict,))
     if options is not None and not stream:
@@ -184,6 +194,8 @@ def parse_completion(body: dict, limits: Limits, tokenizer) -> Parsed:
                        "of such arrays (non-empty)", param="prompt")
     prompts = []
     for p in raw:
+        if isinstance(p, str) and not _is_unicode(p):
+            raise APIError("'prompt' must be valid Unicode (it has a lone surrogate)", param="prompt")
         ids = (tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else _check_ids(p, limits, "prompt"))
         if not ids:
             raise APIError("the prompt is empty", param="prompt")
@@ -209,7 +221,9 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 def _message_text(m: dict, i: int) -> str:
     content = m.get("content")
     if content is None:
-        return ""
+        if m.get("role") == "assistant":  # OpenAI allows it there (a turn that only called tools)
+            return ""
+        raise APIError(f"messages[{i}] ({m.get('role')}) needs 'content'", param=f"messages[{i}].content")
     if isinstance(content, str):
         return content
     if isinstance(content, list):

@@ -174,7 +174,7 @@ class TrainConfig:
                 self._fail(name, f"must be one of {', '.join(allowed)}")
         if self.batch_size % self.grad_accum:
             self._fail("grad_accum", f"must divide batch_size={self.batch_size}")
-        if self.streams > 1 and self.prefix_tokens < 1 and self.init_from is None:
+        if self.streams > 1 and self.prefix_tokens < 1:  # also with --init-from: its backbone may have none
             self._fail("prefix_tokens", "must be >= 1 when streams > 1")
         if self.prefix_only:
             if self.streams != 1:

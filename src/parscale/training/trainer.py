@@ -357,6 +357,9 @@ class _Run:
             mc = model.config
             if not model.stream_sets:
                 # a plain backbone (ours at P = 1, HF Qwen2/Llama): the ParScale settings are this run's
+                if cfg.prefix_tokens > mc.max_position_embeddings:
+                    raise ParScaleError(f"--prefix-tokens {cfg.prefix_tokens}: longer than the context of "
+                                        f"{cfg.init_from} ({mc.max_position_embeddings} tokens)")
                 mc.prefix_tokens, mc.agg_smoothing = cfg.prefix_tokens, cfg.agg_smoothing
             elif (mc.prefix_tokens, mc.agg_smoothing) != (cfg.prefix_tokens, cfg.agg_smoothing) and \
                     self.dist.main and not cfg.quiet:
