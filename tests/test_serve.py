@@ -354,15 +354,10 @@ def test_disconnect_mid_stream_frees_the_row(small):
 
 def test_disconnect_while_waiting_for_a_whole_response_frees_the_row(small):
     start = small.engine.steps
-    small.entered.clear()
-    small.gate.clear()  # the engine's forward waits at the gate: the client surely times out first
-    try:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(small.url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 100},
-                       timeout=0.3)
-        assert small.entered.is_set()  # the request was running when its client left
-    finally:
-        small.gate.set()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(small.url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 100,
+                                                         "seed": 1},  # seeded: no early EOS by chance
+                   timeout=0.3)
     s = small.wait_idle(5)
     assert (s["running"], s["rows"], s["owned"]) == (0, 0, 0)
     assert small.engine.steps - start < 60
