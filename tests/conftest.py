@@ -103,3 +103,29 @@ def write_corpus(root: Path, n_files: int = 24, seed: int = 0) -> Path:
             lines.append(f"    return {rng.choice(WORDS)}\n")
         (root / f"mod_{i:02d}.py").write_text("\n".join(lines))
     return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root``: files with their size and mtime, directories by name (a
+    directory's mtime moves when an output check probes it with a temporary file)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[str((Path(dirpath) / name).relative_to(root))] = (-1, 0)
+        for name in filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def run_cli(argv, capsys):
+    """``parscale ARGV`` in-process: (exit status, stdout, stderr)."""
+    from parscale.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err

@@ -17,33 +17,10 @@ import torch
 from parscale import ParScaleForCausalLM
 from parscale.cli import SUBCOMMANDS, main
 
-from conftest import write_corpus
+from conftest import run_cli, snapshot, write_corpus
 
 
 # --------------------------------------------------------------------------- harness
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``root``: files with their size and mtime, directories by name (a
-    directory's mtime moves when an output check probes it with a temporary file)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            out[str((Path(dirpath) / name).relative_to(root))] = (-1, 0)
-        for name in filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def run_cli(argv, capsys):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
 def assert_clean_refusal(argv, capsys, root: Path, expect: str, *, cmd: str | None = None):
     """rc 2, one stderr line containing ``expect`` (and `parscale CMD: error:`), no traceback,
     ``root`` unchanged."""

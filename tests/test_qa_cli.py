@@ -10,39 +10,18 @@ served.
 """
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from parscale.cli import main
+from conftest import run_cli, snapshot
 from serving import write_model_dir
 
 BINARY = b"\x00\x01\x02\xff\xfe\x80 binary \x00"
 LATIN1 = "caf\xe9 cr\xe8me\n".encode("latin-1")
 TRUNCATED_GGUF = b"GGUF" + struct.pack("<IQQ", 3, 1, 5) + b"\x05\x00"  # magic, version, counts, then cut
-
-
-def snapshot(root: Path) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            out[str((Path(dirpath) / name).relative_to(root))] = None
-        for name in filenames:
-            p = Path(dirpath) / name
-            out[str(p.relative_to(root))] = (p.lstat().st_size, p.lstat().st_mtime_ns)
-    return out
-
-
-def run_cli(argv, capsys):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    c = capsys.readouterr()
-    return rc, c.out, c.err
 
 
 @pytest.fixture(scope="module")
