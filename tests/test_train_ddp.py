@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import records, tiny, write_corpus
+from test_training import records, tiny, train_flags, write_corpus
 
 from parscale.training import train
 
@@ -25,12 +25,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     ddp_out = tmp_path / "ddp"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "parscale.cli", "train"]
-    for key, value in cfg.replace(out=str(ddp_out), grad_accum=2).to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
+    argv += train_flags(cfg.replace(out=str(ddp_out), grad_accum=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

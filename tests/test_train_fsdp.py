@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import records, tiny, write_corpus
+from test_training import records, tiny, train_flags, write_corpus
 
 from parscale import ParScaleError
 from parscale.training import train
@@ -25,12 +25,7 @@ REL = 1e-5
 def torchrun(cfg, timeout=240, wait=True):
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "parscale.cli", "train"]
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
+    argv += train_flags(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

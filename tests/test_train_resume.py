@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import records, tiny, write_corpus
+from test_training import records, tiny, train_flags, write_corpus
 
 from parscale.training import train
 from parscale.training.checkpoint import (load_checkpoint, optimizer_from_files, optimizer_to_files, recover,
@@ -36,12 +36,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     steps, every = 80, 10
     cfg = tiny(tmp_path / "killed", corpus, streams=2, steps=steps, checkpoint_every=every, eval_every=25)
     argv = [sys.executable, "-m", "parscale.cli", "train"]
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
+    argv += train_flags(cfg)
     proc = subprocess.Popen(argv, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
     metrics = tmp_path / "killed" / "metrics.jsonl"

@@ -29,6 +29,18 @@ def tiny(out, data, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def train_flags(cfg) -> list[str]:
+    """``parscale train`` flags that give the TrainConfig ``cfg`` (for subprocess / torchrun runs)."""
+    argv = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def records(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
