@@ -19,7 +19,7 @@ from .errors import ParScaleError
 
 # Order = order in `parscale --help`; each module must exist.
 SUBCOMMANDS = ["generate", "chat", "serve", "convert", "train", "merge-adapter", "eval", "fit", "cost",
-               "reproduce", "sample", "score", "tasks"]
+               "reproduce", "sample", "score", "tasks", "compare"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
