@@ -1,0 +1,226 @@
+"""`parscale compare`: the k-subset cost accounting against a hand count and against the sampler's
+own ledger, Best-of-Majority at k against the aggregator on every subset, the Pareto frontier on a
+hand-made set, the smoke preset end to end (results.json schema, finished work skipped, the
+eval-only mode), and one-line errors that leave nothing on disk."""
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, snapshot
+
+from parscale.compare import (PRESETS, bom_at_k, compare, expected_max, pareto_front, prefill_flops, row_cost,
+                              subset_costs)
+from parscale.cost import ModelShape, forward_flops
+from parscale.sampling import INVALID, Sample, best_of_majority
+
+
+# --------------------------------------------------------------------------- cost accounting
+def test_subset_costs_equal_a_hand_count(tiny_config):
+    """n = 3 rows of 2, 4 and 1 new tokens after a 3-token prompt, k = 2: the three subsets by hand."""
+    cfg = tiny_config(P=2)
+    prompt, lengths, k, kv_tok = 3, [2, 4, 1], 2, 10.0
+
+    def step(t):  # one decode step feeding the token at position t (0-based after the prompt)
+        return forward_flops(cfg, tokens=1, context=prompt + t)
+
+    prefill = forward_flops(cfg, tokens=prompt, context=(prompt + 1) / 2)
+    # a row of L tokens is fed L - 1 of them (its last token ends it): 2 -> [1], 4 -> [1, 2, 3], 1 -> []
+    row = {2: step(1), 4: step(1) + step(2) + step(3), 1: 0.0}
+    subsets = [(2, 4), (2, 1), (4, 1)]
+    flops = [prefill + row[a] + row[b] for a, b in subsets]
+    steps = [3, 1, 3]  # the longest row's L - 1: the rows of a problem run side by side
+    kv = [2 * 2 * (cfg.prefix_tokens + prompt + longest) * kv_tok for longest in (4, 2, 4)]  # k rows x P streams
+    got = subset_costs(cfg, prompt, lengths, k, kv_bytes_per_token=kv_tok, streams=2, prefix_tokens=cfg.prefix_tokens)
+    assert got["inference_flops"] == pytest.approx(sum(flops) / 3, rel=1e-12)
+    assert got["decode_steps"] == pytest.approx(sum(steps) / 3)
+    assert got["kv_bytes"] == pytest.approx(sum(kv) / 3)
+    assert got["row_steps"] == pytest.approx((1 + 3 + 1 + 0 + 3 + 0) / 3)
+    assert got["generated_tokens"] == pytest.approx((6 + 3 + 5) / 3)
+    assert row_cost(cfg, prompt, 4) == pytest.approx(row[4], rel=1e-12)
+    assert prefill_flops(cfg, prompt) == prefill
+
+
+def test_expected_max_is_the_mean_over_every_subset():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 7)
+        values = [rng.randint(0, 5) for _ in range(n)]
+        for k in range(1, n + 1):
+            brute = np.mean([max(c) for c in itertools.combinations(values, k)])
+            assert expected_max(values, k) == pytest.approx(brute)
+
+
+def test_costs_at_k_equal_n_add_up_to_the_sampler_ledger(tmp_path):
+    """At k = n the per-problem FLOPs and row steps, summed over problems, are the ledger's own."""
+    from parscale.compare import evaluate_model, eval_problems, get_preset
+    from parscale.model import ParScaleForCausalLM
+    from parscale.tokenizer import Tokenizer
+
+    res = compare("smoke", tmp_path / "out", threads=1, progress=False)
+    preset = get_preset("smoke")
+    ev = json.loads((tmp_path / "out" / "evals" / "micro-p2.json").read_text())
+    n_prob = preset.eval_problems
+    for run, key in (("sampled", f"majority@{preset.n_samples}"), ("greedy", "greedy@1")):
+        ledger = ev["ledger"][run]
+        assert ev["costs"][key]["inference_flops"] * n_prob == pytest.approx(ledger["flops"], rel=1e-9)
+        assert ev["costs"][key]["row_steps"] * n_prob == pytest.approx(ledger["row_steps"])
+        assert ev["costs"][key]["generated_tokens"] * n_prob == pytest.approx(ledger["generated_tokens"])
+    # and a fresh evaluation of the same model reproduces the saved one (seeded sampling)
+    model_dir = Path(next(m for m in json.loads(res.results_path.read_text())["models"]
+                          if m["name"] == "micro-p2")["model_dir"])
+    model = ParScaleForCausalLM.from_pretrained(model_dir)
+    again = evaluate_model(model, Tokenizer.from_pretrained(model_dir), eval_problems(preset), preset)
+    assert again["values"] == ev["values"]
+    kv = ModelShape.from_config(model.config).kv_bytes_per_token(4)
+    assert again["kv_bytes_per_token"] == kv
+
+
+# --------------------------------------------------------------------------- Best-of-Majority at k
+def _samples(answers, scores):
+    return [Sample(problem_id=0, index=i, token_ids=[1], text=str(a), logprobs=[s], finish_reason="stop",
+                   answer=a, score=s) for i, (a, s) in enumerate(zip(answers, scores))]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bom_at_k_equals_the_aggregator_on_every_subset(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 8)
+    pool = ["1", "2", "3", INVALID]
+    answers = [rng.choice(pool[: rng.randint(1, 4)]) for _ in range(n)]
+    scores = [rng.choice([-1.0, -0.5, -0.25, rng.random()]) for _ in range(n)]  # ties too
+    correct = [a == "2" for a in answers]
+    samples = _samples(answers, scores)
+    for k in range(1, n + 1):
+        for frac in (0.2, 0.5):
+            brute = []
+            for idx in itertools.combinations(range(n), k):
+                d = best_of_majority([samples[i] for i in idx], min_fraction=frac)
+                brute.append(d.answer is not INVALID and d.answer == "2")
+            got = bom_at_k(answers, scores, correct, k, min_fraction=frac, invalid=INVALID)
+            assert got == pytest.approx(np.mean(brute), abs=1e-12), (answers, scores, k, frac)
+
+
+def test_bom_at_k_without_any_answer_is_zero():
+    assert bom_at_k([INVALID] * 3, [0.0] * 3, [False] * 3, 2, invalid=INVALID) == 0.0
+
+
+# --------------------------------------------------------------------------- Pareto frontier
+def test_pareto_front_on_a_hand_made_set():
+    pts = [
+        {"accuracy": 0.10, "inference_flops": 1.0, "train_flops": 5.0},  # 0: cheapest: on it
+        {"accuracy": 0.30, "inference_flops": 2.0, "train_flops": 5.0},  # 1: on it
+        {"accuracy": 0.25, "inference_flops": 3.0, "train_flops": 1.0},  # 2: dominated by 1 in inference
+        {"accuracy": 0.30, "inference_flops": 4.0, "train_flops": 5.0},  # 3: same accuracy, dearer: off
+        {"accuracy": 0.50, "inference_flops": 8.0, "train_flops": 9.0},  # 4: on it
+        {"accuracy": 0.50, "inference_flops": 8.0, "train_flops": 9.0},  # 5: a duplicate of 4: once
+        {"accuracy": 0.40, "inference_flops": None, "train_flops": 1.0},  # 6: no cost: skipped
+    ]
+    assert pareto_front(pts, ("inference_flops",)) == [0, 1, 4]
+    # jointly over both costs, 2 (cheapest to train) survives; 6 is skipped for its missing cost
+    assert pareto_front(pts, ("inference_flops", "train_flops")) == [0, 1, 2, 4]
+    assert pareto_front(pts, ("train_flops",)) == [6, 4]
+
+
+# --------------------------------------------------------------------------- end to end
+POINT_KEYS = {"id", "model", "size", "P", "params", "method", "k", "oracle", "accuracy", "ci", "axes",
+              "category", "train_flops", "inference_flops", "decode_steps", "row_steps", "generated_tokens",
+              "kv_bytes", "wall_s", "wall_s_from"}
+
+
+def test_smoke_preset_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--out", out, "--threads", "1", "--quiet"], capsys)
+    assert rc == 0, err
+    assert "report:" in stdout
+    res = json.loads((out / "results.json").read_text())
+    preset = PRESETS["smoke"]
+    assert res["format"] == "parscale.compare" and res["version"] == 1 and res["complete"] is True
+    names = [m["name"] for m in res["models"]]
+    assert names == [f"{s.name}-p{P}" for s in preset.sizes for P in preset.streams]
+    per_model = 1 + 1 + 4 * (len(preset.ks) - 1)  # greedy, sample@1, then 4 methods per k > 1
+    assert len(res["points"]) == per_model * len(names)
+    ids = {p["id"] for p in res["points"]}
+    for p in res["points"]:
+        assert set(p) == POINT_KEYS
+        assert 0 <= p["ci"][0] <= p["accuracy"] <= p["ci"][1] <= 1
+        assert p["inference_flops"] > 0 and p["train_flops"] > 0 and p["kv_bytes"] > 0
+        assert p["oracle"] == (p["method"] == "pass")
+        assert ("samples" in p["axes"]) == (p["k"] > 1)
+        assert ("streams" in p["axes"]) == (p["P"] > 1)
+    for key, front in res["frontiers"].items():
+        assert front and set(front) <= ids
+        assert not any(i.split("/")[1].startswith("pass@") for i in front)
+    # more samples cost more inference FLOPs and KV cache, never more training FLOPs
+    m1 = {p["k"]: p for p in res["points"] if p["model"] == names[0] and p["method"] in ("sample", "majority")}
+    ks = sorted(m1)
+    assert all(m1[a]["inference_flops"] < m1[b]["inference_flops"] for a, b in zip(ks, ks[1:]))
+    assert len({m1[k]["train_flops"] for k in ks}) == 1
+    assert res["conclusions"] and all(isinstance(c, str) for c in res["conclusions"])
+    report = (out / "report.md").read_text()
+    assert "## Conclusions" in report and res["conclusions"][0] in report
+    for name in res["plots"].values():
+        assert (out / name).stat().st_size > 1000
+    # again: nothing is trained or evaluated twice
+    rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--out", out, "--threads", "1", "--quiet"], capsys)
+    assert rc == 0, err
+    again = json.loads((out / "results.json").read_text())
+    assert again["trained"] == [] and again["evaluated"] == [] and again["skipped"] == names
+    assert again["points"] == res["points"]
+    # eval-only over the trained model directories (what runs on any model parscale loads)
+    dirs = [m["model_dir"] for m in res["models"][:2]]
+    rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--models", *dirs, "--out", tmp_path / "eval-only",
+                               "--threads", "1", "--quiet"], capsys)
+    assert rc == 0, err
+    only = json.loads((tmp_path / "eval-only" / "results.json").read_text())
+    assert [m["name"] for m in only["models"]] == names[:2] and only["trained"] == []
+    assert only["models"][0]["train_flops"] == res["models"][0]["train_flops"]  # read from the run's files
+    same = {p["id"]: p["accuracy"] for p in res["points"]}
+    assert all(same[p["id"]] == p["accuracy"] for p in only["points"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "smoke", "--problems", "0"], "--problems must be >= 1"),
+    (["--preset", "smoke", "--difficulty", "99"], "difficulty must be an integer in"),
+    (["--preset", "smoke", "--task", "nosuch"], "unknown task 'nosuch'"),
+    (["--preset", "smoke", "--task", "exact"], "--task exact has no generator"),
+    (["--preset", "smoke", "--temperature", "0"], "temperature must be > 0"),
+    (["--preset", "smoke", "--threads", "0"], "--threads"),
+    (["--preset", "smoke", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(["compare", *argv, "--out", out], capsys)
+    assert rc == 2
+    assert err.startswith("parscale compare: error:") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_unwritable_out_and_bad_model_dirs(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    before = snapshot(tmp_path)
+    for argv, needle in [
+        (["--out", blocker / "sub"], "--out"),
+        (["--out", blocker], "--out"),
+        (["--models", tmp_path / "missing", "--out", tmp_path / "o"], "not a directory"),
+        (["--models", tmp_path, "--out", tmp_path / "o"], "no config.json"),
+    ]:
+        rc, stdout, err = run_cli(["compare", "--preset", "smoke", *argv], capsys)
+        assert rc == 2 and err.startswith("parscale compare: error:") and err.count("\n") == 1, err
+        assert needle in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_presets_promise_the_grid_the_issue_asks_for():
+    for name in ("quick", "full"):
+        p = PRESETS[name]
+        assert set(p.streams) == {1, 2, 4} and len(p.sizes) >= 2
+        assert p.n_samples == 16 and p.ks == (1, 2, 4, 8, 16)
+        assert math.isclose(p.temperature, p.temperature) and p.why
