@@ -56,15 +56,22 @@ def test_expected_max_is_the_mean_over_every_subset():
             assert expected_max(values, k) == pytest.approx(brute)
 
 
-def test_costs_at_k_equal_n_add_up_to_the_sampler_ledger(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke preset, once for the module (trained + evaluated in a few seconds)."""
+    out = tmp_path_factory.mktemp("smoke") / "cmp"
+    return compare("smoke", out, threads=1, progress=False)
+
+
+def test_costs_at_k_equal_n_add_up_to_the_sampler_ledger(smoke_run):
     """At k = n the per-problem FLOPs and row steps, summed over problems, are the ledger's own."""
     from parscale.compare import evaluate_model, eval_problems, get_preset
     from parscale.model import ParScaleForCausalLM
     from parscale.tokenizer import Tokenizer
 
-    res = compare("smoke", tmp_path / "out", threads=1, progress=False)
+    res = smoke_run
     preset = get_preset("smoke")
-    ev = json.loads((tmp_path / "out" / "evals" / "micro-p2.json").read_text())
+    ev = json.loads((res.out_dir / "evals" / "micro-p2.json").read_text())
     n_prob = preset.eval_problems
     for run, key in (("sampled", f"majority@{preset.n_samples}"), ("greedy", "greedy@1")):
         ledger = ev["ledger"][run]
@@ -133,16 +140,16 @@ POINT_KEYS = {"id", "model", "size", "P", "params", "method", "k", "oracle", "ac
               "kv_bytes", "wall_s", "wall_s_from"}
 
 
-def test_smoke_preset_end_to_end(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--out", out, "--threads", "1", "--quiet"], capsys)
-    assert rc == 0, err
-    assert "report:" in stdout
+def test_smoke_preset_end_to_end(smoke_run, tmp_path, capsys):
+    out = smoke_run.out_dir
     res = json.loads((out / "results.json").read_text())
     preset = PRESETS["smoke"]
     assert res["format"] == "parscale.compare" and res["version"] == 1 and res["complete"] is True
     names = [m["name"] for m in res["models"]]
-    assert names == [f"{s.name}-p{P}" for s in preset.sizes for P in preset.streams]
+    assert sorted(names) == sorted(f"{s.name}-p{P}" for s in preset.sizes for P in preset.streams)
+    # cheapest to train first (a cut run keeps the most models)
+    flops = [m["train_flops"] for m in res["models"]]
+    assert flops == sorted(flops)
     per_model = 1 + 1 + 4 * (len(preset.ks) - 1)  # greedy, sample@1, then 4 methods per k > 1
     assert len(res["points"]) == per_model * len(names)
     ids = {p["id"] for p in res["points"]}
@@ -166,9 +173,10 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert "## Conclusions" in report and res["conclusions"][0] in report
     for name in res["plots"].values():
         assert (out / name).stat().st_size > 1000
-    # again: nothing is trained or evaluated twice
+    # again, from the command line: nothing is trained or evaluated twice
     rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--out", out, "--threads", "1", "--quiet"], capsys)
     assert rc == 0, err
+    assert "report:" in stdout
     again = json.loads((out / "results.json").read_text())
     assert again["trained"] == [] and again["evaluated"] == [] and again["skipped"] == names
     assert again["points"] == res["points"]

@@ -406,6 +406,17 @@ def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: P
                        seed=preset.seed, threads=threads, quiet=True, resume=True)
 
 
+def train_flops_per_token(preset: ComparePreset, size: ModelSize, streams: int) -> float:
+    """Training FLOPs per input token of one grid model (3 forwards at the mean causal context)."""
+    from .config import ParScaleConfig
+    from .cost import forward_flops
+
+    cfg = ParScaleConfig(vocab_size=preset.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
+                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                         num_key_value_heads=size.kv_heads, streams=streams, prefix_tokens=preset.prefix_tokens)
+    return 3 * forward_flops(cfg, tokens=1, context=(preset.seq_len + 1) / 2)
+
+
 def training_info(model_dir: str | os.PathLike, config) -> dict[str, Any]:
     """Tokens, FLOPs, time and held-out loss of the run that made ``model_dir``, read from the
     trainer's files beside it (``../summary.json``, ``../train_config.json``); Nones for a model
@@ -744,11 +755,13 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
         for name, d in zip(_model_names(models), models):
             plan.append((name, name, None, Path(d), None))
     else:
-        for size in preset.sizes:
-            for P in preset.streams:
-                name = grid_name(size.name, P)
-                run_dir = out_dir / "runs" / name
-                plan.append((name, size.name, P, run_dir / "model", (size, P, run_dir)))
+        # cheapest to train first, so a run cut short still holds the most models
+        grid = sorted(((size, P) for size in preset.sizes for P in preset.streams),
+                      key=lambda sp: train_flops_per_token(preset, *sp))
+        for size, P in grid:
+            name = grid_name(size.name, P)
+            run_dir = out_dir / "runs" / name
+            plan.append((name, size.name, P, run_dir / "model", (size, P, run_dir)))
         if not corpus.exists():
             write_training_corpus(task, preset.train_problems, seed=preset.seed, difficulty=preset.difficulty,
                                   path=corpus, exclude=[p.prompt for p in problems])
