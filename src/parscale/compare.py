@@ -125,8 +125,9 @@ _MICRO = ModelSize("micro", 1, 32, 2, 1, 64)
 _MICRO2 = ModelSize("micro2", 1, 48, 2, 1, 96)
 
 # why the committed task (measured with 1-minute probes; docs/compare.md)
-_WHY = ("4x4 sudoku with 5 blanks: 1-minute probes put a 740k-parameter model at 77% greedy with 4 blanks and "
-        "49% with 6, pass@8 71-96% (room for every axis); answers are 16 digits, so voting and best-of-N "
+_WHY = ("4x4 sudoku with 4 blanks: 1-minute probes put a 740k-parameter model at 77% greedy with 4 blanks "
+        "(300k tokens) and 49% with 6 (400k tokens; a 93k-parameter one 16%), pass@8 71-96% (room for every "
+        "axis); with 5 blanks 120k tokens left a 93k-parameter model at 0%; answers are 16 digits, so voting and best-of-N "
         "are not degenerate (one-digit answers, as in linear equations, make a majority converge to the "
         "greedy answer); arithmetic (2 digits) and countdown stayed near 0% at these budgets.")
 
@@ -136,9 +137,9 @@ PRESETS: dict[str, ComparePreset] = {
                            train_problems=300, eval_problems=6, n_samples=4, ks=(1, 2, 4), max_new_tokens=6,
                            seq_len=32, batch_size=4, warmup_steps=2, prefix_tokens=2, batch_problems=6,
                            n_boot=50),
-    "quick": ComparePreset("quick", "sudoku", 5, (_TINY, _SMALL), (1, 2, 4), train_tokens=120_000,
+    "quick": ComparePreset("quick", "sudoku", 4, (_TINY, _SMALL), (1, 2, 4), train_tokens=200_000,
                            train_problems=20_000, eval_problems=100, max_new_tokens=20, why=_WHY),
-    "full": ComparePreset("full", "sudoku", 5, (_TINY, _MID, _SMALL), (1, 2, 4), train_tokens=250_000,
+    "full": ComparePreset("full", "sudoku", 4, (_TINY, _MID, _SMALL), (1, 2, 4), train_tokens=300_000,
                           train_problems=30_000, eval_problems=200, max_new_tokens=20, why=_WHY),
 }
 
