@@ -567,8 +567,11 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
         ranked = sorted(per_axis, key=lambda a: -per_axis[a][0])
         winner = ranked[0]
         rest = ", ".join(f"{a} {_pts(per_axis[a][0])}" for a in ranked[1:])
-        out.append(f"Most accuracy per inference FLOP: {winner} ({_pts(per_axis[winner][0])} points per doubling"
-                   + (f"; then {rest})." if rest else ")."))
+        if per_axis[winner][0] <= 0:
+            out.append("Most accuracy per inference FLOP: none of the axes gained accuracy over the base.")
+        else:
+            out.append(f"Most accuracy per inference FLOP: {winner} ({_pts(per_axis[winner][0])} points per "
+                       "doubling" + (f"; then {rest})." if rest else ")."))
 
     # 2. training FLOPs: parameters vs streams (samples cost none)
     greedy = [p for p in real if p["method"] == "greedy" and p["train_flops"]]
@@ -590,7 +593,12 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
                        f"{_pts(d[0])} points [{_pts(d[1])}, {_pts(d[2])}] at zero extra training compute.")
         if rates:
             top_axis = max(rates, key=rates.get)
-            out.append(f"Most accuracy per training FLOP among the trained axes: {top_axis}.")
+            if rates[top_axis] <= 0:
+                out.append("Most accuracy per training FLOP: neither parameters nor streams gained greedy "
+                           "accuracy over the base.")
+            else:
+                out.append(f"Most accuracy per training FLOP among the trained axes: {top_axis} "
+                           f"({_pts(rates[top_axis])} points per doubling).")
 
     # 3. the frontier
     ids = fronts.get("inference_flops", [])
@@ -603,22 +611,21 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
                    + ", ".join(f"{c} x{n}" for c, n in counts.items()) + ".")
 
     # 4. where an axis does not help (paired over the same problems)
-    misses: list[str] = []
+    misses: dict[str, list[str]] = {"streams": [], "parameters": [], "samples": []}
     greedy_by = {(p["size"], p["P"]): p for p in real if p["method"] == "greedy"}
     for (size, P), p in sorted(greedy_by.items()):
         if P > 1 and (size, 1) in greedy_by:
             d = _diff(vals(p), vals(greedy_by[(size, 1)]), n_boot, seed)
             if d[1] <= 0:
-                misses.append(f"streams at {size}: P={P} greedy vs P=1 {_pts(d[0])} points [{_pts(d[1])}, "
-                              f"{_pts(d[2])}] ({_verdict(d[1], d[2])})")
+                misses["streams"].append(f"{size} P={P} vs P=1 greedy {_pts(d[0])} [{_pts(d[1])}, {_pts(d[2])}]")
     sizes_by_params = sorted({(p["params"], p["size"]) for p in real if p["P"] == 1 and p["method"] == "greedy"})
     for P in sorted({p["P"] for p in real}):
         row = [greedy_by[(s, P)] for _, s in sizes_by_params if (s, P) in greedy_by]
         for small, big in zip(row, row[1:]):
             d = _diff(vals(big), vals(small), n_boot, seed)
             if d[1] <= 0:
-                misses.append(f"parameters at P={P}: {big['size']} vs {small['size']} greedy {_pts(d[0])} points "
-                              f"[{_pts(d[1])}, {_pts(d[2])}] ({_verdict(d[1], d[2])})")
+                misses["parameters"].append(f"{big['size']} vs {small['size']} at P={P} greedy {_pts(d[0])} "
+                                            f"[{_pts(d[1])}, {_pts(d[2])}]")
     kmax = max(p["k"] for p in real)
     for name in dict.fromkeys(p["model"] for p in real):
         g = [p for p in real if p["model"] == name and p["method"] == "greedy"]
@@ -627,12 +634,13 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
             if g and s:
                 d = _diff(vals(s[0]), vals(g[0]), n_boot, seed)
                 if d[1] <= 0:
-                    misses.append(f"samples on {name}: {method}@{kmax} vs greedy {_pts(d[0])} points "
-                                  f"[{_pts(d[1])}, {_pts(d[2])}] ({_verdict(d[1], d[2])})")
-    if misses:
-        out.append("Where an axis does not clearly help (95% paired interval reaches 0 or below): "
-                   + "; ".join(misses) + ".")
-    else:
+                    misses["samples"].append(f"{name} {method}@{kmax} vs greedy {_pts(d[0])} "
+                                             f"[{_pts(d[1])}, {_pts(d[2])}]")
+    for axis, cases in misses.items():
+        if cases:
+            out.append(f"Where {axis} do not clearly help (points gained, 95% paired interval reaching 0 or "
+                       f"below): " + "; ".join(cases) + ".")
+    if not any(misses.values()):
         out.append("Every axis step tested (each P > 1 vs P = 1, each larger size, every aggregator at the "
                    "largest k vs greedy) helps with a 95% paired interval above 0.")
 
