@@ -2,7 +2,8 @@
 
 Prints pass@k, maj@k and (when samples carry scores) bon@k for each k, each as a mean over
 problems with a bootstrap confidence interval; the chosen strategy's accuracy using all n samples
-(Wilson interval); and the ledger's cost per problem.
+(Wilson interval); and the ledger's cost per problem, in FLOPs and in Kinetics' eFLOPs (FLOPs +
+KV-cache bytes read x the hardware's FLOP/byte ratio, ``--hardware``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ example:
   parscale score runs/arith_n16.jsonl --strategy bom --min-fraction 0.3 --json > scores.json
   parscale score other.jsonl --task exact --extractor boxed
   parscale score runs/arith_n16.jsonl --scorer min_window:8 --strategy bon --k 1,4,16
+  parscale score runs/arith_n16.jsonl --hardware H100     # eFLOPs at H100's FLOP/byte ratio
 
 Answers are re-extracted from each sample's text with the task's extractor unless --extractor
 is given (--extractor saved keeps the answers stored in the file).
@@ -26,6 +28,7 @@ is given (--extractor saved keeps the answers stored in the file).
 
 def register(subparsers) -> None:
     from ..cli import HelpFormatter
+    from ..cost import HARDWARE_PRESETS
     from ..sampling.scorers import SCORERS
 
     p = subparsers.add_parser("score", help="re-score saved samples: pass@k, maj@k, bon@k, strategy accuracy",
@@ -48,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-fraction", type=float, default=None, help="bom strategy: keep answers with at least this share of votes")
     p.add_argument("--top-m", type=int, default=None, help="bom strategy: keep the M most frequent answers")
     p.add_argument("--threshold", type=float, default=0.5, help="verify strategy: accept samples with score >= this")
+    p.add_argument("--hardware", default="A100-80GB",
+                   help="accelerator whose FLOP/byte ratio (peak FLOP/s / bandwidth) weights the KV-cache "
+                        f"reads in eFLOPs: {', '.join(HARDWARE_PRESETS)}")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -89,6 +95,16 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ParScaleError(f"--threshold must be a finite number (got {threshold})")
 
 
+def score_hardware(name: str):
+    """The ``--hardware`` preset, or a one-line error naming the flag."""
+    from ..cost import get_hardware
+
+    try:
+        return get_hardware(name)
+    except ParScaleError as e:
+        raise ParScaleError(f"--hardware: {e}") from None
+
+
 def strategy_options(args: argparse.Namespace) -> dict:
     if args.strategy == "weighted":
         return {"weights": args.weights, "window": args.window, "keep": args.keep}
@@ -108,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     get_strategy(args.strategy)  # fail on a typo before reading the file
     check_flags(args)
+    hardware = score_hardware(args.hardware)
     if args.scorer:
         make_scorer(args.scorer, task=args.task or "exact")  # the spec itself; the task comes later
     ks = parse_ks(args.k)
@@ -120,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                             "without one: add --scorer (e.g. mean_logprob, min_window:16, verifier)")
     report = score_sample_set(sset, task=args.task, extractor=args.extractor, strategy=args.strategy,
                               strategy_options=strategy_options(args), ks=ks, n_boot=args.boot,
-                              level=args.level, seed=args.seed)
+                              level=args.level, seed=args.seed, hardware=hardware)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
         return 0
@@ -150,3 +167,9 @@ def print_report(report, label, level: float) -> None:
           f"{c['generated_tokens']:.1f} generated), {c['row_steps']:.1f} row-steps, "
           f"{c['decode_steps']:.1f} decode steps, {c['flops']:.3g} FLOPs, {c['wall_s']:.3f} s "
           f"(P={c['streams']})")
+    if c.get("eflops") is None:
+        print("eFLOPs per problem: not recorded (the file predates the ledger's kv_read_bytes)")
+    else:
+        print(f"eFLOPs per problem: {c['eflops']:.3g} = {c['flops']:.3g} FLOPs + "
+              f"{c['kv_read_bytes']:.3g} KV-cache bytes read x {c['flop_per_byte']:.0f} FLOP/byte "
+              f"({c['hardware']}; Kinetics' memory-aware cost)")

@@ -241,7 +241,7 @@ class ScoreReport:
     strategy_accuracy: Interval  # the strategy at full n per problem, Wilson interval
     invalid_rate: float  # fraction of samples with no extractable answer
     sample_accuracy: float  # fraction of samples that are correct
-    cost_per_problem: dict[str, float]
+    cost_per_problem: dict[str, Any]  # CostLedger.per_problem: FLOPs, eFLOPs, tokens, ...
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,12 +259,13 @@ def default_ks(n: int) -> list[int]:
 def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str | Callable | None = None,
                      strategy: str = "majority", strategy_options: dict[str, Any] | None = None,
                      ks: Sequence[int] | None = None, n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> ScoreReport:
+                     seed: int = 0, hardware: Any = "A100-80GB") -> ScoreReport:
     """Score every problem's samples with pass@k, maj@k, bon@k and the chosen strategy.
 
     The task is ``task`` or ``sset.meta["task"]`` or the problems' common ``task``; answers are
     re-extracted from the text with ``extractor`` (default: the task's), or taken as saved with
-    ``extractor="saved"``. Mutates the samples' ``answer`` fields.
+    ``extractor="saved"``. Mutates the samples' ``answer`` fields. ``hardware`` (a preset name
+    or ``parscale.cost.Hardware``) sets the FLOP/byte ratio of the per-problem eFLOPs.
     """
     from .aggregators import get_strategy
     from .tasks import get_task
@@ -331,7 +332,7 @@ def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str
         task=task_name, extractor=extractor_name, strategy=strategy, problems=n_problems, n=n, rows=rows,
         strategy_accuracy=wilson_ci(strategy_right, n_problems, level),
         invalid_rate=invalid / n_samples, sample_accuracy=right_samples / n_samples,
-        cost_per_problem=sset.ledger.per_problem(n_problems), meta=dict(sset.meta))
+        cost_per_problem=sset.ledger.per_problem(n_problems, hardware), meta=dict(sset.meta))
 
 
 def _common_task(sset: SampleSet) -> str:

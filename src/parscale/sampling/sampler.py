@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cost import forward_flops
+from ..cost import decode_kv_read_bytes, forward_flops
 from ..errors import ParScaleError
 from ..generation import decode
 from .policies import Policy, make_policy
@@ -61,7 +61,8 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
     eos = set() if eos_token_id is None else (
         {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
     samples: list[Sample] = []
-    ledger = CostLedger(streams=model.streams, params=model.num_parameters())
+    ledger = CostLedger(streams=model.streams, params=model.num_parameters(),
+                        kv_bytes_per_value=model.model.norm.weight.element_size())
     bar = tqdm(total=len(problems), desc="sampling", unit="problem", disable=not progress)
     t_start = time.perf_counter()
     for lo in range(0, len(problems), batch_problems):
@@ -125,11 +126,14 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         if n_fed:
             ctx_sum = sum(m * p + m * (m + 1) / 2 for m, p in fed)
             flops += forward_flops(cfg, tokens=n_fed, context=ctx_sum / n_fed)
+        kv_value = model.model.norm.weight.element_size()  # the cache's dtype (model.new_cache)
         ledger = ledger + CostLedger(prompt_tokens=res.prefill_tokens,
                                      generated_tokens=sum(len(t) for t in res.tokens),
                                      decode_steps=res.decode_steps, row_steps=res.row_steps,
                                      wall_s=res.wall_s, flops=flops, streams=model.streams,
-                                     params=model.num_parameters())
+                                     params=model.num_parameters(),
+                                     kv_read_bytes=decode_kv_read_bytes(cfg, fed, kv_value, model.streams),
+                                     kv_bytes_per_value=kv_value)
         bar.update(len(batch))
     bar.close()
     ledger.wall_s = time.perf_counter() - t_start
