@@ -250,6 +250,18 @@ class ScoreReport:
         return dataclasses.asdict(self)
 
 
+def verify_samples(task, problem, samples) -> list[bool]:
+    """Whether each sample's extracted answer is right by ``task.verify`` (each distinct answer
+    verified once; INVALID is never right)."""
+    verdict: dict[Any, bool] = {}
+    for s in samples:
+        if s.answer is None:
+            raise ParScaleError(f"sample {s.index} of problem {problem.id} has no extracted answer")
+        if s.answer not in verdict:
+            verdict[s.answer] = s.answer is not INVALID and bool(task.verify(problem, s.answer))
+    return [verdict[s.answer] for s in samples]
+
+
 def default_ks(n: int) -> list[int]:
     """1, 2, 4, ... up to n, and n itself."""
     ks = [1 << i for i in range(n.bit_length()) if (1 << i) <= n]
@@ -305,11 +317,7 @@ def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str
     invalid = right_samples = 0
     for problem in sset.problems:
         samples = groups[problem.id]
-        verdict: dict[Any, bool] = {}
-        for s in samples:
-            if s.answer not in verdict:
-                verdict[s.answer] = s.answer is not INVALID and bool(the_task.verify(problem, s.answer))
-        correct = [verdict[s.answer] for s in samples]
+        correct = verify_samples(the_task, problem, samples)
         answers = [s.answer for s in samples]
         invalid += sum(a is INVALID for a in answers)
         right_samples += sum(correct)
