@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
-    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku | exact "
+    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku | arithmetic-trace | countdown-trace | exact "
                    "(exact: match the reference of --problems FILE)")
     p.add_argument("--problems", default="50", metavar="N|FILE.jsonl",
                    help="number of generated problems, or a JSONL file of your own problems "
