@@ -36,30 +36,34 @@ def test_every_trace_verifies(name):
 
 
 def test_arithmetic_trace_by_hand():
-    assert column_trace([4738, 2965, 107]) == "8+5+7=20 ; 3+6+0+2=11 ; 7+9+1+1=18 ; 4+2+0+1=7 ; => 7810"
+    assert column_trace([4738, 2965, 107]) == ("8+5+7=20 > 0 ; 3+6+0+2=11 > 10 ; 7+9+1+1=18 > 810 ; "
+                                               "4+2+0+1=7 > 7810 ; => 7810")
+    assert column_trace([99, 11]) == "9+1=10 > 0 ; 9+1+1=11 > 110 ; => 110"
     p = Problem(0, "arithmetic-trace", "Q: 4738+2965+107=\nA:", "7810", {"operands": [4738, 2965, 107]})
     task = get_task("arithmetic-trace")
     assert task.verify(p, "7810") and not task.verify(p, "7811")
     # a trace whose steps are wrong but whose answer is right still verifies (the answer is the
     # contract); trace_errors names the wrong step
-    wrong = "8+5+7=21 ; 3+6+0+2=11 ; 7+9+1+1=18 ; 4+2+0+1=7 ; => 7810"
+    wrong = "8+5+7=21 > 1 ; 3+6+0+2=11 > 10 ; 7+9+1+1=18 > 810 ; 4+2+0+1=7 > 7810 ; => 7810"
     assert task.verify(p, task.extract(wrong))
-    assert task.trace_errors(p, wrong) == ["column 1: '8+5+7=21', expected '8+5+7=20'"]
-    assert task.trace_errors(p, "8+5+7=20 ; => 7811") == ["1 columns, expected 4", "final answer '7811', expected 7810"]
+    assert task.trace_errors(p, wrong) == ["column 1: '8+5+7=21 > 1', expected '8+5+7=20 > 0'"]
+    assert task.trace_errors(p, "8+5+7=20 > 0 ; => 7811") == ["1 columns, expected 4",
+                                                              "final answer '7811', expected 7810"]
 
 
 @pytest.mark.parametrize("text", [
-    "", "   \n", "8+5=13 ; 1+1=2", "8+5=13 ; 1+1=2 =>", "=> 123", "8+5=13 ; 1+x=2 ; => 23",
-    "8+5=13 ; 1+1=2 ; => 2 3", "8+5=13 ; => 1 => 2", "8+5=13 ; 1+1", "8+5=13 ; => -5", "8+5=13 ; => 1.5",
+    "", "   \n", "8+5=13 > 3 ; 1+1=2 > 23", "8+5=13 > 3 ; 1+1=2 > 23 =>", "=> 123", "8+5=13 > 3 ; 1+x=2 > 23 ; => 23",
+    "8+5=13 > 3 ; 1+1=2 > 23 ; => 2 3", "8+5=13 > 3 ; => 1 => 2", "8+5=13 > 3 ; 1+1 ; => 23", "8+5=13 > 3 ; => -5",
+    "8+5=13 > 3 ; => 1.5", "8+5=13 ; 1+1=2 ; => 23", "8+5=13 > ; => 3",
 ])
 def test_arithmetic_extractor_rejects_malformed(text):
     assert arithmetic_trace_answer(text) is INVALID
 
 
 def test_arithmetic_extractor_reads_first_line_only():
-    assert arithmetic_trace_answer("8+5=13 ; 1+1=2 ; => 23\nQ: 1+1=\nA: 1+1=2 ; => 2") == "23"
-    assert arithmetic_trace_answer("  8+5=13;1+1=2; => 023") == "23"  # spacing is free, leading zeros canonical
-    assert arithmetic_trace_answer("8+5=13 ; 1+1=2 => 23") is INVALID  # the ";" before "=>" is part of it
+    assert arithmetic_trace_answer("8+5=13 > 3 ; 1+1=2 > 23 ; => 23\nQ: 1+1=\nA: 1+1=2 > 2 ; => 2") == "23"
+    assert arithmetic_trace_answer("  8+5=13>3;1+1=2 >23; => 023") == "23"  # spacing is free; leading zeros canonical
+    assert arithmetic_trace_answer("8+5=13 > 3 ; 1+1=2 > 23 => 23") is INVALID  # the ";" before "=>" is part of it
 
 
 @pytest.mark.parametrize("text", [

@@ -14,9 +14,11 @@ saved problems load like the plain tasks'); ``reference_solution`` (and so ``tra
 is the full trace.
 
 ``arithmetic-trace``  ``Q: 4738+2965+107=`` → column addition from the units column up, one step
-                      per column with the carry written as a last addend, then the sum::
+                      per column: the column's digits with the carry as a last addend, their sum,
+                      and after ``>`` the digits of the result so far (so the answer is copied, not
+                      reassembled from the columns), then the sum::
 
-                          8+5+7=20 ; 3+6+0+2=11 ; 7+9+1+1=18 ; 4+2+1=7 ; => 7810
+                          8+5+7=20 > 0 ; 3+6+0+2=11 > 10 ; 7+9+1+1=18 > 810 ; 4+2+0+1=7 > 7810 ; => 7810
 
                       difficulty d: every operand has exactly d digits (d = 1: 0..9); two or
                       three operands (equally likely). Column sums are checked by ``trace_errors``.
@@ -68,7 +70,7 @@ def _answer_field(text: str, step_re: re.Pattern, sep: str, end: str = "") -> tu
 
 
 # ----------------------------------------------------------------------------- arithmetic-trace
-_COLUMN = re.compile(r"\d+(?:\+\d+)+=\d+")
+_COLUMN = re.compile(r"\d+(?:\+\d+)+=\d+\s*>\s*\d+")
 
 
 def arithmetic_trace_answer(text: str) -> str | Invalid:
@@ -84,12 +86,13 @@ def column_trace(operands: list[int]) -> str:
     """The column-addition trace of ``operands`` (units first; the carry is the last addend)."""
     width = max(len(str(x)) for x in operands)
     digits = [str(x).rjust(width, "0") for x in operands]
-    steps, carry = [], 0
+    steps, carry, done = [], 0, ""
     for col in range(width - 1, -1, -1):
         addends = [int(d[col]) for d in digits] + ([carry] if carry else [])
         total = sum(addends)
-        steps.append("+".join(map(str, addends)) + f"={total}")
         carry = total // 10
+        done = (str(total) if col == 0 else str(total % 10)) + done  # the top column writes its carry
+        steps.append("+".join(map(str, addends)) + f"={total} > {done}")
     return " ; ".join(steps) + f" ; {ANSWER_MARK} {sum(operands)}"
 
 
@@ -123,7 +126,7 @@ class ArithmeticTrace(Task):
         operands = list(problem.meta["operands"])
         want = column_trace(operands).split(f" ; {ANSWER_MARK}")[0].split(" ; ")
         errors = [f"column {i + 1}: {got!r}, expected {exp!r}" for i, (got, exp) in enumerate(zip(steps, want))
-                  if got.replace(" ", "") != exp]
+                  if got.replace(" ", "") != exp.replace(" ", "")]
         if len(steps) != len(want):
             errors.append(f"{len(steps)} columns, expected {len(want)}")
         if not self.check(problem, answer):
