@@ -101,6 +101,7 @@ class ArithmeticTrace(Task):
     default_difficulty = 3
     max_difficulty = 8
     extractor = staticmethod(arithmetic_trace_answer)
+    answer_prefix = " ; =>"  # what ends the steps and starts the answer (``peek`` forces it)
 
     def generate(self, rng, difficulty):
         lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
@@ -155,6 +156,7 @@ class CountdownTrace(Countdown):
     min_difficulty = 3
     max_difficulty = 5
     extractor = staticmethod(countdown_trace_answer)
+    answer_prefix = " =>"
     MAX_FAILED = 2
 
     def _combine(self, rng: random.Random, nodes: list[tuple[Any, int]]) -> tuple[list[str], Any, int] | None:
