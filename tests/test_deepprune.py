@@ -291,3 +291,30 @@ def test_specs_parse_and_bad_ones_fail_in_one_line(tmp_path):
         with pytest.raises(ParScaleError, match=msg) as e:
             make_policy(bad)
         assert "\n" not in str(e.value)
+
+
+def test_sample_cli_trace_task_with_live_policies(tmp_path, tiny_config, capsys):
+    from parscale.cli import main
+    from parscale.data.tokenizer import TextTokenizer
+    from parscale.sampling import SampleSet
+
+    task = get_task("arithmetic-trace")
+    texts = [task.training_text(p) for p in task.make_problems(100, seed=0, difficulty=1)]
+    tok = TextTokenizer.train(texts, vocab_size=280)
+    model = ParScaleForCausalLM(tiny_config(P=1, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    model.save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    PairJudge(tok.vocab_size, dim=4, hidden=4, head=4).save(tmp_path / "judge")
+    base = ["sample", "--model", str(tmp_path / "m"), "--task", "arithmetic-trace", "--difficulty", "1",
+            "--problems", "2", "--n", "4", "--temperature", "1.5"]
+    for spec in [f"deepprune:{tmp_path / 'judge'}:2:1:0.5", "peek:3:1"]:
+        out = tmp_path / f"{spec[:4]}.jsonl"
+        assert main(base + ["--early-stop", spec, "--out", str(out)]) == 0
+        sset = SampleSet.load_jsonl(out)
+        assert sset.meta["max_new_tokens"] == task.trace_budget(1) and sset.meta["policy"] == spec
+    capsys.readouterr()
+    assert main(base + ["--early-stop", "peek:0"]) == 2
+    err = capsys.readouterr().err
+    assert "parscale sample: error:" in err and "EVERY must be" in err and len(err.strip().splitlines()) == 1
+    assert main(base + ["--early-stop", f"deepprune:{tmp_path / 'nothing'}"]) == 2
+    assert "needs judge.json" in capsys.readouterr().err

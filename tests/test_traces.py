@@ -26,6 +26,7 @@ def test_every_trace_verifies(name):
         for p in task.make_problems(60, seed=d, difficulty=d):
             trace = task.reference_solution(p)
             assert "\n" not in trace and len(trace) >= 10
+            assert len(trace) + 1 <= task.trace_budget(d)  # + the newline that ends it
             answer = task.extract(trace)
             assert answer is not INVALID
             assert task.verify(p, answer), (p, trace)

@@ -103,6 +103,11 @@ class ArithmeticTrace(Task):
     extractor = staticmethod(arithmetic_trace_answer)
     answer_prefix = " ; =>"  # what ends the steps and starts the answer (``peek`` forces it)
 
+    def trace_budget(self, difficulty: int) -> int:
+        """Tokens enough for any trace at ``difficulty`` (its characters: a token is >= 1 character)."""
+        column = len("9+9+9+2=29 > ; ") + difficulty + 1
+        return difficulty * column + len(" => ") + difficulty + 3
+
     def generate(self, rng, difficulty):
         lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
         operands = [rng.randint(lo, hi) for _ in range(rng.choice((2, 3)))]
@@ -175,6 +180,11 @@ class CountdownTrace(Countdown):
             steps.append(f"{a}{op}{b}={value}")
             nodes.append(((op, ta, tb), value))
         return steps, nodes[0][0], nodes[0][1]
+
+    def trace_budget(self, difficulty: int) -> int:
+        """Tokens enough for any trace at ``difficulty`` (its characters: a token is >= 1 character)."""
+        steps = (self.MAX_FAILED + 1) * (difficulty - 1) * len("9990-9990=9990, ")
+        return steps + (self.MAX_FAILED + 1) * len(" no | ") + len(" => ") + 4 * difficulty + 2 * difficulty + 2
 
     def generate(self, rng, difficulty):
         for _ in range(10_000):
