@@ -16,7 +16,7 @@ from conftest import run_cli, snapshot
 
 from parscale.compare import (PRESETS, bom_at_k, compare, expected_max, pareto_front, prefill_flops, row_cost,
                               subset_costs)
-from parscale.cost import ModelShape, forward_flops
+from parscale.cost import ModelShape, flop_per_byte, forward_flops
 from parscale.sampling import INVALID, Sample, best_of_majority
 
 
@@ -36,10 +36,19 @@ def test_subset_costs_equal_a_hand_count(tiny_config):
     flops = [prefill + row[a] + row[b] for a, b in subsets]
     steps = [3, 1, 3]  # the longest row's L - 1: the rows of a problem run side by side
     kv = [2 * 2 * (cfg.prefix_tokens + prompt + longest) * kv_tok for longest in (4, 2, 4)]  # k rows x P streams
-    got = subset_costs(cfg, prompt, lengths, k, kv_bytes_per_token=kv_tok, streams=2, prefix_tokens=cfg.prefix_tokens)
+    got = subset_costs(cfg, prompt, lengths, k, kv_bytes_per_token=kv_tok, streams=2, prefix_tokens=cfg.prefix_tokens,
+                       bytes_per_value=4, hardware="A100-80GB")
+    # KV reads: the step feeding position t reads prompt + t + 1 positions (itself included) plus the prefix,
+    # in every layer and stream: 2 (k, v) x layers x kv_heads x head_dim x 4 bytes x P per position
+    per_pos = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * 2
+    reads_row = {L: sum(prompt + t + 1 + cfg.prefix_tokens for t in range(L - 1)) * per_pos for L in (2, 4, 1)}
+    reads = [reads_row[a] + reads_row[b] for a, b in subsets]
+    assert got["kv_read_bytes"] == pytest.approx(sum(reads) / 3)
+    ratio = flop_per_byte("A100-80GB")
+    assert got["eflops"] == pytest.approx(sum(f + r * ratio for f, r in zip(flops, reads)) / 3)
     assert got["inference_flops"] == pytest.approx(sum(flops) / 3, rel=1e-12)
     assert got["decode_steps"] == pytest.approx(sum(steps) / 3)
-    assert got["kv_bytes"] == pytest.approx(sum(kv) / 3)
+    assert got["kv_cache_bytes"] == pytest.approx(sum(kv) / 3)
     assert got["row_steps"] == pytest.approx((1 + 3 + 1 + 0 + 3 + 0) / 3)
     assert got["generated_tokens"] == pytest.approx((6 + 3 + 5) / 3)
     assert row_cost(cfg, prompt, 4) == pytest.approx(row[4], rel=1e-12)
@@ -78,6 +87,7 @@ def test_costs_at_k_equal_n_add_up_to_the_sampler_ledger(smoke_run):
         assert ev["costs"][key]["inference_flops"] * n_prob == pytest.approx(ledger["flops"], rel=1e-9)
         assert ev["costs"][key]["row_steps"] * n_prob == pytest.approx(ledger["row_steps"])
         assert ev["costs"][key]["generated_tokens"] * n_prob == pytest.approx(ledger["generated_tokens"])
+        assert ev["costs"][key]["kv_read_bytes"] * n_prob == pytest.approx(ledger["kv_read_bytes"], rel=1e-12)
     # and a fresh evaluation of the same model reproduces the saved one (seeded sampling)
     model_dir = Path(next(m for m in json.loads(res.results_path.read_text())["models"]
                           if m["name"] == "micro-p2")["model_dir"])
@@ -137,7 +147,7 @@ def test_pareto_front_on_a_hand_made_set():
 # --------------------------------------------------------------------------- end to end
 POINT_KEYS = {"id", "model", "size", "P", "params", "method", "k", "oracle", "accuracy", "ci", "axes",
               "category", "train_flops", "inference_flops", "decode_steps", "row_steps", "generated_tokens",
-              "kv_bytes", "wall_s", "wall_s_from"}
+              "kv_cache_bytes", "kv_read_bytes", "eflops", "wall_s", "wall_s_from"}
 
 
 def test_smoke_preset_end_to_end(smoke_run, tmp_path, capsys):
@@ -156,7 +166,7 @@ def test_smoke_preset_end_to_end(smoke_run, tmp_path, capsys):
     for p in res["points"]:
         assert set(p) == POINT_KEYS
         assert 0 <= p["ci"][0] <= p["accuracy"] <= p["ci"][1] <= 1
-        assert p["inference_flops"] > 0 and p["train_flops"] > 0 and p["kv_bytes"] > 0
+        assert p["inference_flops"] > 0 and p["train_flops"] > 0 and p["kv_cache_bytes"] > 0
         assert p["oracle"] == (p["method"] == "pass")
         assert ("samples" in p["axes"]) == (p["k"] > 1)
         assert ("streams" in p["axes"]) == (p["P"] > 1)

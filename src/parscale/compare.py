@@ -16,9 +16,14 @@ k) point on the same cost axes:
   exact expectation over all k-subsets of the n rows: prefill + (k / n) · Σ_rows decode(row),
   each row's decode counted as the sampler's ledger counts it (``row_cost``); the sum over the
   rows plus the prefills *is* the ledger's ``flops`` (tests check it);
+* ``kv_read_bytes`` and ``eflops`` — the KV-cache bytes the k rows' decode steps read
+  (``cost.decode_kv_read_bytes``, the sampler ledger's own count, (k / n) · Σ_rows as for FLOPs)
+  and Kinetics' memory-aware eFLOPs, ``inference_flops + kv_read_bytes · FLOP/byte`` of the
+  preset's ``eflops_hardware`` (``cost.kinetics_eflops``): ranking by it charges long caches read
+  by many rows, which FLOPs alone leave out;
 * ``decode_steps`` — forward passes after the prefill at batch 1 (the k rows of one problem run
   side by side, so the latency proxy is the longest row): E[max over the subset of (length - 1)];
-* ``kv_bytes`` — the KV cache of the k rows × P streams at the length of the subset's longest
+* ``kv_cache_bytes`` — the KV cache of the k rows × P streams at the length of the subset's longest
   answer, ``k · P · (prefix + prompt + longest) · bytes per token``, what the model's
   ``new_cache`` holds when sized to the answers (expected over subsets, averaged over problems);
 * ``wall_s`` — measured seconds per problem of the run the point comes from (the greedy run, or
@@ -65,11 +70,13 @@ REPORT_NAME = "report.md"
 PLOT_NAMES = {
     "inference": "accuracy_vs_inference_flops.png",  # every point, one colour per axis, the frontier
     "frontier": "frontier.png",  # the inference-FLOPs frontier alone, labelled
+    "frontier_eflops": "frontier_eflops.png",  # the eFLOPs (KV reads charged) frontier alone, labelled
     "training": "accuracy_vs_training_flops.png",  # per model: greedy and the best sampled point
 }
 METHODS = ("greedy", "sample", "majority", "bom", "bon", "pass")  # "pass": oracle, never on a frontier
 AXES = ("parameters", "streams", "samples")
-COST_KEYS = ("inference_flops", "train_flops", "decode_steps", "kv_bytes")
+COST_KEYS = ("inference_flops", "eflops", "train_flops", "decode_steps", "kv_cache_bytes")
+INFERENCE_COSTS = ("inference_flops", "eflops")  # the budgets the axes are ranked by
 
 
 # --------------------------------------------------------------------------- presets
@@ -108,6 +115,7 @@ class ComparePreset:
     vocab_size: int = 257  # byte-level: digits stay single tokens (BPE merges of digits hurt arithmetic)
     bom_min_fraction: float = 0.2  # best_of_majority's default
     scorer: str = "mean_logprob"
+    eflops_hardware: str = "A100-80GB"  # whose FLOP/byte ratio turns KV reads into eFLOPs
     batch_problems: int = 25
     n_boot: int = 1000
     seed: int = 0
@@ -191,23 +199,33 @@ def expected_max(values: Sequence[float], k: int) -> float:
 
 
 def subset_costs(config, prompt_tokens: int, lengths: Sequence[int], k: int, *, kv_bytes_per_token: float,
-                 streams: int, prefix_tokens: int) -> dict[str, float]:
+                 streams: int, prefix_tokens: int, bytes_per_value: float | None = None,
+                 hardware: str = "A100-80GB") -> dict[str, float]:
     """Expected cost of answering one problem with k of its n sampled rows (all k-subsets).
 
     ``lengths``: new tokens of each of the n rows. Returns inference_flops, decode_steps,
-    row_steps, generated_tokens and kv_bytes (see the module docstring for each definition).
+    row_steps, generated_tokens and kv_cache_bytes, and with ``bytes_per_value`` (the cache dtype's
+    size) kv_read_bytes and eflops on ``hardware`` (see the module docstring for each definition).
     """
+    from .cost import decode_kv_read_bytes, kinetics_eflops
+
     n = len(lengths)
     if not 1 <= k <= n:
         raise ParScaleError(f"k={k} must be in [1, n={n}]")
     decode = sum(row_cost(config, prompt_tokens, L) for L in lengths)
     longest = expected_max(lengths, k)
+    flops = prefill_flops(config, prompt_tokens) + k / n * decode
+    out = {}
+    if bytes_per_value is not None:
+        fed = [(max(int(L) - 1, 0), int(prompt_tokens)) for L in lengths]
+        reads = k / n * decode_kv_read_bytes(config, fed, bytes_per_value, streams)
+        out = {"kv_read_bytes": reads, "eflops": kinetics_eflops(flops, reads, hardware)}
     return {
-        "inference_flops": prefill_flops(config, prompt_tokens) + k / n * decode,
+        "inference_flops": flops, **out,
         "decode_steps": expected_max([max(int(L) - 1, 0) for L in lengths], k),
         "row_steps": k / n * sum(max(L - 1, 0) for L in lengths),
         "generated_tokens": k / n * sum(lengths),
-        "kv_bytes": k * streams * (prefix_tokens + prompt_tokens + longest) * kv_bytes_per_token,
+        "kv_cache_bytes": k * streams * (prefix_tokens + prompt_tokens + longest) * kv_bytes_per_token,
     }
 
 
@@ -296,7 +314,7 @@ def _per_problem_ci(values: Sequence[float], n_boot: int, seed: int) -> tuple[fl
 def eval_settings(preset: ComparePreset) -> dict[str, Any]:
     """What an evaluation depends on (an eval file made with other settings is redone)."""
     keys = ("task", "difficulty", "eval_problems", "n_samples", "ks", "temperature", "max_new_tokens",
-            "bom_min_fraction", "scorer", "eval_seed", "seed")
+            "bom_min_fraction", "scorer", "eval_seed", "seed", "eflops_hardware")
     return {k: getattr(preset, k) if not isinstance(getattr(preset, k), tuple) else list(getattr(preset, k))
             for k in keys}
 
@@ -344,14 +362,16 @@ def evaluate_model(model, tokenizer, problems, preset: ComparePreset, *, progres
     extract_answers(greedy.samples, task.extractor)
     extract_answers(sampled.samples, task.extractor)
 
-    kv_tok = ModelShape.from_config(cfg).kv_bytes_per_token(model.dtype.itemsize)
-    prefix = cfg.prefix_tokens if P > 1 else 0
+    kv_value = model.model.norm.weight.element_size()  # the cache's dtype, as the sampler counts it
+    kv_tok = ModelShape.from_config(cfg).kv_bytes_per_token(kv_value)
+    prefix = cfg.prefix_tokens if P > 1 or cfg.prefix_only else 0  # what the cache holds per stream
     prompt_len = {p.id: len(tokenizer.encode(p.prompt)) for p in problems}
     n_prob = len(problems)
 
     def costs(problem_rows: Mapping[int, Sequence[int]], k: int) -> dict[str, float]:
         per = [subset_costs(cfg, prompt_len[pid], lengths, k, kv_bytes_per_token=kv_tok, streams=P,
-                            prefix_tokens=prefix) for pid, lengths in problem_rows.items()]
+                            prefix_tokens=prefix, bytes_per_value=kv_value, hardware=preset.eflops_hardware)
+               for pid, lengths in problem_rows.items()]
         return {key: float(np.mean([c[key] for c in per])) for key in per[0]}
 
     values: dict[str, list[float]] = {}
@@ -487,8 +507,9 @@ def build_points(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mappin
                 "method": method, "k": k, "oracle": method == "pass", "accuracy": acc, "ci": [lo, hi],
                 "axes": axes, "category": "+".join(axes) or "base",
                 "train_flops": m.get("train_flops"), "inference_flops": c["inference_flops"],
+                "kv_read_bytes": c["kv_read_bytes"], "eflops": c["eflops"],
                 "decode_steps": c["decode_steps"], "row_steps": c["row_steps"],
-                "generated_tokens": c["generated_tokens"], "kv_bytes": c["kv_bytes"],
+                "generated_tokens": c["generated_tokens"], "kv_cache_bytes": c["kv_cache_bytes"],
                 "wall_s": ev["wall_s"]["greedy" if method == "greedy" else "sampled"],
                 "wall_s_from": "greedy run" if method == "greedy" else f"one n={ev['n']} run",
             })
@@ -526,7 +547,8 @@ def _verdict(lo: float, hi: float) -> str:
 
 
 def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[str, Any]],
-             fronts: Mapping[str, Sequence[str]], n_boot: int, seed: int) -> list[str]:
+             fronts: Mapping[str, Sequence[str]], n_boot: int, seed: int,
+             hardware: str = "A100-80GB") -> list[str]:
     """Plain-language conclusions, every number computed here from the points (see docs/compare.md)."""
     real = [p for p in points if not p["oracle"]]
     if not real:
@@ -545,37 +567,37 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
                f"[{_pct(base['ci'][0])}, {_pct(base['ci'][1])}] at {base['inference_flops']:.3g} inference FLOPs "
                f"per problem.")
 
-    # 1. each pure axis from the base: gain per doubling of inference FLOPs
-    def pure(axis: str) -> list[Mapping[str, Any]]:
-        return [p for p in real if p["axes"] == [axis] and p["inference_flops"] > base["inference_flops"]
-                and (axis != "samples" or p["model"] == base["model"])]
-
-    per_axis: dict[str, tuple[float, Mapping[str, Any], tuple[float, float, float]]] = {}
-    for axis in AXES:
-        cands = pure(axis)
-        if not cands:
+    # 1. each pure axis from the base: gain per doubling of inference FLOPs, then of eFLOPs
+    for cost in INFERENCE_COSTS:
+        if base.get(cost) is None:
             continue
-        scored = []
-        for p in cands:
-            doublings = math.log2(p["inference_flops"] / base["inference_flops"])
-            scored.append(((p["accuracy"] - base["accuracy"]) / doublings, p))
-        rate, best = max(scored, key=lambda t: t[0])
-        top = max(cands, key=lambda p: p["accuracy"])
-        d = _diff(vals(top), vals(base), n_boot, seed)
-        per_axis[axis] = (rate, best, d)
-        out.append(f"{axis.capitalize()} alone (from the base): best rate {_pts(rate)} points per doubling of "
-                   f"inference FLOPs ({best['id']}, {best['inference_flops'] / base['inference_flops']:.2f}x the "
-                   f"base's FLOPs); highest accuracy {top['id']} {_pct(top['accuracy'])}, "
-                   f"{_pts(d[0])} points [{_pts(d[1])}, {_pts(d[2])}] over the base: {_verdict(d[1], d[2])}.")
-    if per_axis:
-        ranked = sorted(per_axis, key=lambda a: -per_axis[a][0])
-        winner = ranked[0]
-        rest = ", ".join(f"{a} {_pts(per_axis[a][0])}" for a in ranked[1:])
-        if per_axis[winner][0] <= 0:
-            out.append("Most accuracy per inference FLOP: none of the axes gained accuracy over the base.")
-        else:
-            out.append(f"Most accuracy per inference FLOP: {winner} ({_pts(per_axis[winner][0])} points per "
-                       "doubling" + (f"; then {rest})." if rest else ")."))
+        label = "inference FLOPs" if cost == "inference_flops" else f"eFLOPs ({hardware})"
+        unit = "inference FLOP" if cost == "inference_flops" else f"eFLOP ({hardware})"
+        per_axis: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        for axis in AXES:
+            cands = [p for p in real if p["axes"] == [axis] and p.get(cost) is not None and p[cost] > base[cost]
+                     and (axis != "samples" or p["model"] == base["model"])]
+            if not cands:
+                continue
+            scored = [((p["accuracy"] - base["accuracy"]) / math.log2(p[cost] / base[cost]), p) for p in cands]
+            rate, best = max(scored, key=lambda t: t[0])
+            per_axis[axis] = (rate, best)
+            if cost == "inference_flops":  # the best point of the axis: once, with its paired interval
+                top = max(cands, key=lambda p: p["accuracy"])
+                d = _diff(vals(top), vals(base), n_boot, seed)
+                out.append(f"{axis.capitalize()} alone (from the base): best rate {_pts(rate)} points per doubling "
+                           f"of {label} ({best['id']}, {best[cost] / base[cost]:.2f}x the base's); highest "
+                           f"accuracy {top['id']} {_pct(top['accuracy'])}, {_pts(d[0])} points "
+                           f"[{_pts(d[1])}, {_pts(d[2])}] over the base: {_verdict(d[1], d[2])}.")
+        if per_axis:
+            ranked = sorted(per_axis, key=lambda a: -per_axis[a][0])
+            winner = ranked[0]
+            rest = ", ".join(f"{a} {_pts(per_axis[a][0])}" for a in ranked[1:])
+            if per_axis[winner][0] <= 0:
+                out.append(f"Most accuracy per {unit}: none of the axes gained accuracy over the base.")
+            else:
+                out.append(f"Most accuracy per {unit}: {winner} ({_pts(per_axis[winner][0])} points per doubling, "
+                           f"{per_axis[winner][1]['id']}" + (f"; then {rest})." if rest else ")."))
 
     # 2. training FLOPs: parameters vs streams (samples cost none)
     greedy = [p for p in real if p["method"] == "greedy" and p["train_flops"]]
@@ -584,8 +606,8 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
         for axis in ("parameters", "streams"):
             cands = [p for p in greedy if p["axes"] == [axis] and p["train_flops"] > base["train_flops"]]
             if cands:
-                r, p = max(((p["accuracy"] - base["accuracy"]) / math.log2(p["train_flops"] / base["train_flops"]), p)
-                           for p in cands)
+                r, p = max((((p["accuracy"] - base["accuracy"]) / math.log2(p["train_flops"] / base["train_flops"]), p)
+                            for p in cands), key=lambda t: t[0])
                 rates[axis] = r
                 out.append(f"Per training FLOP, {axis}: best {_pts(r)} greedy points per doubling of training "
                            f"FLOPs ({p['id']}, {p['train_flops'] / base['train_flops']:.2f}x the base's).")
@@ -604,14 +626,16 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
                 out.append(f"Most accuracy per training FLOP among the trained axes: {top_axis} "
                            f"({_pts(rates[top_axis])} points per doubling).")
 
-    # 3. the frontier
-    ids = fronts.get("inference_flops", [])
-    if ids:
+    # 3. the frontiers of the two inference budgets
+    for cost in INFERENCE_COSTS:
+        ids = fronts.get(cost, [])
+        if not ids:
+            continue
+        label = "Inference-FLOPs" if cost == "inference_flops" else f"eFLOPs ({hardware})"
         cats = [by_id[i]["category"] for i in ids]
-        summary = ", ".join(f"{by_id[i]['id']} {_pct(by_id[i]['accuracy'])} @ {by_id[i]['inference_flops']:.3g}"
-                            for i in ids)
+        summary = ", ".join(f"{by_id[i]['id']} {_pct(by_id[i]['accuracy'])} @ {by_id[i][cost]:.3g}" for i in ids)
         counts = {c: cats.count(c) for c in dict.fromkeys(cats)}
-        out.append(f"Inference-FLOPs frontier ({len(ids)} points, cheapest first): {summary}. Axes on it: "
+        out.append(f"{label} frontier ({len(ids)} points, cheapest first): {summary}. Axes on it: "
                    + ", ".join(f"{c} x{n}" for c, n in counts.items()) + ".")
 
     # 4. where an axis does not help (paired over the same problems)
@@ -654,7 +678,7 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
         top = max(kpts, key=lambda p: p["k"])
         out.append(f"Latency and memory at batch 1: samples run side by side, so {top['k']} samples on the base "
                    f"model take {top['decode_steps']:.2f} decode steps (greedy {base['decode_steps']:.2f}) but "
-                   f"{top['kv_bytes'] / base['kv_bytes']:.1f}x the KV cache; P streams multiply the KV cache and "
+                   f"{top['kv_cache_bytes'] / base['kv_cache_bytes']:.1f}x the KV cache; P streams multiply the KV cache and "
                    "the per-step work by P at the same number of steps.")
     return out
 
@@ -875,10 +899,13 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
 
     points = build_points(records, evals, preset.n_boot, preset.seed)
     fronts = frontiers(points)
-    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed)
+    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware)
     plots = {
         "inference": plot_inference(points, fronts["inference_flops"], out_dir / PLOT_NAMES["inference"]),
         "frontier": plot_frontier(points, fronts["inference_flops"], out_dir / PLOT_NAMES["frontier"]),
+        "frontier_eflops": plot_frontier(points, fronts["eflops"], out_dir / PLOT_NAMES["frontier_eflops"],
+                                         x="eflops", title=f"Pareto frontier: accuracy vs eFLOPs "
+                                                           f"({preset.eflops_hardware} FLOP/byte)"),
         "training": plot_training(points, out_dir / PLOT_NAMES["training"]),
     }
     results = {
@@ -946,10 +973,11 @@ def render_report(results: Mapping[str, Any]) -> str:
     lines += ["", "## Every point", "",
               "Costs per problem: inference FLOPs (prefill once + k rows of decode), decode steps at batch 1 "
               "(latency proxy: the k rows run side by side), peak KV cache (k rows x P streams at the longest "
-              "answer), wall seconds of the run the point comes from. Frontier: * on the inference-FLOPs "
+              f"answer), eFLOPs = FLOPs + KV-cache bytes read x the FLOP/byte of {pr['eflops_hardware']}, "
+              "wall seconds of the run the point comes from. Frontier: * on the inference-FLOPs "
               "frontier, + on the joint training + inference frontier.", "",
-              "| point | axes | accuracy | 95% CI | inference FLOPs | train FLOPs | decode steps | KV cache | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| point | axes | accuracy | 95% CI | inference FLOPs | eFLOPs | train FLOPs | decode steps | KV cache | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     f_inf = set(results["frontiers"].get("inference_flops", []))
     f_joint = set(results["frontiers"].get("train_and_inference_flops", []))
     for p in points:
@@ -957,8 +985,9 @@ def render_report(results: Mapping[str, Any]) -> str:
         tf = f"{p['train_flops']:.3g}" if p.get("train_flops") else "-"
         name = f"{p['id']}{' (oracle)' if p['oracle'] else ''} {mark}".strip()
         lines.append(f"| {name} | {p['category']} | {100 * p['accuracy']:.1f}% | "
-                     f"[{100 * p['ci'][0]:.1f}, {100 * p['ci'][1]:.1f}] | {p['inference_flops']:.3g} | {tf} | "
-                     f"{p['decode_steps']:.2f} | {_fmt_bytes(p['kv_bytes'])} | {p['wall_s']:.4f} |")
+                     f"[{100 * p['ci'][0]:.1f}, {100 * p['ci'][1]:.1f}] | {p['inference_flops']:.3g} | "
+                     f"{p['eflops']:.3g} | {tf} | "
+                     f"{p['decode_steps']:.2f} | {_fmt_bytes(p['kv_cache_bytes'])} | {p['wall_s']:.4f} |")
     lines += ["", "## Pareto frontiers", ""]
     by_id = {p["id"]: p for p in points}
     for key, ids in results["frontiers"].items():
