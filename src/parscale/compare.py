@@ -149,7 +149,7 @@ PRESETS: dict[str, ComparePreset] = {
                            train_problems=300, eval_problems=6, n_samples=4, ks=(1, 2, 4), max_new_tokens=6,
                            seq_len=32, batch_size=4, warmup_steps=2, prefix_tokens=2, batch_problems=6,
                            n_boot=50),
-    "quick": ComparePreset("quick", "sudoku", 4, (_TINY, _SMALL), (1, 2, 4), train_tokens=200_000,
+    "quick": ComparePreset("quick", "sudoku", 4, (_MID, _SMALL), (1, 2, 4), train_tokens=200_000,
                            train_problems=20_000, eval_problems=100, max_new_tokens=20, batch_size=4, why=_WHY),
     "full": ComparePreset("full", "sudoku", 4, (_TINY, _MID, _SMALL), (1, 2, 4), train_tokens=500_000,
                           train_problems=30_000, eval_problems=200, max_new_tokens=20, batch_size=4, why=_WHY),
