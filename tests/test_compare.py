@@ -200,6 +200,16 @@ def test_smoke_preset_end_to_end(smoke_run, tmp_path, capsys):
     assert only["models"][0]["train_flops"] == res["models"][0]["train_flops"]  # read from the run's files
     same = {p["id"]: p["accuracy"] for p in res["points"]}
     assert all(same[p["id"]] == p["accuracy"] for p in only["points"])
+    # another task from the registry (a trace task: its answers get the task's own token budget)
+    from parscale.sampling import get_task
+
+    rc, stdout, err = run_cli(["compare", "--preset", "smoke", "--models", dirs[0], "--task", "arithmetic-trace",
+                               "--difficulty", "1", "--problems", "2", "--out", tmp_path / "trace", "--threads", "1",
+                               "--quiet"], capsys)
+    assert rc == 0, err
+    trace = json.loads((tmp_path / "trace" / "results.json").read_text())
+    assert trace["preset"]["task"] == "arithmetic-trace" and trace["preset"]["eval_problems"] == 2
+    assert trace["preset"]["max_new_tokens"] == get_task("arithmetic-trace").trace_budget(1)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -87,12 +87,18 @@ def run(args: argparse.Namespace) -> int:
     if args.problems is not None and args.problems < 1:
         raise ParScaleError(f"--problems must be >= 1 (got {args.problems})")
     ensure_writable_dir(args.out or f"runs/compare-{preset.name}", "--out")
-    difficulty = args.difficulty
-    if args.task is not None and difficulty is None:  # another task: its own default difficulty
+    difficulty, max_new = args.difficulty, None
+    if args.task is not None:
         from ..sampling.tasks import get_task
 
-        difficulty = get_task(args.task).default_difficulty
-    overrides = {"task": args.task, "difficulty": difficulty, "eval_problems": args.problems,
+        task = get_task(args.task)
+        if difficulty is None:  # another task: its own default difficulty
+            difficulty = task.default_difficulty
+        budget = getattr(task, "trace_budget", None)  # a trace task's answers are long: room for any trace
+        if budget is not None:
+            task.make_problems(0, difficulty=difficulty)  # a bad difficulty fails first, naming the range
+            max_new = budget(difficulty)
+    overrides = {"task": args.task, "difficulty": difficulty, "max_new_tokens": max_new, "eval_problems": args.problems,
                  "temperature": args.temperature}
     result = compare(preset, args.out, models=args.models, threads=args.threads, progress=not args.quiet,
                      command=_command_line(args), overrides=overrides)
