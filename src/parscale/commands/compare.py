@@ -25,7 +25,7 @@ model; running the same command again skips what finished.
 
 presets:
   quick   2 sizes (300k, 740k params) x P in {1, 2, 4}, 200k tokens each; <= 15 minutes on a 2-core CPU
-  full    3 sizes x P in {1, 2, 4}, more tokens and problems; about 40 core-minutes
+  full    2 sizes (93k, 304k params) x P in {1, 2, 4}, 500k tokens each, 200 problems;
           (docs/compare.md has the measured time)
   smoke   seconds; for tests (micro shapes, a few steps, 6 problems, n = 4)
 """
