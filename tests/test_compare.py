@@ -145,7 +145,7 @@ def test_pareto_front_on_a_hand_made_set():
 
 
 # --------------------------------------------------------------------------- end to end
-POINT_KEYS = {"id", "model", "size", "P", "params", "method", "k", "oracle", "accuracy", "ci", "axes",
+POINT_KEYS = {"id", "model", "size", "P", "params", "train_seed", "method", "k", "oracle", "accuracy", "ci", "axes",
               "category", "train_flops", "inference_flops", "decode_steps", "row_steps", "generated_tokens",
               "kv_cache_bytes", "kv_read_bytes", "eflops", "wall_s", "wall_s_from"}
 
@@ -252,3 +252,19 @@ def test_presets_promise_the_grid_the_issue_asks_for():
         assert set(p.streams) == {1, 2, 4} and len(p.sizes) >= 2
         assert p.n_samples == 16 and p.ks == (1, 2, 4, 8, 16)
         assert math.isclose(p.temperature, p.temperature) and p.why
+
+
+def test_training_seed_replicas_measure_the_spread_and_stay_off_the_frontier(tmp_path):
+    preset = PRESETS["smoke"]
+    res = compare("smoke", tmp_path / "seeds", threads=1, progress=False,
+                  overrides={"sizes": [preset.sizes[0]], "streams": [1], "train_seeds": [7]})
+    results = json.loads(res.results_path.read_text())
+    assert [m["name"] for m in results["models"]] == ["micro-p1", "micro-p1-s7"]
+    assert [m["train_seed"] for m in results["models"]] == [preset.seed, 7]
+    saved = json.loads((tmp_path / "seeds" / "runs" / "micro-p1-s7" / "train_config.json").read_text())
+    assert saved["seed"] == 7
+    replica = {p["id"] for p in results["points"] if p["train_seed"] == 7}
+    assert replica and not any(replica & set(ids) for ids in results["frontiers"].values())
+    spread = [c for c in results["conclusions"] if c.startswith("Training seeds")]
+    g = {p["train_seed"]: p["accuracy"] for p in results["points"] if p["method"] == "greedy"}
+    assert len(spread) == 1 and f"micro P=1 {100 * g[0]:.1f}% / {100 * g[7]:.1f}%" in spread[0]

@@ -118,7 +118,8 @@ class ComparePreset:
     eflops_hardware: str = "A100-80GB"  # whose FLOP/byte ratio turns KV reads into eFLOPs
     batch_problems: int = 25
     n_boot: int = 1000
-    seed: int = 0
+    seed: int = 0  # training corpus, the first training run of each (size, P), the sampler
+    train_seeds: tuple[int, ...] = ()  # more training seeds per (size, P): replicas named NAME-sSEED
     eval_seed: int = 4242  # problem generator seed of the evaluation set (training uses ``seed``)
     why: str = ""  # why this task / difficulty (measured; docs/compare.md)
 
@@ -426,7 +427,9 @@ def evaluate_model(model, tokenizer, problems, preset: ComparePreset, *, progres
 
 # --------------------------------------------------------------------------- training
 def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: Path, run_dir: Path,
-                 threads: int | None):
+                 threads: int | None, seed: int | None = None):
+    """The TrainConfig of one grid model; ``seed`` (default ``preset.seed``) seeds its initialisation
+    and data order (the corpus is the same for every seed)."""
     from .training.options import TrainConfig
 
     steps = math.ceil(preset.train_tokens / (preset.batch_size * preset.seq_len))
@@ -435,7 +438,7 @@ def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: P
                        streams=streams, prefix_tokens=preset.prefix_tokens, seq_len=preset.seq_len,
                        batch_size=preset.batch_size, tokens=preset.train_tokens, lr=preset.lr, min_lr=preset.min_lr,
                        warmup_steps=preset.warmup_steps, eval_every=steps, checkpoint_every=max(1, steps // 4),
-                       seed=preset.seed, threads=threads, quiet=True, resume=True)
+                       seed=preset.seed if seed is None else seed, threads=threads, quiet=True, resume=True)
 
 
 def train_flops_per_token(preset: ComparePreset, size: ModelSize, streams: int) -> float:
@@ -505,6 +508,7 @@ def build_points(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mappin
             axes = axes_of(m, k, base_params)
             points.append({
                 "id": f"{m['name']}/{key}", "model": m["name"], "size": m["size"], "P": m["P"], "params": m["params"],
+                "train_seed": m.get("train_seed"),
                 "method": method, "k": k, "oracle": method == "pass", "accuracy": acc, "ci": [lo, hi],
                 "axes": axes, "category": "+".join(axes) or "base",
                 "train_flops": m.get("train_flops"), "inference_flops": c["inference_flops"],
@@ -517,10 +521,16 @@ def build_points(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mappin
     return points
 
 
-def frontiers(points: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Point ids on the accuracy frontier of each cost (oracle points excluded), and the joint
-    frontier over training and inference FLOPs."""
-    real = [p for p in points if not p["oracle"]]
+def first_seed(points: Sequence[Mapping[str, Any]], seed: int) -> list[Mapping[str, Any]]:
+    """The points of the first training seed (and of models not trained here): what the axes are
+    compared on; replicas (``train_seeds``) only measure the seed-to-seed spread."""
+    return [p for p in points if p.get("train_seed") in (None, seed)]
+
+
+def frontiers(points: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, list[str]]:
+    """Point ids on the accuracy frontier of each cost (oracle points and replicas excluded), and
+    the joint frontier over training and inference FLOPs."""
+    real = [p for p in first_seed(points, seed) if not p["oracle"]]
     out = {c: [real[i]["id"] for i in pareto_front(real, (c,))] for c in COST_KEYS}
     out["train_and_inference_flops"] = [real[i]["id"] for i in pareto_front(real, ("inference_flops", "train_flops"))]
     return out
@@ -549,9 +559,11 @@ def _verdict(lo: float, hi: float) -> str:
 
 def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[str, Any]],
              fronts: Mapping[str, Sequence[str]], n_boot: int, seed: int,
-             hardware: str = "A100-80GB") -> list[str]:
-    """Plain-language conclusions, every number computed here from the points (see docs/compare.md)."""
-    real = [p for p in points if not p["oracle"]]
+             hardware: str = "A100-80GB", first: int = 0) -> list[str]:
+    """Plain-language conclusions, every number computed here from the points (see docs/compare.md);
+    the axes are compared on the models of training seed ``first``."""
+    replicas = [p for p in points if not p["oracle"] and p["method"] == "greedy"]
+    real = [p for p in first_seed(points, first) if not p["oracle"]]
     if not real:
         return ["no model was evaluated yet"]
     by_id = {p["id"]: p for p in real}
@@ -673,7 +685,26 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
         out.append("Every axis step tested (each P > 1 vs P = 1, each larger size, every aggregator at the "
                    "largest k vs greedy) helps with a 95% paired interval above 0.")
 
-    # 5. latency and memory at batch 1
+    # 5. training seeds: the spread of the same (size, P) between seeds, against the problem intervals
+    by_cell: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for p in replicas:
+        if p.get("train_seed") is not None:
+            by_cell.setdefault((p["size"], p["P"]), []).append(p)
+    spread = {cell: ps for cell, ps in by_cell.items() if len(ps) > 1}
+    if spread:
+        cases = []
+        widest = 0.0
+        for (size, P), ps in sorted(spread.items()):
+            accs = [p["accuracy"] for p in sorted(ps, key=lambda p: p["train_seed"])]
+            widest = max(widest, max(accs) - min(accs))
+            cases.append(f"{size} P={P} " + " / ".join(_pct(a) for a in accs))
+        half = float(np.mean([(p["ci"][1] - p["ci"][0]) / 2 for ps in spread.values() for p in ps]))
+        out.append(f"Training seeds (greedy accuracy per seed): " + "; ".join(cases) + f". The widest spread is "
+                   f"{100 * widest:.1f} points, against a mean 95% half-width over problems of {100 * half:.1f}: "
+                   + ("differences between models smaller than the seed spread are not resolved by one seed per "
+                      "model." if widest > half else "the seed spread is within the problem intervals."))
+
+    # 6. latency and memory at batch 1
     kpts = [p for p in real if p["model"] == base["model"] and p["method"] == "majority"]
     if kpts:
         top = max(kpts, key=lambda p: p["k"])
@@ -800,12 +831,14 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
             plan.append((name, name, None, Path(d), None))
     else:
         # cheapest to train first, so a run cut short still holds the most models
+        # the first grid complete before any replica
         grid = sorted(((size, P) for size in preset.sizes for P in preset.streams),
                       key=lambda sp: train_flops_per_token(preset, *sp))
-        for size, P in grid:
-            name = grid_name(size.name, P)
-            run_dir = out_dir / "runs" / name
-            plan.append((name, size.name, P, run_dir / "model", (size, P, run_dir)))
+        for seed in (preset.seed, *preset.train_seeds):
+            for size, P in grid:
+                name = grid_name(size.name, P) + ("" if seed == preset.seed else f"-s{seed}")
+                run_dir = out_dir / "runs" / name
+                plan.append((name, size.name, P, run_dir / "model", (size, P, run_dir, seed)))
         if not corpus.exists():
             write_training_corpus(task, preset.train_problems, seed=preset.seed, difficulty=preset.difficulty,
                                   path=corpus, exclude=[p.prompt for p in problems])
@@ -820,8 +853,8 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
     for i, (name, size_label, P, model_dir, spec) in enumerate(plan, start=1):
         n_threads = auto_threads() if threads == "auto" else threads
         if spec is not None:
-            size, P, run_dir = spec
-            cfg = train_config(preset, size, P, corpus, run_dir, n_threads)
+            size, P, run_dir, seed = spec
+            cfg = train_config(preset, size, P, corpus, run_dir, n_threads, seed)
             t_train = time.perf_counter()
             res = train_fn(cfg)
             if not getattr(res, "already_finished", False):
@@ -839,7 +872,8 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
                   "params": int(model.num_parameters(non_embedding=True)),
                   "params_total": int(model.num_parameters()), "model_dir": str(model_dir),
                   "backbone_params": int(param_counts(model.config).backbone_non_embedding),
-                  "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size, **info}
+                  "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
+                  "train_seed": spec[3] if spec is not None else None, **info}
         path = _eval_path(out_dir, name)
         fp = _fingerprint(model_dir)
         ev = _load_eval(path, settings, str(model_dir))
@@ -899,10 +933,11 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
     from .plots.compare import plot_frontier, plot_inference, plot_training
 
     points = build_points(records, evals, preset.n_boot, preset.seed)
-    fronts = frontiers(points)
-    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware)
+    fronts = frontiers(points, preset.seed)
+    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware, preset.seed)
+    shown = first_seed(points, preset.seed)
     plots = {
-        "inference": plot_inference(points, fronts["inference_flops"], out_dir / PLOT_NAMES["inference"]),
+        "inference": plot_inference(shown, fronts["inference_flops"], out_dir / PLOT_NAMES["inference"]),
         "frontier": plot_frontier(points, fronts["inference_flops"], out_dir / PLOT_NAMES["frontier"]),
         "frontier_eflops": plot_frontier(points, fronts["eflops"], out_dir / PLOT_NAMES["frontier_eflops"],
                                          x="eflops", title=f"Pareto frontier: accuracy vs eFLOPs "
