@@ -943,7 +943,7 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
         "frontier_eflops": plot_frontier(points, fronts["eflops"], out_dir / PLOT_NAMES["frontier_eflops"],
                                          x="eflops", title=f"Pareto frontier: accuracy vs eFLOPs "
                                                            f"({preset.eflops_hardware} FLOP/byte)"),
-        "training": plot_training(points, out_dir / PLOT_NAMES["training"]),
+        "training": plot_training(points, out_dir / PLOT_NAMES["training"], first_seed=preset.seed),
     }
     results = {
         "format": FORMAT, "version": VERSION,

@@ -82,9 +82,11 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], frontier_ids: Sequence[st
     return atomic_savefig(fig, Path(path), dpi=120)
 
 
-def plot_training(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_training(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "",
+                  first_seed: int | None = None) -> Path:
     """Accuracy vs training FLOPs: each model's greedy point and its best sampled point (an arrow
-    joins them: what samples add at no training cost)."""
+    joins them: what samples add at no training cost). Replicas of another training seed than
+    ``first_seed`` are drawn hollow, so the seed spread shows at equal training FLOPs."""
     real = [p for p in points if not p["oracle"] and p.get("train_flops")]
     fig = Figure(figsize=(7.5, 5), constrained_layout=True)
     ax = fig.subplots()
@@ -94,13 +96,17 @@ def plot_training(points: Sequence[Mapping[str, Any]], path: str | Path, title: 
         g = [p for p in mine if p["method"] == "greedy"]
         s = [p for p in mine if p["method"] not in ("greedy", "sample")]
         color = CATEGORY_COLORS.get(g[0]["category"] if g else "base", "grey")
+        seed = mine[0].get("train_seed")
+        replica = first_seed is not None and seed not in (None, first_seed)
+        face = "none" if replica else color
         if g:
-            ax.scatter([g[0]["train_flops"]], [100 * g[0]["accuracy"]], c=color, marker="o", s=36, zorder=3,
-                       label=f"{name} greedy")
+            ax.scatter([g[0]["train_flops"]], [100 * g[0]["accuracy"]], facecolors=face, edgecolors=color,
+                       marker="o", s=36, zorder=3, label=f"{name} greedy" + (f" (seed {seed})" if replica else ""))
             _errorbars(ax, g, "train_flops", color=color)
         if s:
             best = max(s, key=lambda p: p["accuracy"])
-            ax.scatter([best["train_flops"]], [100 * best["accuracy"]], c=color, marker="^", s=36, zorder=3)
+            ax.scatter([best["train_flops"]], [100 * best["accuracy"]], facecolors=face, edgecolors=color,
+                       marker="^", s=36, zorder=3)
             if g:
                 ax.annotate("", (best["train_flops"], 100 * best["accuracy"]),
                             (g[0]["train_flops"], 100 * g[0]["accuracy"]),
