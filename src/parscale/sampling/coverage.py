@@ -215,8 +215,12 @@ def fit_coverage_law(correct: Mapping[int, Sequence[bool]], *, k_max: int | None
                       ks=fit_ks, problems=len(correct))
     if n_boot:
         rng = np.random.default_rng(seed)
-        idx = rng.integers(0, matrix.shape[0], size=(n_boot, matrix.shape[0]))
-        ba, bb, ok = _fit_rows(matrix[idx].mean(1), ks)
+        m = matrix.shape[0]
+        idx = rng.integers(0, m, size=(n_boot, m))
+        # each resample's curve as (multiplicity of each problem) @ matrix: B x K, never B x m x K
+        weights = np.zeros((n_boot, m))
+        np.add.at(weights, (np.arange(n_boot)[:, None], idx), 1.0)
+        ba, bb, ok = _fit_rows(weights @ matrix / m, ks)
         fit.boot_used = int(ok.sum())
         fit.boot_curves = np.stack([ba[ok], bb[ok]], axis=1)
         if fit.a is not None:
