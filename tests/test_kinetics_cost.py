@@ -163,6 +163,13 @@ def test_ledgers_of_different_cache_dtypes_do_not_add():
     assert (a + b).kv_read_bytes == 5.0
     with pytest.raises(ParScaleError, match="different models"):
         a + CostLedger(generated_tokens=1, streams=2, params=7, kv_bytes_per_value=2)
+    # a ledger without recorded reads (a policy's own work, an older file) adds as zero reads
+    extra = CostLedger(generated_tokens=2, flops=3.0, streams=2, params=7)
+    both = b + extra
+    assert both.kv_read_bytes == 5.0 and both.kv_bytes_per_value == 4 and both.generated_tokens == 3
+    assert (extra + b) == both
+    with pytest.raises(ParScaleError, match="different models"):  # reads without a dtype: refused
+        b + CostLedger(generated_tokens=1, kv_read_bytes=1.0, streams=2, params=7)
 
 
 
