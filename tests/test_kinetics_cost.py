@@ -98,6 +98,7 @@ def test_long_generations_are_dominated_by_kv_reads():
         share.append(1 - c.flops / c.eflops)
     assert share[0] < share[1] < share[2]
     assert share[2] > 0.5 > share[0]
+    assert generation_cost("0.5b", 1, 64, [64], dtype="bf16") == generation_cost(cfg, 1, 64, [64], dtype="bf16")
 
 
 @pytest.mark.parametrize("P", [1, 2])
