@@ -286,3 +286,13 @@ def test_noisy_verifier_scorer_bad_specs(tmp_path, capsys, spec, match):
     path = arithmetic_set(problems=2, n=2).save_jsonl(tmp_path / "s.jsonl")
     rc, _, err = run_cli(["score", path, "--scorer", spec], capsys)
     assert rc == 2 and match in err and err.strip().count("\n") == 0, err
+
+
+@pytest.mark.parametrize("flags", [{0: [False] * 4, 1: [False] * 4}, {0: [True] * 4, 1: [False] * 4},
+                                   {0: [True] * 4}])
+def test_plot_handles_degenerate_fits(tmp_path, flags):
+    from parscale.plots.coverage import plot_coverage
+
+    report = coverage_report(flags, predict_ks=[16], n_boot=20)
+    path = plot_coverage(report, tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
