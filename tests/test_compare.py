@@ -145,7 +145,7 @@ def test_pareto_front_on_a_hand_made_set():
 
 
 # --------------------------------------------------------------------------- end to end
-POINT_KEYS = {"id", "model", "size", "P", "params", "train_seed", "method", "k", "oracle", "accuracy", "ci", "axes",
+POINT_KEYS = {"id", "model", "size", "P", "params", "train_seed", "average_of", "method", "k", "oracle", "accuracy", "ci", "axes",
               "category", "train_flops", "inference_flops", "decode_steps", "row_steps", "generated_tokens",
               "kv_cache_bytes", "kv_read_bytes", "eflops", "wall_s", "wall_s_from"}
 
@@ -265,6 +265,13 @@ def test_training_seed_replicas_measure_the_spread_and_stay_off_the_frontier(tmp
     assert saved["seed"] == 7
     replica = {p["id"] for p in results["points"] if p["train_seed"] == 7}
     assert replica and not any(replica & set(ids) for ids in results["frontiers"].values())
+    # the axes are compared on the per-problem average over the seeds
+    assert [c["name"] for c in results["seed_averages"]] == ["micro-p1-avg2"]
+    assert results["seed_averages"][0]["average_of"] == ["micro-p1", "micro-p1-s7"]
+    acc = {p["id"]: p["accuracy"] for p in results["points"]}
+    for key in ("greedy@1", "majority@4", "bom@2"):
+        assert acc[f"micro-p1-avg2/{key}"] == pytest.approx((acc[f"micro-p1/{key}"] + acc[f"micro-p1-s7/{key}"]) / 2)
+    assert all(i.startswith("micro-p1-avg2/") for ids in results["frontiers"].values() for i in ids)
     spread = [c for c in results["conclusions"] if c.startswith("Training seeds")]
     g = {p["train_seed"]: p["accuracy"] for p in results["points"] if p["method"] == "greedy"}
     assert len(spread) == 1 and f"micro P=1 {100 * g[0]:.1f}% / {100 * g[7]:.1f}%" in spread[0]

@@ -509,7 +509,7 @@ def build_points(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mappin
             axes = axes_of(m, k, base_params)
             points.append({
                 "id": f"{m['name']}/{key}", "model": m["name"], "size": m["size"], "P": m["P"], "params": m["params"],
-                "train_seed": m.get("train_seed"),
+                "train_seed": m.get("train_seed"), "average_of": m.get("average_of"),
                 "method": method, "k": k, "oracle": method == "pass", "accuracy": acc, "ci": [lo, hi],
                 "axes": axes, "category": "+".join(axes) or "base",
                 "train_flops": m.get("train_flops"), "inference_flops": c["inference_flops"],
@@ -522,9 +522,38 @@ def build_points(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mappin
     return points
 
 
+def seed_cells(models: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[str, Any]]
+               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """With replicas (``train_seeds``): one averaged "model" per (size, P), ``NAME-avgN``, whose
+    per-problem values and costs are the means over its N trained seeds (same problems, so the
+    average is per problem and the bootstrap stays paired). None without replicas."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for m in models:
+        if m.get("train_seed") is not None and m["name"] in evals:
+            groups.setdefault((m["size"], m["P"]), []).append(m)
+    if not any(len(g) > 1 for g in groups.values()):
+        return [], {}
+    cells, cell_evals = [], {}
+    for (size, P), ms in groups.items():
+        name = f"{size}-p{P}-avg{len(ms)}"
+        evs = [evals[m["name"]] for m in ms]
+        cell = dict(ms[0], name=name, train_seed=None, average_of=[m["name"] for m in ms])
+        cell["train_flops"] = float(np.mean([m["train_flops"] for m in ms])) if ms[0].get("train_flops") else None
+        values = {key: [float(x) for x in np.mean([ev["values"][key] for ev in evs], axis=0)]
+                  for key in evs[0]["values"]}
+        costs = {key: {c: float(np.mean([ev["costs"][key][c] for ev in evs])) for c in evs[0]["costs"][key]}
+                 for key in evs[0]["costs"]}
+        wall = {w: float(np.mean([ev["wall_s"][w] for ev in evs])) for w in evs[0]["wall_s"]}
+        cells.append(cell)
+        cell_evals[name] = {"values": values, "costs": costs, "wall_s": wall, "n": evs[0]["n"]}
+    return cells, cell_evals
+
+
 def first_seed(points: Sequence[Mapping[str, Any]], seed: int) -> list[Mapping[str, Any]]:
-    """The points of the first training seed (and of models not trained here): what the axes are
-    compared on; replicas (``train_seeds``) only measure the seed-to-seed spread."""
+    """The points the axes are compared on: the seed averages (``seed_cells``) when there are
+    replicas, else the models of the first training seed (and models not trained here)."""
+    if any(p.get("average_of") for p in points):
+        return [p for p in points if p.get("average_of")]
     return [p for p in points if p.get("train_seed") in (None, seed)]
 
 
@@ -563,7 +592,7 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
              hardware: str = "A100-80GB", first: int = 0) -> list[str]:
     """Plain-language conclusions, every number computed here from the points (see docs/compare.md);
     the axes are compared on the models of training seed ``first``."""
-    replicas = [p for p in points if not p["oracle"] and p["method"] == "greedy"]
+    replicas = [p for p in points if not p["oracle"] and p["method"] == "greedy" and not p.get("average_of")]
     real = [p for p in first_seed(points, first) if not p["oracle"]]
     if not real:
         return ["no model was evaluated yet"]
@@ -933,7 +962,9 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
     from .atomic import atomic_write_text
     from .plots.compare import plot_frontier, plot_inference, plot_training
 
-    points = build_points(records, evals, preset.n_boot, preset.seed)
+    cells, cell_evals = seed_cells(records, evals)
+    evals = {**evals, **cell_evals}
+    points = build_points([*records, *cells], evals, preset.n_boot, preset.seed)
     fronts = frontiers(points, preset.seed)
     conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware, preset.seed)
     shown = first_seed(points, preset.seed)
@@ -943,13 +974,15 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
         "frontier_eflops": plot_frontier(points, fronts["eflops"], out_dir / PLOT_NAMES["frontier_eflops"],
                                          x="eflops", title=f"Pareto frontier: accuracy vs eFLOPs "
                                                            f"({preset.eflops_hardware} FLOP/byte)"),
-        "training": plot_training(points, out_dir / PLOT_NAMES["training"], first_seed=preset.seed),
+        "training": plot_training([p for p in points if not p.get("average_of")], out_dir / PLOT_NAMES["training"],
+                                  first_seed=preset.seed),
     }
     results = {
         "format": FORMAT, "version": VERSION,
         "complete": len(records) == planned, "models_planned": planned,
         "preset": preset.to_dict(),
         "models": records,
+        "seed_averages": cells,
         "points": points,
         "frontiers": fronts,
         "conclusions": conclusions,
