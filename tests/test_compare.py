@@ -145,7 +145,8 @@ def test_pareto_front_on_a_hand_made_set():
 
 
 # --------------------------------------------------------------------------- end to end
-POINT_KEYS = {"id", "model", "size", "P", "params", "train_seed", "average_of", "method", "k", "oracle", "accuracy", "ci", "axes",
+POINT_KEYS = {"id", "model", "size", "P", "params", "train_seed", "average_of", "method", "k", "oracle", "accuracy",
+              "ci", "axes",
               "category", "train_flops", "inference_flops", "decode_steps", "row_steps", "generated_tokens",
               "kv_cache_bytes", "kv_read_bytes", "eflops", "wall_s", "wall_s_from"}
 

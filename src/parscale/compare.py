@@ -141,7 +141,8 @@ _WHY = ("4x4 sudoku with 4 blanks: 1-minute probes put a 740k-parameter model at
         "lr 6e-3 at 8 per step: 5%, lr 1e-2 at 16: 0%), hence batch 4 — and a rerun of that setting on "
         "another split reached only 0.5% (the 93k model sits on a sharp transition at 300k tokens), hence 500k "
         "tokens in full; at 500k tokens with 4 blanks the first full grid put tiny P=1/P=2 and mid P=1 at "
-        "5.5% / 70.0% / 95.5% greedy (near the ceiling), hence 6 blanks in full; answers are 16 digits, so voting and best-of-N "
+        "5.5% / 70.0% / 95.5% greedy (near the ceiling), hence 6 blanks in full; answers are 16 digits, so "
+        "voting and best-of-N "
         "are not degenerate (one-digit answers, as in linear equations, make a majority converge to the "
         "greedy answer); arithmetic (2 digits) and countdown stayed near 0% at these budgets.")
 
@@ -470,7 +471,8 @@ def training_info(model_dir: str | os.PathLike, config) -> dict[str, Any]:
     tokens, seq_len = summary.get("tokens"), saved.get("seq_len")
     if isinstance(tokens, int) and isinstance(seq_len, int):
         # forward + backward = 3 forwards; a training sequence's mean causal context is (s + 1) / 2
-        info.update(train_tokens=tokens, train_flops=3 * forward_flops(config, tokens=tokens, context=(seq_len + 1) / 2))
+        flops = 3 * forward_flops(config, tokens=tokens, context=(seq_len + 1) / 2)
+        info.update(train_tokens=tokens, train_flops=flops)
     info.update(train_wall_s=summary.get("wall_s"), val_loss=summary.get("val_loss"))
     return info
 
@@ -740,7 +742,8 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
         top = max(kpts, key=lambda p: p["k"])
         out.append(f"Latency and memory at batch 1: samples run side by side, so {top['k']} samples on the base "
                    f"model take {top['decode_steps']:.2f} decode steps (greedy {base['decode_steps']:.2f}) but "
-                   f"{top['kv_cache_bytes'] / base['kv_cache_bytes']:.1f}x the KV cache; P streams multiply the KV cache and "
+                   f"{top['kv_cache_bytes'] / base['kv_cache_bytes']:.1f}x the KV cache; P streams multiply the KV "
+                   "cache and "
                    "the per-step work by P at the same number of steps.")
     return out
 
@@ -1046,7 +1049,8 @@ def render_report(results: Mapping[str, Any]) -> str:
               f"answer), eFLOPs = FLOPs + KV-cache bytes read x the FLOP/byte of {pr['eflops_hardware']}, "
               "wall seconds of the run the point comes from. Frontier: * on the inference-FLOPs "
               "frontier, + on the joint training + inference frontier.", "",
-              "| point | axes | accuracy | 95% CI | inference FLOPs | eFLOPs | train FLOPs | decode steps | KV cache | wall s |",
+              "| point | axes | accuracy | 95% CI | inference FLOPs | eFLOPs | train FLOPs | decode steps | KV cache "
+              "| wall s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     f_inf = set(results["frontiers"].get("inference_flops", []))
     f_joint = set(results["frontiers"].get("train_and_inference_flops", []))
