@@ -35,6 +35,11 @@ here), so one n = 16 run per model gives every k ≤ 16 without separate runs; t
 percentile bootstraps over problems. ``pass@k`` is kept as an oracle reference (it needs the
 verifier) and is never on a frontier.
 
+Training seeds: a preset's ``train_seeds`` trains every (size, P) once more per extra seed
+(``NAME-sSEED``, same corpus); the axes, frontiers and conclusions then use the per-problem
+averages over the seeds (``seed_cells``: ``NAME-avgN``), and a conclusion states the
+seed-to-seed spread against the intervals over problems (which do not contain it).
+
 Outputs (``OUT``): ``runs/NAME`` (ordinary training runs, resumable), ``evals/NAME.json`` (one
 model's evaluation with per-problem values; written when it finishes, skipped when present),
 ``results.json``, ``report.md`` and PNG plots, rewritten after every model so a cut run keeps
