@@ -596,9 +596,12 @@ def _verdict(lo: float, hi: float) -> str:
 
 def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[str, Any]],
              fronts: Mapping[str, Sequence[str]], n_boot: int, seed: int,
-             hardware: str = "A100-80GB", first: int = 0) -> list[str]:
+             hardware: str = "A100-80GB", first: int = 0,
+             val_losses: Mapping[str, float | None] | None = None) -> list[str]:
     """Plain-language conclusions, every number computed here from the points (see docs/compare.md);
-    the axes are compared on the models of training seed ``first``."""
+    the axes are compared on the seed averages, or the models of training seed ``first``;
+    ``val_losses``: each model's held-out loss (for the loss-vs-accuracy correlation)."""
+    evals_loss = dict(val_losses or {})
     replicas = [p for p in points if not p["oracle"] and p["method"] == "greedy" and not p.get("average_of")]
     real = [p for p in first_seed(points, first) if not p["oracle"]]
     if not real:
@@ -741,7 +744,16 @@ def conclude(points: Sequence[Mapping[str, Any]], evals: Mapping[str, Mapping[st
                    + ("differences between models smaller than the seed spread are not resolved by one seed per "
                       "model." if widest > half else "the seed spread is within the problem intervals."))
 
-    # 6. latency and memory at batch 1
+    # 6. does accuracy follow the held-out loss more than the grid's axes? (rank correlation)
+    losses = [(evals_loss[p["model"]], p["accuracy"]) for p in replicas if evals_loss.get(p["model"]) is not None]
+    if len(losses) >= 4 and len({a for _, a in losses}) > 1 and len({x for x, _ in losses}) > 1:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr([x for x, _ in losses], [a for _, a in losses]).statistic)  # ties: mean ranks
+        out.append(f"Across the {len(losses)} trained models, greedy accuracy against held-out loss: Spearman rank "
+                   f"correlation {rho:+.2f} (lower loss, higher accuracy when negative).")
+
+    # 7. latency and memory at batch 1
     kpts = [p for p in real if p["model"] == base["model"] and p["method"] == "majority"]
     if kpts:
         top = max(kpts, key=lambda p: p["k"])
@@ -974,7 +986,8 @@ def _write_outputs(out_dir: Path, preset: ComparePreset, records, evals, started
     evals = {**evals, **cell_evals}
     points = build_points([*records, *cells], evals, preset.n_boot, preset.seed)
     fronts = frontiers(points, preset.seed)
-    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware, preset.seed)
+    conclusions = conclude(points, evals, fronts, preset.n_boot, preset.seed, preset.eflops_hardware, preset.seed,
+                           {m["name"]: m.get("val_loss") for m in records})
     shown = first_seed(points, preset.seed)
     plots = {
         "inference": plot_inference(shown, fronts["inference_flops"], out_dir / PLOT_NAMES["inference"]),
