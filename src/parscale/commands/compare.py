@@ -54,14 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="parameters vs streams vs samples at equal compute (grid, costs, Pareto frontier)",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--preset", default="quick", metavar="quick|full|smoke", help="which experiment (see above)")
-    parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/compare-PRESET)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output directory; unset: runs/compare-PRESET")
     parser.add_argument("--models", nargs="+", metavar="DIR", default=None,
                         help="evaluate these model directories instead of training the preset's grid")
-    parser.add_argument("--task", default=None, help="arithmetic | countdown | linear | sudoku (default: the preset's)")
-    parser.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the preset's)")
+    from ..sampling.tasks import TASKS
+
+    generated = " | ".join(name for name in TASKS if name != "exact")
+    parser.add_argument("--task", default=None, help=f"{generated}; unset: the preset's")
+    parser.add_argument("--difficulty", type=int, default=None, help="task difficulty; unset: the preset's (another --task: its default)")
     parser.add_argument("--problems", type=int, default=None, metavar="N",
-                        help="held-out problems to evaluate (default: the preset's)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's)")
+                        help="held-out problems to evaluate; unset: the preset's")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature; unset: the preset's")
     parser.add_argument("--threads", type=threads_type, default="auto", metavar="N|auto",
                         help="torch CPU threads; auto: the cores not busy with other work when each model starts")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
