@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli, snapshot
 
@@ -225,6 +226,9 @@ def test_smoke_preset_end_to_end(smoke_run, tmp_path, capsys):
     (["--preset", "smoke", "--temperature", "0"], "temperature must be > 0"),
     (["--preset", "smoke", "--threads", "0"], "--threads"),
     (["--preset", "smoke", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--preset", "smoke", "--device", "tpu"], "invalid choice: 'tpu'"),
+    pytest.param(["--preset", "smoke", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"

@@ -434,7 +434,7 @@ def evaluate_model(model, tokenizer, problems, preset: ComparePreset, *, progres
 
 # --------------------------------------------------------------------------- training
 def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: Path, run_dir: Path,
-                 threads: int | None, seed: int | None = None):
+                 threads: int | None, seed: int | None = None, device: str = "auto"):
     """The TrainConfig of one grid model; ``seed`` (default ``preset.seed``) seeds its initialisation
     and data order (the corpus is the same for every seed)."""
     from .training.options import TrainConfig
@@ -445,7 +445,8 @@ def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: P
                        streams=streams, prefix_tokens=preset.prefix_tokens, seq_len=preset.seq_len,
                        batch_size=preset.batch_size, tokens=preset.train_tokens, lr=preset.lr, min_lr=preset.min_lr,
                        warmup_steps=preset.warmup_steps, eval_every=steps, checkpoint_every=max(1, steps // 4),
-                       seed=preset.seed if seed is None else seed, threads=threads, quiet=True, resume=True)
+                       seed=preset.seed if seed is None else seed, threads=threads, device=device, quiet=True,
+                       resume=True)
 
 
 def train_flops_per_token(preset: ComparePreset, size: ModelSize, streams: int) -> float:
@@ -832,14 +833,17 @@ def check_model_dirs(dirs: Sequence[str | os.PathLike]) -> None:
 def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None = None, *,
             models: Sequence[str | os.PathLike] | None = None, threads: int | str | None = "auto",
             progress: bool = True, command: str | None = None, overrides: Mapping[str, Any] | None = None,
-            train_fn: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None) -> CompareResult:
+            train_fn: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None,
+            device: str = "auto") -> CompareResult:
     """Train the preset's grid (or take ``models``: existing model directories), evaluate every
     model, and write evals/, results.json, report.md and the plots into ``out`` after each model.
 
     ``overrides``: preset fields to change (``task``, ``difficulty``, ``eval_problems``, ...);
     ``threads``: torch CPU threads (``"auto"``: the cores free right now, per model); ``train_fn``
-    replaces ``parscale.training.train`` (tests). Finished training runs and evaluations are
-    skipped, so running the same command again continues where a cut run stopped.
+    replaces ``parscale.training.train`` (tests); ``device``: where the models are evaluated
+    (``auto``: CUDA when present; training picks its device the same way). Finished training runs
+    and evaluations are skipped, so running the same command again continues where a cut run
+    stopped.
     """
     import torch
 
@@ -861,6 +865,11 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
     validate_preset(preset)
     if threads is not None and threads != "auto" and (not isinstance(threads, int) or threads < 1):
         raise ParScaleError(f"--threads must be a positive integer or 'auto' (got {threads!r})")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ParScaleError(f"--device must be auto, cpu or cuda (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParScaleError("--device cuda: no CUDA device is available")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     out_dir = Path(out if out is not None else f"runs/compare-{preset.name}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ParScaleError(f"--out {out_dir}: exists and is not a directory")
@@ -904,7 +913,7 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
         n_threads = auto_threads() if threads == "auto" else threads
         if spec is not None:
             size, P, run_dir, seed = spec
-            cfg = train_config(preset, size, P, corpus, run_dir, n_threads, seed)
+            cfg = train_config(preset, size, P, corpus, run_dir, n_threads, seed, device)
             t_train = time.perf_counter()
             res = train_fn(cfg)
             if not getattr(res, "already_finished", False):
@@ -915,7 +924,7 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
         if n_threads is not None:
             torch.set_num_threads(n_threads)
         tok = Tokenizer.from_pretrained(model_dir)
-        model = ParScaleForCausalLM.from_pretrained(model_dir, streams=P)
+        model = ParScaleForCausalLM.from_pretrained(model_dir, streams=P, device=device)
         model.eval()
         info = training_info(model_dir, model.config)
         record = {"name": name, "size": size_label, "P": int(model.streams),
@@ -934,7 +943,7 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
             t_eval = time.perf_counter()
             ev = evaluate_model(model, tok, problems, preset, progress=False)
             ev.update(settings=settings, model_dir=str(model_dir), weights=fp, n=preset.n_samples,
-                      threads=n_threads, eval_wall_s=time.perf_counter() - t_eval)
+                      threads=n_threads, device=device, eval_wall_s=time.perf_counter() - t_eval)
             atomic_write_text(path, json.dumps(ev) + "\n")
             evaluated.append(name)
             g = float(np.mean(ev["values"]["greedy@1"]))
@@ -943,6 +952,7 @@ def compare(preset: str | ComparePreset = "quick", out: str | os.PathLike | None
                 if max(preset.ks) > 1 else f"[{i}/{len(plan)}] {name}: evaluated; greedy {_pct(g)}")
         record["eval_wall_s"] = ev.get("eval_wall_s")
         record["eval_threads"] = ev.get("threads")
+        record["eval_device"] = ev.get("device")
         records.append(record)
         evals[name] = ev
         del model

@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature; unset: the preset's")
     parser.add_argument("--threads", type=threads_type, default="auto", metavar="N|auto",
                         help="torch CPU threads; auto: the cores not busy with other work when each model starts")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the models are evaluated (and trained); auto: CUDA when present")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
@@ -75,7 +77,7 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["parscale", "compare", "--preset", args.preset]
     for flag, value in (("--out", args.out), ("--task", args.task), ("--difficulty", args.difficulty),
                         ("--problems", args.problems), ("--temperature", args.temperature),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--device", args.device)):
         if value is not None and value != "auto":
             parts += [flag, str(value)]
     if args.models:
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"task": args.task, "difficulty": difficulty, "max_new_tokens": max_new, "eval_problems": args.problems,
                  "temperature": args.temperature}
     result = compare(preset, args.out, models=args.models, threads=args.threads, progress=not args.quiet,
-                     command=_command_line(args), overrides=overrides)
+                     command=_command_line(args), overrides=overrides, device=args.device)
     print(f"parscale compare: {len(result.trained)} models trained, {len(result.evaluated)} evaluated, "
           f"{len(result.skipped)} evaluations reused; {len(result.points)} points")
     for line in result.conclusions:
