@@ -159,7 +159,7 @@ PRESETS: dict[str, ComparePreset] = {
                            n_boot=50),
     "quick": ComparePreset("quick", "sudoku", 4, (_MID, _SMALL), (1, 2, 4), train_tokens=200_000,
                            train_problems=20_000, eval_problems=100, max_new_tokens=20, batch_size=4, why=_WHY),
-    "full": ComparePreset("full", "sudoku", 6, (_TINY, _MID), (1, 2, 4), train_tokens=500_000,
+    "full": ComparePreset("full", "sudoku", 6, (_TINY, _MID, _SMALL), (1, 2, 4), train_tokens=500_000,
                           train_problems=30_000, eval_problems=200, max_new_tokens=20, batch_size=4,
                           train_seeds=(1,), why=_WHY),
 }

@@ -26,9 +26,9 @@ model; running the same command again skips what finished.
 presets:
   quick   sudoku (4 blanks), 2 sizes (305k, 737k params) x P in {1, 2, 4}, 200k tokens each,
           100 problems; 4.4 core-minutes, 9 minutes on a 2-core CPU shared with other work
-  full    sudoku (6 blanks), 2 sizes (93k, 305k params) x P in {1, 2, 4} x 2 training seeds,
-          500k tokens each, 200 problems; 11 core-minutes (22 minutes on the shared 2-core CPU;
-          the committed run: docs/compare/)
+  full    sudoku (6 blanks), 3 sizes (93k, 305k, 739k params) x P in {1, 2, 4} x 2 training
+          seeds, 500k tokens each, 200 problems; 25 core-minutes (42 minutes on the shared 2-core
+          CPU; the committed run: docs/compare/)
   smoke   seconds; for tests (micro shapes, a few steps, 6 problems, n = 4)
 """
 
