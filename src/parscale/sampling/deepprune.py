@@ -328,7 +328,8 @@ class _ClusterPolicy(Policy):
 
     def _add_cost(self, **counts) -> None:
         model = self.context.model
-        ident = {} if model is None else {"streams": model.streams, "params": model.num_parameters()}
+        ident = {} if model is None else {"streams": model.streams, "params": model.num_parameters(),
+                                          "kv_bytes_per_value": model.model.norm.weight.element_size()}
         self.extra_cost = self.extra_cost + CostLedger(**counts, **ident)
 
     def _prune(self, clusters: list[list[int]]) -> Action:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cost import forward_flops
+from ..cost import decode_kv_read_bytes, forward_flops
 from ..errors import ParScaleError
 from ..generation import decode
 from .policies import Policy, PolicyContext, make_policy
@@ -68,7 +68,8 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
     proto = make_policy(policy, extractor=extractor) if isinstance(policy, str) else policy
     pruned_into: dict[str, dict[str, int]] = {}
     samples: list[Sample] = []
-    ledger = CostLedger(streams=model.streams, params=model.num_parameters())
+    ledger = CostLedger(streams=model.streams, params=model.num_parameters(),
+                        kv_bytes_per_value=model.model.norm.weight.element_size())
     bar = tqdm(total=len(problems), desc="sampling", unit="problem", disable=not progress)
     t_start = time.perf_counter()
     for lo in range(0, len(problems), batch_problems):
@@ -156,11 +157,14 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         if n_fed:
             ctx_sum = sum(m * p + m * (m + 1) / 2 for m, p in fed)
             flops += forward_flops(cfg, tokens=n_fed, context=ctx_sum / n_fed)
+        kv_value = model.model.norm.weight.element_size()  # the cache's dtype (model.new_cache)
         ledger = ledger + CostLedger(prompt_tokens=res.prefill_tokens,
                                      generated_tokens=sum(len(t) for t in res.tokens),
                                      decode_steps=res.decode_steps, row_steps=res.row_steps,
                                      wall_s=res.wall_s, flops=flops, streams=model.streams,
-                                     params=model.num_parameters())
+                                     params=model.num_parameters(),
+                                     kv_read_bytes=decode_kv_read_bytes(cfg, fed, kv_value, model.streams),
+                                     kv_bytes_per_value=kv_value)
         for p, pol in zip(batch, policies):
             if pol is not None:
                 ledger = ledger + pol.extra_cost
