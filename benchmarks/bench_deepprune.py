@@ -12,8 +12,11 @@ DeepPrune / peek save against plain majority beside the agree / posterior / firs
    vote that counts each kept row with the rows pruned into it), and generated tokens, decode
    row-steps and FLOPs from the run's own ledger (the policies' own work included: the judge's
    FLOPs, peek's forked rows), with the saving against plain majority at the same N.
-4. When ``parscale.sampling.coverage`` is present (the coverage-law fit), fits pass@k on
-   k <= N/4 of the N = 32 run and checks the prediction at the held-out larger k.
+4. The coverage law (``parscale.sampling.coverage``): fitted on k <= N/4 of the N = 32 run,
+   its prediction checked at every held-out larger k; and on all k, predicted at k = 64, 128.
+
+Costs: FLOPs from the model's cost formulas, and Kinetics' eFLOPs (FLOPs + KV-cache bytes read
+× an A100's FLOP/byte), both from the ledger.
 
 Every SampleSet is saved under OUT/samples and reused by a rerun with the same settings.
 
@@ -159,11 +162,13 @@ def main() -> None:
         acc = accuracy(plain[n], task)
         c = plain[n].ledger.per_problem(len(held))
         results["plain"][n] = {"majority": acc, "pass@1": pass_k(plain[n], task, 1), f"pass@{n}": pass_k(plain[n], task, n),
-                               "generated_tokens": c["generated_tokens"], "flops": c["flops"], "row_steps": c["row_steps"]}
-    print(f"\n{'N':>3} {'majority':>9} {'pass@1':>7} {'pass@N':>7} {'gen tok/prob':>13} {'FLOPs/prob':>11}")
+                               "generated_tokens": c["generated_tokens"], "flops": c["flops"], "row_steps": c["row_steps"],
+                               "eflops": c.get("eflops")}
+    print(f"\n{'N':>3} {'majority':>9} {'pass@1':>7} {'pass@N':>7} {'gen tok/prob':>13} {'FLOPs/prob':>11} "
+          f"{'eFLOPs/prob':>12}")
     for n, r in results["plain"].items():
         print(f"{n:>3} {r['majority']:>9.3f} {r['pass@1']:>7.3f} {r[f'pass@{n}']:>7.3f} "
-              f"{r['generated_tokens']:>13.1f} {r['flops']:>11.3g}")
+              f"{r['generated_tokens']:>13.1f} {r['flops']:>11.3g} {r['eflops'] or float('nan'):>12.3g}")
 
     held_pairs = collect_pairs(plain[32], task.extractor, lengths)
     results["auroc"] = judge_auroc(judge, held_pairs)
@@ -180,8 +185,8 @@ def main() -> None:
         base, base_acc = plain[n].ledger, results["plain"][n]["majority"]
         print(f"\nN={n}: against plain majority {base_acc:.3f} ({base.generated_tokens / len(held):.1f} generated "
               f"tokens, {base.flops / len(held):.3g} FLOPs per problem)")
-        print(f"{'policy':>18} {'majority':>9} {'cluster':>8} {'Δacc':>6} {'gen tok':>8} {'tok saved':>10} "
-              f"{'row-steps':>10} {'FLOPs':>10} {'FLOPs saved':>12} {'wall s':>7}")
+        print(f"{'policy':>22} {'majority':>9} {'cluster':>8} {'Δacc':>6} {'gen tok':>8} {'tok saved':>10} "
+              f"{'row-steps':>10} {'FLOPs':>10} {'FLOPs saved':>12} {'eFLOPs saved':>13} {'wall s':>7}")
         for spec in specs:
             spec = spec.format(q=n // 4)
             name, *rest = spec.split(":")
@@ -199,10 +204,14 @@ def main() -> None:
                    "generated_tokens": c.generated_tokens / len(held), "row_steps": c.row_steps / len(held),
                    "flops": c.flops / len(held), "tokens_saved": 1 - c.generated_tokens / base.generated_tokens,
                    "flops_saved": 1 - c.flops / base.flops, "wall_s": sset.meta.get("bench_wall_s")}
+            if c.kv_recorded and base.kv_recorded:  # Kinetics' memory-aware cost (A100 FLOP/byte)
+                row["eflops"] = c.eflops() / len(held)
+                row["eflops_saved"] = 1 - c.eflops() / base.eflops()
             results["policies"][f"{spec}@{n}"] = row
-            print(f"{spec:>18} {acc:>9.3f} {cacc:>8.3f} {row['delta']:>+6.3f} {row['generated_tokens']:>8.1f} "
+            es = f"{row['eflops_saved']:>12.0%}" if "eflops_saved" in row else f"{'-':>12}"
+            print(f"{spec:>22} {acc:>9.3f} {cacc:>8.3f} {row['delta']:>+6.3f} {row['generated_tokens']:>8.1f} "
                   f"{row['tokens_saved']:>9.0%} {row['row_steps']:>10.1f} {row['flops']:>10.3g} "
-                  f"{row['flops_saved']:>11.0%} {row['wall_s'] or 0:>7.1f}")
+                  f"{row['flops_saved']:>11.0%} {es} {row['wall_s'] or 0:>7.1f}")
 
     try:  # the coverage-law fit, when it has landed (issue 18, another branch)
         from parscale.sampling import coverage  # noqa: F401
@@ -218,7 +227,26 @@ def main() -> None:
 
 
 def coverage_check(sset: SampleSet, task) -> dict:
-    raise ImportError  # filled in when the coverage fit is in main
+    """The coverage law fitted on k <= N/4 of ``sset``, its prediction checked at every larger k."""
+    from parscale.sampling.coverage import coverage_report, sample_correctness
+
+    extract_answers(sset.samples, task.extractor)
+    rep = coverage_report(sample_correctness(sset, task.name), predict_ks=[64, 128], holdout=4, n_boot=500)
+    f, h = rep.fit, rep.holdout_fit
+    print(f"\ncoverage law c(k) = exp(a·k^b) on the N={rep.n} run ({rep.problems} problems; {rep.method}):")
+    print(f"  fit on k <= {rep.n}: status {f.status}, a {f.a_ci or f.a}, b {f.b_ci or f.b}")
+    for pt in rep.predictions:
+        print(f"  predicted coverage at k={pt.k}: {pt.predicted}")
+    if h is None:
+        print("  held-out check: no fit on the small k (too few usable k)")
+    else:
+        print(f"  held-out check: fit on k <= {rep.holdout_k_max} (a {h.a:.4f}, b {h.b:.4f}), predicted vs measured:")
+        for pt in rep.holdout:
+            if pt.k in (rep.holdout_k_max + 1, 12, 16, 24, rep.n):
+                print(f"    k={pt.k:>2}  measured {pt.measured:.4f}  predicted {pt.predicted}")
+        print(f"  max |error| {rep.holdout_max_abs_error:.4f}, mean |error| {rep.holdout_mean_abs_error:.4f}, "
+              f"measured inside the {rep.level:.0%} interval at {rep.holdout_in_interval:.0%} of the held-out k")
+    return rep.to_dict()
 
 
 if __name__ == "__main__":

@@ -379,7 +379,7 @@ class Peek(_ClusterPolicy):
     def forced_answers(self, live: dict[int, list[int]]) -> dict[int, str | None]:
         """Each live row's answer when forced now: fork it (prompt + its tokens + the answer mark),
         decode greedily to the end of the line; the work is added to ``extra_cost``."""
-        from ..cost import forward_flops
+        from ..cost import decode_kv_read_bytes, forward_flops
         from ..generation import decode
         from .tasks import get_task
 
@@ -411,8 +411,10 @@ class Peek(_ClusterPolicy):
         n_fed = sum(m for m, _ in fed)
         if n_fed:
             flops += forward_flops(cfg, tokens=n_fed, context=sum(m * p + m * (m + 1) / 2 for m, p in fed) / n_fed)
+        kv_value = ctx.model.model.norm.weight.element_size()  # the cache's dtype (model.new_cache)
         self._add_cost(prompt_tokens=res.prefill_tokens, generated_tokens=sum(map(len, res.tokens)),
-                       decode_steps=res.decode_steps, row_steps=res.row_steps, flops=flops)
+                       decode_steps=res.decode_steps, row_steps=res.row_steps, flops=flops,
+                       kv_read_bytes=decode_kv_read_bytes(cfg, fed, kv_value, ctx.model.streams))
         out = {}
         for r, toks in zip(rows, res.tokens):
             line = first_line(tok.decode([t for t in toks if t not in ctx.eos]))
