@@ -33,7 +33,6 @@ traces lets an online greedy clustering stop the redundant rows early. Here:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
