@@ -82,13 +82,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-deepprune")
     ap.add_argument("--task", default="arithmetic-trace")
-    ap.add_argument("--difficulty", type=int, default=3)
+    ap.add_argument("--difficulty", type=int, default=4)
     ap.add_argument("--problems", type=int, default=100, help="held-out evaluation problems")
     ap.add_argument("--judge-problems", type=int, default=150, help="training-side problems for the judge")
     ap.add_argument("--train-problems", type=int, default=60000)
     ap.add_argument("--train-tokens", type=int, default=3_000_000)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lengths", default="8,16,24,32", help="truncation lengths (tokens) for the judge")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every policy run")
+    ap.add_argument("--also-temperatures", default="0.5,1.0", help="plain majority@16 vs greedy at these too")
+    ap.add_argument("--lengths", default="8,16,24,32,40", help="truncation lengths (tokens) for the judge")
     ap.add_argument("--every", type=int, default=8, help="deepprune / peek: decide every this many tokens")
     ap.add_argument("--pairs-per-problem", type=int, default=40, help="judge training pairs per problem and length")
     ap.add_argument("--threshold", type=float, default=0.5, help="deepprune: equivalent at this probability")
@@ -169,6 +170,12 @@ def main() -> None:
     for n, r in results["plain"].items():
         print(f"{n:>3} {r['majority']:>9.3f} {r['pass@1']:>7.3f} {r[f'pass@{n}']:>7.3f} "
               f"{r['generated_tokens']:>13.1f} {r['flops']:>11.3g} {r['eflops'] or float('nan'):>12.3g}")
+
+    results["majority16_by_temperature"] = {args.temperature: results["plain"][16]["majority"]}
+    for temp in [float(x) for x in args.also_temperatures.split(",") if x.strip()]:
+        results["majority16_by_temperature"][temp] = accuracy(run(f"plain-n16-t{temp}", held, 16, temperature=temp), task)
+    print(f"\ngreedy {g_acc:.3f} vs majority@16 by temperature: " + ", ".join(
+        f"T={t}: {a:.3f}" for t, a in sorted(results["majority16_by_temperature"].items())))
 
     held_pairs = collect_pairs(plain[32], task.extractor, lengths)
     results["auroc"] = judge_auroc(judge, held_pairs)
