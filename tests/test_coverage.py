@@ -259,3 +259,40 @@ def test_score_too_few_k_is_a_one_line_cli_error(tmp_path, capsys):
     path = arithmetic_set(problems=3, n=1).save_jsonl(tmp_path / "s.jsonl")
     rc, _, err = run_cli(["score", path, "--coverage-fit"], capsys)
     assert rc == 2 and "n >= 2" in err and err.strip().count("\n") == 0
+
+
+def test_noisy_verifier_scorer_matches_the_selection_curve(tmp_path, capsys):
+    """bon@k with the noisy_verifier scorer is the selection@k of --noisy-verifier (same draws)."""
+    path = arithmetic_set(problems=10, n=8, seed=2).save_jsonl(tmp_path / "s.jsonl")
+    rc, out, err = run_cli(["score", path, "--scorer", "noisy_verifier:0.2,0.3,5", "--strategy", "bon",
+                            "--noisy-verifier", "0.2,0.3", "--verifier-seed", "5", "--json", "--boot", "20"],
+                           capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    bon = [r["bon_at_k"]["estimate"] for r in result["rows"]]
+    sel = [r["selection"]["estimate"] for r in result["noisy_verifier"]["rows"]]
+    assert bon == pytest.approx(sel, abs=1e-12) and len(bon) == 4
+    # and the draws really are noisy: some verdicts differ from the exact verifier's
+    rc, out, _ = run_cli(["score", path, "--scorer", "verifier", "--strategy", "bon", "--json", "--boot", "20"],
+                         capsys)
+    exact = [r["bon_at_k"]["estimate"] for r in json.loads(out)["rows"]]
+    assert exact != pytest.approx(bon)
+
+
+@pytest.mark.parametrize("spec, match", [("noisy_verifier", "FP,FN"), ("noisy_verifier:0.1", "FP,FN"),
+                                         ("noisy_verifier:0.1,x", "not a number"),
+                                         ("noisy_verifier:0.1,0.1,-2", "seed")])
+def test_noisy_verifier_scorer_bad_specs(tmp_path, capsys, spec, match):
+    path = arithmetic_set(problems=2, n=2).save_jsonl(tmp_path / "s.jsonl")
+    rc, _, err = run_cli(["score", path, "--scorer", spec], capsys)
+    assert rc == 2 and match in err and err.strip().count("\n") == 0, err
+
+
+@pytest.mark.parametrize("flags", [{0: [False] * 4, 1: [False] * 4}, {0: [True] * 4, 1: [False] * 4},
+                                   {0: [True] * 4}])
+def test_plot_handles_degenerate_fits(tmp_path, flags):
+    from parscale.plots.coverage import plot_coverage
+
+    report = coverage_report(flags, predict_ks=[16], n_boot=20)
+    path = plot_coverage(report, tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -98,6 +98,7 @@ def test_long_generations_are_dominated_by_kv_reads():
         share.append(1 - c.flops / c.eflops)
     assert share[0] < share[1] < share[2]
     assert share[2] > 0.5 > share[0]
+    assert generation_cost("0.5b", 1, 64, [64], dtype="bf16") == generation_cost(cfg, 1, 64, [64], dtype="bf16")
 
 
 @pytest.mark.parametrize("P", [1, 2])
@@ -163,6 +164,13 @@ def test_ledgers_of_different_cache_dtypes_do_not_add():
     assert (a + b).kv_read_bytes == 5.0
     with pytest.raises(ParScaleError, match="different models"):
         a + CostLedger(generated_tokens=1, streams=2, params=7, kv_bytes_per_value=2)
+    # a ledger without recorded reads (a policy's own work, an older file) adds as zero reads
+    extra = CostLedger(generated_tokens=2, flops=3.0, streams=2, params=7)
+    both = b + extra
+    assert both.kv_read_bytes == 5.0 and both.kv_bytes_per_value == 4 and both.generated_tokens == 3
+    assert (extra + b) == both
+    with pytest.raises(ParScaleError, match="different models"):  # reads without a dtype: refused
+        b + CostLedger(generated_tokens=1, kv_read_bytes=1.0, streams=2, params=7)
 
 
 
@@ -187,3 +195,23 @@ def test_score_reports_flops_and_eflops(tmp_path, tiny_config, capsys):
     assert rc == 0 and "eFLOPs per problem" in out and "A100-80GB" in out
     rc, out, err = run_cli(["score", path, "--hardware", "TPU"], capsys)
     assert rc == 2 and err.strip().count("\n") == 0 and "--hardware" in err
+
+
+def test_peek_forks_read_the_kv_cache_too(tiny_config):
+    """Peek's forked rows (its own decode) add their KV reads to the ledger, not only FLOPs."""
+    from parscale.sampling.deepprune import Peek
+
+    torch.manual_seed(0)
+    model = ParScaleForCausalLM(tiny_config(P=1, vocab_size=len(ALPHABET) + 1,
+                                            eos_token_id=len(ALPHABET))).double().eval()
+    tok = CharTok()
+    problems = get_task("arithmetic").make_problems(2, seed=2, difficulty=2)
+    kw = dict(n=6, temperature=0.5, seed=3, max_new_tokens=8, stop_strings=())
+    peeked = sample_problems(model, tok, problems, policy=Peek(every=3, keep=5, answer_prefix=":"), **kw)
+    # the sampled rows alone read at most this much (every row fed at most all its tokens) ...
+    prompt = {p.id: len(tok.encode(p.prompt)) for p in problems}
+    rows_at_most = decode_kv_read_bytes(model.config, [(s.length, prompt[s.problem_id]) for s in peeked.samples], 8)
+    # ... so the ledger's excess is the forks' own decoding, which read their caches
+    assert peeked.ledger.generated_tokens > sum(s.length for s in peeked.samples)
+    assert peeked.ledger.kv_read_bytes > rows_at_most
+    assert peeked.ledger.kv_bytes_per_value == 8

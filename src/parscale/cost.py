@@ -559,7 +559,7 @@ class GenerationCost(NamedTuple):
     eflops: float
 
 
-def generation_cost(config: ParScaleConfig, streams: int | None, prompt_tokens: int,
+def generation_cost(config: ParScaleConfig | str, streams: int | None, prompt_tokens: int,
                     generated_lengths: Iterable[int], hardware: str | Hardware = "A100-80GB",
                     dtype: str = "fp16", compact: bool = True) -> GenerationCost:
     """What sampling ``len(generated_lengths)`` rows from one prompt costs, charged exactly as
@@ -572,7 +572,9 @@ def generation_cost(config: ParScaleConfig, streams: int | None, prompt_tokens: 
     the longest finishes (``max(g) - 1`` steps). FLOPs are :func:`forward_flops` (prefill at the
     mean causal context, each fed token at its own context); KV reads are
     :func:`decode_kv_read_bytes` with the cache in ``dtype`` (a key of :data:`DTYPE_BYTES`).
+    ``config`` may be one of the paper's presets by name (``"0.5b"`` ... ``"4.4b"``).
     """
+    config = _resolve_config(config)
     P = _check_streams(config.streams if streams is None else streams)
     _check_int(prompt_tokens, "prompt_tokens", 1)
     lengths = list(generated_lengths)

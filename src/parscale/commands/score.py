@@ -182,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
         make_scorer(args.scorer, task=args.task or "exact")  # the spec itself; the task comes later
     ks = parse_ks(args.k)
     sset = SampleSet.load_jsonl(args.samples)
+    if args.coverage_fit and sset.samples:  # before the (slow, for large n) estimators
+        n = min(len(g) for g in sset.by_problem().values())
+        if n < 2:
+            raise ParScaleError(f"--coverage-fit needs n >= 2 samples per problem ({args.samples} has n={n})")
     if args.scorer:
         task = args.task or sset.meta.get("task") or None
         score_samples(sset, args.scorer, task=task, extractor=args.extractor)

@@ -32,11 +32,13 @@ def plot_coverage(report: CoverageReport, path: str | os.PathLike, title: str | 
     k_top = max([report.n] + [p.k for p in report.predictions])
     grid = np.unique(np.geomspace(1, k_top, 200))
     seen = ks <= (report.holdout_k_max or report.n)
-    ax.scatter(ks[seen], np.array(report.measured)[seen], color="C0", marker=MARKERS[0], s=18,
+    size = 18 if report.n <= 32 else 7  # dense k: small markers, so open ones stay open
+    ax.scatter(ks[seen], np.array(report.measured)[seen], color="C0", marker=MARKERS[0], s=size,
                zorder=3, label="measured (exact pass@k)")
     if not seen.all():
-        ax.scatter(ks[~seen], np.array(report.measured)[~seen], facecolors="none", edgecolors="C0",
-                   marker=MARKERS[0], s=18, zorder=3, label=f"measured, held out (k > {report.holdout_k_max})")
+        ax.scatter(ks[~seen], np.array(report.measured)[~seen], facecolors="none", edgecolors="C7",
+                   marker=MARKERS[0], s=size, linewidths=0.8, zorder=3,
+                   label=f"measured, held out (k > {report.holdout_k_max})")
     fit = report.fit
     label = (f"fit exp(a·k^b), a={fit.a:.3g}, b={fit.b:.3g}" if fit.a is not None
              else f"fit: {fit.status}")
@@ -66,7 +68,7 @@ def plot_coverage(report: CoverageReport, path: str | os.PathLike, title: str | 
     ax.set_ylabel("coverage (fraction of problems solved)")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or f"coverage law, {report.problems} problems, n = {report.n}")
     fig.tight_layout()
     return atomic_savefig(fig, path, dpi=120)

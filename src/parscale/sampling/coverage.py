@@ -215,8 +215,12 @@ def fit_coverage_law(correct: Mapping[int, Sequence[bool]], *, k_max: int | None
                       ks=fit_ks, problems=len(correct))
     if n_boot:
         rng = np.random.default_rng(seed)
-        idx = rng.integers(0, matrix.shape[0], size=(n_boot, matrix.shape[0]))
-        ba, bb, ok = _fit_rows(matrix[idx].mean(1), ks)
+        m = matrix.shape[0]
+        idx = rng.integers(0, m, size=(n_boot, m))
+        # each resample's curve as (multiplicity of each problem) @ matrix: B x K, never B x m x K
+        weights = np.zeros((n_boot, m))
+        np.add.at(weights, (np.arange(n_boot)[:, None], idx), 1.0)
+        ba, bb, ok = _fit_rows(weights @ matrix / m, ks)
         fit.boot_used = int(ok.sum())
         fit.boot_curves = np.stack([ba[ok], bb[ok]], axis=1)
         if fit.a is not None:
@@ -368,12 +372,16 @@ def noisy_verdicts(sset_or_keys, correct: Mapping[int, Sequence[bool]], fp: floa
     for pid, flags in correct.items():
         if len(keys[pid]) != len(flags):
             raise ParScaleError(f"problem {pid}: {len(keys[pid])} sample indices for {len(flags)} flags")
-        verdicts = []
-        for index, ok in zip(keys[pid], flags):
-            u = np.random.default_rng([seed, pid & 0xFFFFFFFF, index]).random()
-            verdicts.append(bool(u >= fn) if ok else bool(u < fp))
-        out[pid] = verdicts
+        out[pid] = [noisy_verdict(ok, fp, fn, seed, pid, index) for index, ok in zip(keys[pid], flags)]
     return out
+
+
+def noisy_verdict(ok: bool, fp: float, fn: float, seed: int, problem_id: int, index: int) -> bool:
+    """One sample's verdict (see :func:`noisy_verdicts`): one uniform draw from
+    ``(seed, problem id, sample index)``; a right sample passes when it is >= fn, a wrong one when
+    it is < fp."""
+    u = np.random.default_rng([seed, problem_id & 0xFFFFFFFF, index]).random()
+    return bool(u >= fn) if ok else bool(u < fp)
 
 
 @dataclass

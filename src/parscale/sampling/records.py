@@ -160,7 +160,7 @@ class CostLedger:
 
     _COUNTS = ("prompt_tokens", "generated_tokens", "decode_steps", "row_steps", "wall_s", "flops",
                "kv_read_bytes")
-    _MODEL = ("streams", "params", "kv_bytes_per_value")  # must agree when ledgers are added
+    _MODEL = ("streams", "params", "kv_bytes_per_value")  # must agree when ledgers are added (see __add__)
 
     def _is_empty(self) -> bool:
         return all(getattr(self, n) == 0 for n in self._COUNTS) and self.params == 0
@@ -183,12 +183,16 @@ class CostLedger:
         if other._is_empty():
             return dataclasses.replace(self)
         mine, theirs = (tuple(getattr(x, n) for n in self._MODEL) for x in (self, other))
-        if mine != theirs:
+        # a ledger that recorded no KV reads (kv_bytes_per_value 0 and no bytes, e.g. a policy's
+        # own work counted without them) adds as zero reads; two recorded dtypes must agree
+        kv = {x.kv_bytes_per_value for x in (self, other) if x.kv_recorded or x.kv_read_bytes}
+        if mine[:2] != theirs[:2] or len(kv) > 1:
             raise ParScaleError(f"cannot add cost ledgers of different models (streams/params/"
                                 f"kv_bytes_per_value {'/'.join(map(str, mine))} vs "
                                 f"{'/'.join(map(str, theirs))})")
         sums = {n: getattr(self, n) + getattr(other, n) for n in self._COUNTS}
-        return CostLedger(**sums, **{n: getattr(self, n) for n in self._MODEL})
+        return CostLedger(**sums, streams=self.streams, params=self.params,
+                          kv_bytes_per_value=max(self.kv_bytes_per_value, other.kv_bytes_per_value))
 
     def __radd__(self, other: Any) -> "CostLedger":  # so sum(ledgers) works
         if other == 0:
