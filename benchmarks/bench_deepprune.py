@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ import torch
 
 from parscale import ParScaleForCausalLM
 from parscale.data.tokenizer import load_tokenizer
-from parscale.sampling import SampleSet, extract_answers, get_task, majority_vote, write_training_corpus
+from parscale.sampling import (SampleSet, best_of_n, extract_answers, get_task, majority_vote, weighted_vote,
+                               write_training_corpus)
 from parscale.sampling.deepprune import (DeepPrune, Peek, cluster_vote_weights, collect_pairs, judge_auroc,
                                          load_judge, train_judge)
 from parscale.sampling.estimators import pass_at_k
@@ -44,10 +46,20 @@ from parscale.training.options import TrainConfig
 from parscale.training.trainer import train
 
 
-def accuracy(sset: SampleSet, task) -> float:
+def accuracy(sset: SampleSet, task, aggregate=majority_vote) -> float:
     extract_answers(sset.samples, task.extractor)
     groups = sset.by_problem()
-    return sum(task.verify(p, majority_vote(groups[p.id]).answer) for p in sset.problems) / len(sset.problems)
+    return sum(task.verify(p, aggregate(groups[p.id]).answer) for p in sset.problems) / len(sset.problems)
+
+
+def confident(samples):
+    """Weighted majority: each answer's votes weighted by its sample's mean token log-prob (as a
+    probability, exp(mean log-prob), so every weight is in (0, 1])."""
+    return weighted_vote(samples, weights=lambda s: math.exp(s.mean_logprob))
+
+
+def best_logprob(samples):
+    return best_of_n(samples, scorer=lambda s: s.mean_logprob)
 
 
 def cluster_accuracy(sset: SampleSet, task) -> float:
@@ -162,13 +174,16 @@ def main() -> None:
         plain[n] = run(f"plain-n{n}", held, n)
         acc = accuracy(plain[n], task)
         c = plain[n].ledger.per_problem(len(held))
-        results["plain"][n] = {"majority": acc, "pass@1": pass_k(plain[n], task, 1), f"pass@{n}": pass_k(plain[n], task, n),
+        results["plain"][n] = {"majority": acc, "weighted": accuracy(plain[n], task, confident),
+                               "best_logprob": accuracy(plain[n], task, best_logprob),
+                               "pass@1": pass_k(plain[n], task, 1), f"pass@{n}": pass_k(plain[n], task, n),
                                "generated_tokens": c["generated_tokens"], "flops": c["flops"], "row_steps": c["row_steps"],
                                "eflops": c.get("eflops")}
-    print(f"\n{'N':>3} {'majority':>9} {'pass@1':>7} {'pass@N':>7} {'gen tok/prob':>13} {'FLOPs/prob':>11} "
-          f"{'eFLOPs/prob':>12}")
+    print(f"\n{'N':>3} {'majority':>9} {'weighted':>9} {'BoN(lp)':>8} {'pass@1':>7} {'pass@N':>7} {'gen tok/prob':>13} "
+          f"{'FLOPs/prob':>11} {'eFLOPs/prob':>12}")
     for n, r in results["plain"].items():
-        print(f"{n:>3} {r['majority']:>9.3f} {r['pass@1']:>7.3f} {r[f'pass@{n}']:>7.3f} "
+        print(f"{n:>3} {r['majority']:>9.3f} {r['weighted']:>9.3f} {r['best_logprob']:>8.3f} {r['pass@1']:>7.3f} "
+              f"{r[f'pass@{n}']:>7.3f} "
               f"{r['generated_tokens']:>13.1f} {r['flops']:>11.3g} {r['eflops'] or float('nan'):>12.3g}")
 
     results["majority16_by_temperature"] = {args.temperature: results["plain"][16]["majority"]}
