@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--judge-problems", type=int, default=150, help="training-side problems for the judge")
     ap.add_argument("--train-problems", type=int, default=60000)
     ap.add_argument("--train-tokens", type=int, default=3_000_000)
+    ap.add_argument("--size", default="small", help="model size preset (parscale train --size)")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every policy run")
     ap.add_argument("--also-temperatures", default="0.5,1.0", help="plain majority@16 vs greedy at these too")
     ap.add_argument("--lengths", default="8,16,24,32,40", help="truncation lengths (tokens) for the judge")
@@ -123,7 +124,7 @@ def main() -> None:
         # training problems: seed 0, the same stream the judge's training-side problems start with
         write_training_corpus(task, args.train_problems, seed=0, difficulty=d, path=corpus,
                               exclude=[p.prompt for p in held])
-        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size="small", vocab_size=320, seq_len=128,
+        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size=args.size, vocab_size=320, seq_len=128,
                           batch_size=16, tokens=args.train_tokens, lr=3e-3, min_lr=3e-4, warmup_steps=50,
                           eval_every=100_000, checkpoint_every=500, prefix_tokens=8, threads=args.threads,
                           resume=True)
@@ -201,8 +202,11 @@ def main() -> None:
 
     e = args.every
     th = args.threshold
+    # deepprune / peek: early and aggressive first, then a stricter threshold and later decisions
     specs = ["agree:3", "posterior:0.9", "first:{q}", f"deepprune:{e}:2:{th}", f"deepprune:{e}:1:{th}",
-             f"deepprune:{2 * e}:2:{th}", f"peek:{e}:2", f"peek:{e}:1"]
+             f"deepprune:{2 * e}:2:{th}", f"deepprune:{e}:2:0.9", f"deepprune:{2 * e}:2:0.9",
+             f"deepprune:{4 * e}:2:{th}", f"deepprune:{5 * e}:2:{th}", f"peek:{e}:2", f"peek:{e}:1",
+             f"peek:{3 * e}:2", f"peek:{5 * e}:2"]
     for n in (16, 32):
         base, base_acc = plain[n].ledger, results["plain"][n]["majority"]
         print(f"\nN={n}: against plain majority {base_acc:.3f} ({base.generated_tokens / len(held):.1f} generated "
