@@ -330,15 +330,15 @@ class StreamSet(nn.Module):
                                 if streams > 1 else None)
         self.reparam: nn.Module | None = None
 
-    def reset_parameters(self, std: float, agg_std: float = 0.0) -> None:
-        """Prefixes ~ N(0, ``std``); the aggregator's last Linear ~ N(0, ``agg_std``) (0: all
-        zeros, exactly uniform weights at the start)."""
+    def reset_parameters(self, std: float, agg_std: float = 0.0, hidden_std: float | None = None) -> None:
+        """Prefixes ~ N(0, ``std``); the aggregator's first Linear ~ N(0, ``hidden_std``, default
+        ``std``) and its last ~ N(0, ``agg_std``) (0: all zeros, exactly uniform weights at the start)."""
         with torch.no_grad():
             nn.init.normal_(self.prefix_k, std=std)
             nn.init.normal_(self.prefix_v, std=std)
             if self.aggregate_layer is None:
                 return
-            nn.init.normal_(self.aggregate_layer[0].weight, std=std)
+            nn.init.normal_(self.aggregate_layer[0].weight, std=std if hidden_std is None else hidden_std)
             nn.init.zeros_(self.aggregate_layer[0].bias)
             if agg_std > 0:
                 nn.init.normal_(self.aggregate_layer[2].weight, std=agg_std)
@@ -536,7 +536,8 @@ class ParScaleForCausalLM(nn.Module):
             raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add a stream set")
         ref = self.model.norm.weight  # the compute dtype (the embedding may be int8)
         s = StreamSet(self.config, streams).to(device=ref.device, dtype=ref.dtype)
-        s.reset_parameters(self.config.initializer_range if std is None else std, agg_std)
+        s.reset_parameters(self.config.initializer_range if std is None else std, agg_std,
+                           hidden_std=self.config.initializer_range)
         if init == "snippets":
             k, v = snippet_prefixes(self, streams, snippets)
             with torch.no_grad():

@@ -123,6 +123,11 @@ class Preset:
     schedule: str = "constant"  # the grid's learning rate after warm-up (see docs/reproduction.md)
     data: str = "stdlib"
     seed: int = 0
+    # the stream-set recipe of every P > 1 (and prefix-baseline) run, as the TrainConfig fields
+    # of the same names (docs/reproduction/diversity/README.md)
+    prefix_reparam: bool = False
+    prefix_init_std: float | None = None  # None: initializer_range (0.02)
+    agg_init_std: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,17 +197,20 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
               "checkpoint_every": preset.checkpoint_every, "log_every": preset.log_every,
               "data": data or preset.data, "data_max_bytes": preset.data_max_bytes,
               "threads": threads, "quiet": True, "resume": True}
+    recipe = {"prefix_reparam": preset.prefix_reparam, "prefix_init_std": preset.prefix_init_std,
+              "agg_init_std": preset.agg_init_std}
     plan: list[PlannedRun] = []
     for size in preset.sizes:
         for P in preset.streams:
             name = grid_name(size.name, P)
-            cfg = TrainConfig(**common, **size.shape(), streams=P, tokens=preset.tokens, lr=preset.lr,
+            cfg = TrainConfig(**common, **size.shape(), **(recipe if P > 1 else {}), streams=P,
+                              tokens=preset.tokens, lr=preset.lr,
                               min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                               schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "grid", size, P, cfg))
         if baseline == "prefix":  # same seed: the same backbone init as the size's grid runs
             name = f"{grid_name(size.name, 1)}-prefix"
-            cfg = TrainConfig(**common, **size.shape(), streams=1, prefix_only=True, tokens=preset.tokens,
+            cfg = TrainConfig(**common, **size.shape(), **recipe, streams=1, prefix_only=True, tokens=preset.tokens,
                               lr=preset.lr, min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                               schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "baseline", size, 1, cfg, "prefix"))

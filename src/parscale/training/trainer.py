@@ -389,7 +389,8 @@ class _Run:
                 if cfg.prefix_init_std is not None or cfg.agg_init_std > 0:  # drawn after the backbone: still paired
                     for sset in model.stream_sets.values():
                         sset.reset_parameters(mcfg.initializer_range if cfg.prefix_init_std is None
-                                              else cfg.prefix_init_std, cfg.agg_init_std)
+                                              else cfg.prefix_init_std, cfg.agg_init_std,
+                                              hidden_std=mcfg.initializer_range)
             self.fresh_sets = set(model.stream_sets)  # this run's own new sets (a reparam may go on them)
         if model.config.vocab_size < vocab:
             raise ParScaleError(f"the tokenizer has {vocab} tokens but the model's vocab_size is "
