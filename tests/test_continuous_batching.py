@@ -104,6 +104,31 @@ def test_trim_drops_unused_leading_slots_without_changing_logits(model):
     torch.testing.assert_close(_continue(model, joined, feed), expect, rtol=0, atol=1e-12)
 
 
+@torch.no_grad()
+def test_dense_flag_tracks_padding_so_steps_need_no_mask_check(model):
+    """``dense`` (no padding slot anywhere: attention runs unmasked) is kept on the host; it must be
+    False exactly when some row has a padding slot, or padded rows would attend to garbage."""
+    c = model.new_cache(2, 8)
+    model(_prompt(1, 3).repeat(2, 1), cache=c)
+    assert c.dense and c.advance_positions(None, 0)[1] is None
+    padded = model.new_cache(2, 8)
+    model(_prompt(1, 3).repeat(2, 1), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), cache=padded)
+    assert not padded.dense and padded.advance_positions(None, 0)[1] is not None
+    a, b = model.new_cache(1, 6), model.new_cache(1, 6)
+    model(_prompt(2, 2), cache=a)
+    model(_prompt(3, 4), cache=b)
+    assert not KVCache.concat([a, b]).dense  # the short row is left-padded
+    b2 = model.new_cache(1, 6)
+    model(_prompt(4, 2), cache=b2)
+    assert KVCache.concat([a, b2]).dense  # same lengths, no padding
+    # an unmasked row decoded inside a padded batch equals it alone
+    joined, alone = KVCache.concat([a, b]), model.new_cache(1, 6)
+    model(_prompt(2, 2), cache=alone)
+    feed = _prompt(5, 2)
+    torch.testing.assert_close(_continue(model, joined, feed.repeat(2, 1))[:1], _continue(model, alone, feed),
+                               rtol=0, atol=1e-12)
+
+
 def test_concat_refuses_mismatched_caches(tiny_config):
     a = _model(tiny_config, 1).new_cache(1, 4)
     b = _model(tiny_config, 3).new_cache(1, 4)

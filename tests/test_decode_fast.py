@@ -69,6 +69,20 @@ def test_packed_decode_equals_plain_layers_and_full_forward_is_exact(tiny_config
     torch.testing.assert_close(incremental_logits(m64, IDS), plain_logits(m64, IDS), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_packed_output_is_row_major(dtype, bias, rows):
+    """A decode step's projections feed attention: a transposed (or ``view + bias``) result has a
+    last-dim stride != 1 and sends SDPA down its slow math path."""
+    torch.manual_seed(0)
+    q, k = nn.Linear(16, 32, bias=bias).to(dtype), nn.Linear(16, 8, bias=bias).to(dtype)
+    x = torch.randn(rows, 1, 16, dtype=dtype)
+    out = PackedLinear([q, k])(x)
+    assert out.is_contiguous() and out.stride(-1) == 1
+    torch.testing.assert_close(out, torch.cat([q(x), k(x)], -1).detach(), rtol=1e-2, atol=1e-2)
+
+
 def test_packing_keeps_names_values_and_training(tiny_config):
     m = make(tiny_config)
     before = {k: v.clone() for k, v in m.state_dict().items()}

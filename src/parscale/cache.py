@@ -35,6 +35,9 @@ class KVCache:
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # token slots written so far
+        # every row's slots so far are real, so attention needs no mask: tracked on the host so a
+        # decode step never waits for the device to answer "is any slot padding?"
+        self.dense = True
 
     def set_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][:, :, : self.n_prefix] = k
@@ -47,11 +50,12 @@ class KVCache:
             raise ParScaleError(f"KV cache full: {self.length} + {s} tokens > capacity {self.capacity}")
         new = (torch.ones(self.batch, s, dtype=torch.bool, device=self.key_valid.device)
                if attention_mask is None else attention_mask.bool())
+        if attention_mask is not None and self.dense:
+            self.dense = bool(new.all())  # one sync per masked (prefill) call, none per decode step
         self.key_valid[:, self.length: self.length + s] = new
         positions = (self.next_pos[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
         self.next_pos = self.next_pos + new.long().sum(-1)
-        valid = self.key_valid[:, : self.length + s]
-        return positions, (None if bool(valid.all()) else valid)
+        return positions, (None if self.dense else self.key_valid[:, : self.length + s])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys/values; return everything so far (prefix + tokens)."""
@@ -161,6 +165,7 @@ class KVCache:
             out.next_pos[lo:hi] = c.next_pos
             lo = hi
         out.length = length
+        out.dense = all(c.dense and c.length == length for c in caches)  # else: left padding
         return out
 
     def trim(self) -> int:

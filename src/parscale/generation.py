@@ -331,7 +331,8 @@ class Decoder:
         Returns the choices, their log-probs and, when some row asks for them, the most likely
         tokens per row as ``(token, logprob)`` lists.
         """
-        logprobs = torch.log_softmax(logits, dim=-1)
+        raw = logits
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # log-probs only where asked: no v-wide tensor
         logits = logits if scores is None else scores.float()
         choice = logits.argmax(-1)
         settings = [self.rows[r] for r in rows]
@@ -354,9 +355,9 @@ class Decoder:
         top = None
         k = max((row.top_logprobs for row in settings), default=0)
         if k:
-            vals, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-            top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-        return choice, logprobs.gather(-1, choice[:, None]).flatten(), top
+            vals, ids = raw.topk(min(k, raw.shape[-1]), dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(ids.tolist(), (vals - lse).tolist())]
+        return choice, (raw.gather(-1, choice[:, None]) - lse).flatten(), top
 
 
 class _StreamsAs:
