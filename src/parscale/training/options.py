@@ -84,7 +84,7 @@ class TrainConfig:
     # --- evaluation, checkpoints, logging ---
     eval_every: int = 100
     eval_tokens: int = 32768
-    diversity_windows: int = 8  # held-out windows for the stream-diversity diagnostic at each eval (0: off)
+    diversity_windows: int = 4  # held-out windows for the stream-diversity diagnostic at each eval (0: off)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
