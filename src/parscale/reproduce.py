@@ -847,6 +847,16 @@ def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _recipe_line(preset: Mapping[str, Any]) -> str:
+    """The stream-set recipe of the P > 1 runs (results.json written before these fields: the default)."""
+    std = preset.get("prefix_init_std")
+    parts = ["prefixes " + ("through the MLP reparameterisation" if preset.get("prefix_reparam") else "learned directly"),
+             f"init std {0.02 if std is None else std:g}",
+             "aggregator starting exactly uniform" if not preset.get("agg_init_std") else
+             f"aggregator's last layer ~ N(0, {preset['agg_init_std']:g}) at init"]
+    return "- Stream sets: " + ", ".join(parts) + " (docs/reproduction/diversity/README.md)."
+
+
 def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -883,6 +893,7 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"LR {preset['lr']:g} ({preset['warmup_steps']} warm-up steps, then "
         + ("constant" if preset["schedule"] == "constant" else f"cosine to {preset['min_lr']:g}") + "), "
         f"{preset['prefix_tokens']} prefix tokens per stream and layer, seed {preset['seed']}.",
+        _recipe_line(preset),
         (f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
          "validation tokens, the same windows for every run."),
         ("- N = non-embedding parameters at the run's P (the streams' prefixes and aggregator included, "
