@@ -125,6 +125,15 @@ def test_reparam_resume_is_bit_identical(tmp_path, corpus):
     assert [r["loss"] for r in records(resumed.out_dir)] == [r["loss"] for r in records(reference.out_dir)]
 
 
+def test_two_stage_reparam_goes_on_the_stage2_set(tmp_path, corpus):
+    res = train(tiny(tmp_path / "two", corpus, streams=2, stage1_tokens=2 * 8 * 32, stage2_tokens=3 * 8 * 32,
+                     prefix_reparam=True, reparam_dim=8, reparam_hidden=16, checkpoint_every=1))
+    saved = load_file(str(Path(res.checkpoint_dir) / REPARAM_NAME))
+    assert saved and all(k.startswith("2.") for k in saved)
+    model = ParScaleForCausalLM.from_pretrained(res.model_dir)
+    assert model.streams == 2 and model.stream_set.reparam is None
+
+
 def test_frozen_backbone_reparam_trains_only_the_stream_set(tmp_path, corpus):
     base = train(tiny(tmp_path / "base", corpus, streams=1, steps=4))
     res = train(tiny(tmp_path / "p1", corpus, init_from=base.model_dir, streams=1, prefix_only=True,

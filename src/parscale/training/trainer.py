@@ -427,7 +427,7 @@ class _Run:
         model.set_streams(P)
         if P > 1 and model.config.prefix_tokens < 1:
             raise ParScaleError("the model's prefix_tokens is 0; cannot train P > 1 streams")
-        if cfg.prefix_reparam:
+        if cfg.prefix_reparam and model.stream_set is not None:  # not two-stage's plain stage 1
             self._attach_reparam(stage)
 
         trainable = set(map(id, model.stream_parameters(P))) if model.stream_set is not None else set()
