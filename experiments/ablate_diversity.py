@@ -214,12 +214,13 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def best_recipe(variants: list[dict]) -> tuple[str, float]:
-    """The recipe with the lowest held-out loss averaged over its P > 1 runs and seeds."""
+    """The recipe whose P > 1 runs are best against the same seed's prefix baseline (mean of the
+    paired differences over P and seeds; paired, so a seed missing from one recipe does not bias it)."""
     recipes_ = {}
     for v in variants:
         if v["kind"] == "streams":
-            recipes_.setdefault(v["recipe"], []).extend(v["losses"].values())
-    means = {r: _mean(ls) for r, ls in recipes_.items()}
+            recipes_.setdefault(v["recipe"], []).extend(v["vs_baseline"].values())
+    means = {r: _mean(ds) for r, ds in recipes_.items()}
     best = min(means, key=means.get)
     return best, means[best]
 
@@ -264,7 +265,7 @@ def _fmt_seeds(d: dict, spec: str = "+.4f") -> str:
     return ", ".join(f"{v:{spec}}" for _, v in sorted(d.items())) if d else "—"
 
 
-def render(results: dict) -> str:
+def render(results: dict) -> str:  # noqa: C901 (one report, top to bottom)
     meta, summ, scale = results["meta"], results["summary"], results["scale"]
     variants = summ["variants"]
     seeds = meta["seeds"]
@@ -301,13 +302,13 @@ def render(results: dict) -> str:
     best_v = min(streams, key=lambda v: v["mean"])
     rho_plain = _mean([v["loss_correlation"] for v in streams if v["recipe"] == "plain-0.02"])
     lines += ["", "## What it says", ""]
-    lines.append(f"- **Best recipe: `{best}`** (mean held-out loss over its P = 2 and P = 4 runs and seeds "
-                 f"{best_loss:.4f}); the best single variant is `{best_v['recipe']}` at P = {best_v['P']} "
-                 f"({best_v['mean']:.4f}).")
+    lines.append(f"- **Best recipe: `{best}`**: its P = 2 and P = 4 runs are on average {best_loss:+.4f} nats "
+                 f"from the same seed's P = 1 + prefix baseline; the best single variant is `{best_v['recipe']}` "
+                 f"at P = {best_v['P']} (mean loss {best_v['mean']:.4f}).")
     order = sorted({v["recipe"] for v in streams}, key=lambda r: _mean(
-        [x for v in streams if v["recipe"] == r for x in v["losses"].values()]))
-    lines.append("- Recipes by mean loss (P = 2 and 4, both seeds): " + ", ".join(
-        f"`{r}` {_mean([x for v in streams if v['recipe'] == r for x in v['losses'].values()]):.4f} "
+        [x for v in streams if v["recipe"] == r for x in v["vs_baseline"].values()]))
+    lines.append("- Recipes by mean paired difference to the prefix baseline (P = 2 and 4, every seed): " + ", ".join(
+        f"`{r}` {_mean([x for v in streams if v['recipe'] == r for x in v['vs_baseline'].values()]):+.4f} "
         f"(ρ {_mean([v['loss_correlation'] for v in streams if v['recipe'] == r]):.3f}, gain over best stream "
         f"{_mean([v['combination_gain'] for v in streams if v['recipe'] == r]):+.4f})" for r in order) + ".")
     lines.append(f"- Diversity: with today's recipe (`plain-0.02`) the streams' per-token losses correlate at "
@@ -316,18 +317,49 @@ def render(results: dict) -> str:
                  f"(`{min(streams, key=lambda v: v['loss_correlation'])['recipe']}`, P = "
                  f"{min(streams, key=lambda v: v['loss_correlation'])['P']}). The largest gain of the aggregate "
                  f"over its best single stream is {max(v['combination_gain'] for v in streams):+.4f} nats.")
+    base_gain = _mean([d for v in variants if v["kind"] == "baseline" for d in v["vs_p1"].values()])
+    kept = {r: _mean([d for v in streams if v["recipe"] == r for d in v["vs_p1"].values()]) for r in order}
+    lines.append(f"- Why: at this budget one learned prefix is worth {base_gain:+.4f} nats over P = 1 (the baseline). "
+                 "The P > 1 runs of each recipe are, on average over P and seeds, this far from the same seed's "
+                 "P = 1: " + ", ".join(f"`{r}` {kept[r]:+.4f} ({kept[r] / base_gain:.0%} of the prefix's gain)"
+                                       for r in order) +
+                 ".")
+    diverse = [v for v in streams if v["loss_correlation"] < rho_plain - 0.005]
+    if diverse:
+        top_gain = max(v["combination_gain"] for v in diverse)
+        worst = min(_mean(v["vs_baseline"].values()) for v in diverse)
+        lines.append(f"  The recipes whose streams differ more (ρ below {rho_plain - 0.005:.3f}) are all at least "
+                     f"{worst:+.4f} nats from the baseline, and combining their streams buys at most {top_gain:+.4f} "
+                     "nats over the best single stream" + (": the streams became different by each becoming worse, "
+                                                          "not by erring on different tokens." if top_gain < worst
+                                                          else "."))
+    curves = {}
+    for r in results["runs"]:
+        c = [p["loss_correlation"] for p in r.get("curve", []) if "loss_correlation" in p]
+        if r["P"] > 1 and len(c) > 1:
+            curves.setdefault(r["recipe"], []).append((c[0], c[-1]))
+    if curves:
+        lines.append("- ρ during training (first held-out windows, first → last evaluation, mean over P and seeds): "
+                     + ", ".join(f"`{r}` {_mean([a for a, _ in cs]):.3f} → {_mean([b for _, b in cs]):.3f}"
+                                 for r, cs in sorted(curves.items())) + ".")
     if beats:
         lines.append("- **P > 1 beats the P = 1 + prefix baseline in every seed** for: " + ", ".join(
-            f"`{v['recipe']}` P = {v['P']} ({_fmt_seeds(v['vs_baseline'])})" for v in beats) + ".")
+            f"`{v['recipe']}` P = {v['P']} ({_fmt_seeds(v['vs_baseline'])}; its paired difference moves by "
+            f"{max(v['vs_baseline'].values()) - min(v['vs_baseline'].values()):.4f} between seeds)" for v in beats)
+            + ". Small and from two seeds: consistent in sign, not established.")
     else:
         lines.append("- **No recipe makes P > 1 beat the P = 1 + prefix baseline in every seed.** Paired "
                      "differences (variant − baseline, mean of the seeds): " + ", ".join(
                          f"`{r}` P={P} {d:+.4f}" for (r, P), d in sorted(mean_d.items(), key=lambda kv: kv[1])) + ".")
     spreads = [max(v["losses"].values()) - min(v["losses"].values()) for v in variants if len(v["losses"]) > 1]
-    if spreads:
-        lines.append(f"- Seed spread: the two seeds of one variant differ by {min(spreads):.4f}–{max(spreads):.4f} "
-                     f"nats (median {sorted(spreads)[len(spreads) // 2]:.4f}); a paired difference smaller than "
-                     "that is not a finding.")
+    dspread = [max(v["vs_baseline"].values()) - min(v["vs_baseline"].values())
+               for v in streams if len(v["vs_baseline"]) > 1]
+    if spreads and dspread:
+        lines.append(f"- Seed noise: one variant's loss moves by {min(spreads):.4f}–{max(spreads):.4f} nats between "
+                     f"the two seeds (median {sorted(spreads)[len(spreads) // 2]:.4f}); its paired difference to the "
+                     f"baseline moves less, by {min(dspread):.4f}–{max(dspread):.4f} (median "
+                     f"{sorted(dspread)[len(dspread) // 2]:.4f}). A paired difference smaller than that, or whose "
+                     "two seeds disagree in sign, is not a finding.")
     pts = scale["points"]
     lines += ["", "## How large would the models have to be? (a rough estimate)", "",
               "From the committed full run (docs/reproduction/results.json and ablations.json: 1.75M tokens, seq "
