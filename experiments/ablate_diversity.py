@@ -319,7 +319,8 @@ def render(results: dict) -> str:  # noqa: C901 (one report, top to bottom)
                  f"over its best single stream is {max(v['combination_gain'] for v in streams):+.4f} nats.")
     base_gain = _mean([d for v in variants if v["kind"] == "baseline" for d in v["vs_p1"].values()])
     kept = {r: _mean([d for v in streams if v["recipe"] == r for d in v["vs_p1"].values()]) for r in order}
-    lines.append(f"- Why: at this budget one learned prefix is worth {base_gain:+.4f} nats over P = 1 (the baseline). "
+    lines.append(f"- Why: at this budget one learned prefix lowers the held-out loss by {-base_gain:.4f} nats from "
+                 "P = 1 (the baseline). "
                  "The P > 1 runs of each recipe are, on average over P and seeds, this far from the same seed's "
                  "P = 1: " + ", ".join(f"`{r}` {kept[r]:+.4f} ({kept[r] / base_gain:.0%} of the prefix's gain)"
                                        for r in order) +
