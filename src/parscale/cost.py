@@ -17,6 +17,10 @@ Everything here is arithmetic on a config; nothing imports torch.
   It is built by widening the base architecture (same depth, head layout and I/H ratio) by the
   continuous factor that solves the quadratic "non-embedding params(width) = target" exactly.
 * :func:`sweep` — the comparison for batch sizes 1..8, and where ParScale stops winning.
+* :func:`decode_kv_read_bytes`, :func:`kinetics_eflops`, :func:`generation_cost` — the
+  memory-aware cost of Kinetics (Sadhukhan et al. 2025): KV-cache bytes read per decode step at
+  each context length, weighted by the hardware's FLOP/byte ratio (eFLOPs). The sampler's ledger
+  records the bytes; ``parscale score`` reports FLOPs and eFLOPs per problem.
 
 ``docs/cost-model.md`` states every assumption and compares the results with the paper's own
 numbers (22× less memory increase, 6× less latency increase at batch 1).
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .config import ParScaleConfig
 from .errors import ParScaleError
@@ -488,6 +492,104 @@ def estimate(preset_or_config: str | ParScaleConfig, streams: int | None = None,
     hw = get_hardware(hardware)
     return _estimate_shape(ModelShape.from_config(config), P, batch, input_tokens, output_tokens,
                            _check_dtype(dtype), hw, assumptions, label=f"P={P}")
+
+
+# --------------------------------------------------------------------------- memory-aware cost
+# Kinetics (Sadhukhan et al. 2025, "Rethinking test-time scaling laws"): at long generations a
+# decode step's cost is dominated by reading the KV cache, not by the 2·N parameter FLOPs, so
+# cost is counted in eFLOPs = FLOPs + bytes read · (the hardware's FLOP/byte ratio).
+def flop_per_byte(hardware: str | Hardware = "A100-80GB") -> float:
+    """The hardware's FLOP/byte ratio at peak, ``peak_flops / bandwidth`` (A100-80GB: 153;
+    H100: 295; H200: 206): how many FLOPs cost as much time as moving one byte. The efficiencies
+    are left out (Kinetics' convention; they would only scale the ratio by mem_eff / flops_eff)."""
+    hw = get_hardware(hardware)
+    return hw.peak_flops / hw.bandwidth
+
+
+def _kv_prefix_tokens(config: ParScaleConfig, streams: int) -> int:
+    """Prefix positions each stream's cache holds: P > 1, or the prefix-only P = 1 model."""
+    return config.prefix_tokens if streams > 1 or config.prefix_only else 0
+
+
+def decode_kv_read_bytes(config: ParScaleConfig, fed: Iterable[tuple[int, int]],
+                         bytes_per_value: float, streams: int | None = None) -> float:
+    """KV-cache bytes read by the decode steps of a set of rows (one sample each).
+
+    ``fed`` has one ``(m, p)`` pair per row: after the prefill the row fed ``m`` tokens back to
+    the model (``generated length - 1`` when a finished row leaves the batch, as the sampler
+    compacts) and its prompt has ``p`` tokens. The j-th fed token (j = 1..m) is at 0-based
+    position ``p + j - 1``, so in every layer and every one of the P streams its query reads the
+    keys and values of ``p + j`` token positions plus the stream's ``prefix_tokens``:
+
+        bytes(step j) = layers · 2 · n_kv · head_dim · bytes_per_value · (p + j + prefix) · P
+
+    and the total is ``Σ_rows (m·p + m(m+1)/2 + m·prefix) · 2·layers·n_kv·head_dim·b·P``.
+
+    Only the cache reads are counted: the write of the new position is one position per step,
+    and the weights are read once per step for the whole running batch (they amortise over
+    rows; a row's cache does not). The prefill is not counted: it attends with a full matmul and
+    is compute-bound (its attention is in :func:`forward_flops`). Lengths are the true ones, not
+    a left-padded batch width.
+    """
+    P = _check_streams(config.streams if streams is None else streams)
+    b = _positive(bytes_per_value, "bytes_per_value")
+    n_prefix = _kv_prefix_tokens(config, P)
+    positions = 0
+    for m, p in fed:
+        if not isinstance(m, int) or not isinstance(p, int) or isinstance(m, bool) \
+                or isinstance(p, bool) or m < 0 or p < 0:
+            raise ParScaleError(f"fed tokens and prompt length must be integers >= 0 (got {m!r}, {p!r})")
+        positions += m * p + m * (m + 1) // 2 + m * n_prefix
+    return positions * ModelShape.from_config(config).kv_bytes_per_token(b) * P
+
+
+def kinetics_eflops(flops: float, kv_read_bytes: float,
+                    hardware: str | Hardware = "A100-80GB") -> float:
+    """Kinetics' eFLOPs: ``flops + kv_read_bytes · flop_per_byte(hardware)``."""
+    if flops < 0 or kv_read_bytes < 0:
+        raise ParScaleError(f"flops and kv_read_bytes must be >= 0 (got {flops}, {kv_read_bytes})")
+    return flops + kv_read_bytes * flop_per_byte(hardware)
+
+
+class GenerationCost(NamedTuple):
+    """FLOPs, KV-cache bytes read while decoding, and eFLOPs of one sampled problem."""
+
+    flops: float
+    kv_read_bytes: float
+    eflops: float
+
+
+def generation_cost(config: ParScaleConfig | str, streams: int | None, prompt_tokens: int,
+                    generated_lengths: Iterable[int], hardware: str | Hardware = "A100-80GB",
+                    dtype: str = "fp16", compact: bool = True) -> GenerationCost:
+    """What sampling ``len(generated_lengths)`` rows from one prompt costs, charged exactly as
+    the sampler's ledger charges it (``parscale.sampling.sampler``), so strategies can be ranked
+    by FLOPs or by eFLOPs from their lengths alone.
+
+    The prompt (``prompt_tokens`` long) is prefilled once and its cache shared by the rows; the
+    first token of each row comes from the prefill. Row r then feeds ``g_r - 1`` tokens back
+    (``compact``: a finished row leaves the batch) or, without compaction, every row runs until
+    the longest finishes (``max(g) - 1`` steps). FLOPs are :func:`forward_flops` (prefill at the
+    mean causal context, each fed token at its own context); KV reads are
+    :func:`decode_kv_read_bytes` with the cache in ``dtype`` (a key of :data:`DTYPE_BYTES`).
+    ``config`` may be one of the paper's presets by name (``"0.5b"`` ... ``"4.4b"``).
+    """
+    config = _resolve_config(config)
+    P = _check_streams(config.streams if streams is None else streams)
+    _check_int(prompt_tokens, "prompt_tokens", 1)
+    lengths = list(generated_lengths)
+    for g in lengths:
+        _check_int(g, "each generated length", 1)
+    b = DTYPE_BYTES[_check_dtype(dtype)]
+    longest = max(lengths, default=1)
+    fed = [(g - 1 if compact else longest - 1, prompt_tokens) for g in lengths]
+    flops = forward_flops(config, tokens=prompt_tokens, context=(prompt_tokens + 1) / 2, streams=P)
+    n_fed = sum(m for m, _ in fed)
+    if n_fed:
+        ctx_sum = sum(m * p + m * (m + 1) / 2 for m, p in fed)
+        flops += forward_flops(config, tokens=n_fed, context=ctx_sum / n_fed, streams=P)
+    kv = decode_kv_read_bytes(config, fed, b, streams=P)
+    return GenerationCost(flops, kv, kinetics_eflops(flops, kv, hardware))
 
 
 # --------------------------------------------------------------------------- equal-loss dense model

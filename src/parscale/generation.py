@@ -219,6 +219,15 @@ class Decoder:
         if r.reason is None:
             self._end(r, "cancelled", len(r.tokens) - 1)
 
+    def prune(self, row: int) -> None:
+        """End a live ``row`` now with reason "pruned" (a sampling policy's decision between steps).
+
+        No ``on_finish`` hook runs (the row did not finish); it leaves the batch at the next step's
+        compaction, so it costs no further decode work."""
+        r = self.rows[row]
+        if r.reason is None:
+            r.reason, r.finish_step, r.finish_time = "pruned", len(r.tokens) - 1, time.perf_counter() - self.t0
+
     def release(self, row: int) -> Row:
         """Forget an ended row that has left the batch (a server's bookkeeping); returns it."""
         r = self.rows[row]
@@ -389,6 +398,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            on_finish: Callable[[int, list[int], str, int], Iterable[int] | None] | None = None,
            logits_processor: Callable[[torch.Tensor, list[int], list[list[int]]], torch.Tensor] | None = None,
            on_token: Callable[[int, int], None] | None = None,
+           on_step: Callable[["Decoder"], Iterable[int] | None] | None = None,
            return_logprobs: bool = False, compact: bool = True, cache=None) -> DecodeResult:
     """Prefill ``input_ids`` (``b s``, left-padded) once, then decode ``num_samples`` rows per prompt.
 
@@ -404,6 +414,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     ``on_token(row, token)`` is called for every new token as it is chosen (streaming).
     ``cache``: a KV cache of ``b`` rows already holding earlier tokens of these prompts (multi-turn
     chat); ``input_ids`` are then only the tokens after them.
+    ``on_step(decoder)`` is called after every step while rows are live and may return live rows
+    to prune (periodic decisions over partial rows, e.g. DeepPrune); they end with reason "pruned".
 
     A thin loop over :class:`Decoder`: one ``add``, then ``step`` until every row has ended.
     """
@@ -423,6 +435,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                       eos_token_id=eos_token_id, cache=cache)
         while dec.live:
             dec.step()
+            if on_step is not None and dec.live:
+                for r in on_step(dec) or ():
+                    dec.prune(r)
     finally:
         model.train(was_training)
     rows = [dec.rows[r] for r in ids]

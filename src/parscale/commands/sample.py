@@ -29,6 +29,19 @@ examples:
   # your own problems (JSONL: {"question": "2+2=", "answer": "4"} per line), exact-match verified
   parscale sample --model runs/arith/model --task exact --problems my_problems.jsonl --n 8
 
+  # a task with worked reasoning traces (one line of steps, then "=> ANSWER"); the token budget
+  # defaults to what the task's longest trace needs
+  parscale sample --model runs/trace/model --task arithmetic-trace --difficulty 3 --n 16
+
+  # DeepPrune: every 8 tokens cluster the live rows by a trained judge (a directory with
+  # judge.safetensors + judge.json; benchmarks/bench_deepprune.py trains one), keep 2 per
+  # cluster (equivalent at probability >= 0.5), prune the rest; majority over the survivors
+  parscale sample --model runs/trace/model --task arithmetic-trace --n 32 \
+      --early-stop deepprune:runs/trace/judge:8:2:0.5
+
+  # judge-free: every 12 tokens fork each live row, force the answer, keep 1 row per forced answer
+  parscale sample --model runs/trace/model --task arithmetic-trace --n 16 --early-stop peek:12:1
+
   # re-score later without regenerating
   parscale score samples.jsonl --strategy majority --k 1,2,4,8,16
 
@@ -47,7 +60,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --model)")
     p.add_argument("--streams", type=int, help="pick a stored stream set P (dynamic P)")
-    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku | exact "
+    p.add_argument("--task", required=True, help="arithmetic | countdown | linear | sudoku | arithmetic-trace | countdown-trace | exact "
                    "(exact: match the reference of --problems FILE)")
     p.add_argument("--problems", default="50", metavar="N|FILE.jsonl",
                    help="number of generated problems, or a JSONL file of your own problems "
@@ -59,12 +72,15 @@ def register(sub) -> None:
                    help="majority | weighted | bon | bom | verify | shortest | first (bon, bom, verify "
                         "need --scorer)")
     p.add_argument("--scorer", default=None, help=f"score every sample: {' | '.join(SCORERS)}")
-    p.add_argument("--early-stop", default=None, help="agree:W | posterior:THRESHOLD | first:K")
+    p.add_argument("--early-stop", default=None,
+                   help="agree:W | posterior:THRESHOLD[:PRIOR] | first:K | deepprune:JUDGE[:EVERY[:KEEP[:THRESHOLD]]] "
+                        "| peek:EVERY[:KEEP]")
     p.add_argument("--temperature", default="1.0", help="one value, or one per sample index (comma list)")
     p.add_argument("--top-p", default="1.0", help="one value, or one per sample index (comma list)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per-row seeds derive from it)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="token budget per answer (default 24; a trace task: enough for its longest trace)")
     p.add_argument("--batch-problems", type=int, default=4, help="problems prefilled together")
     p.add_argument("--k", default=None, help="k values for the estimators (default 1,2,4,..,n)")
     p.add_argument("--out", help="write the SampleSet here (JSONL) for `parscale score`")
@@ -116,11 +132,15 @@ def run(args: argparse.Namespace) -> int:
     from .score import check_flags, parse_ks, print_report
 
     # everything is checked before the model loads, so a bad flag or output costs nothing
+    task = get_task(args.task)
+    if args.max_new_tokens is None:
+        budget = getattr(task, "trace_budget", None)
+        args.max_new_tokens = 24 if budget is None else budget(
+            task.default_difficulty if args.difficulty is None else max(args.difficulty, task.min_difficulty))
     for flag, value, low in [("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--batch-problems", args.batch_problems, 1)]:
         if value < low:
             raise ParScaleError(f"{flag} must be >= {low} (got {value})")
-    task = get_task(args.task)
     get_strategy(args.strategy)
     if args.scorer:
         make_scorer(args.scorer, task=task)

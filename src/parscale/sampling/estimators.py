@@ -241,13 +241,25 @@ class ScoreReport:
     strategy_accuracy: Interval  # the strategy at full n per problem, Wilson interval
     invalid_rate: float  # fraction of samples with no extractable answer
     sample_accuracy: float  # fraction of samples that are correct
-    cost_per_problem: dict[str, float]
+    cost_per_problem: dict[str, Any]  # CostLedger.per_problem: FLOPs, eFLOPs, tokens, ...
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
 
         return dataclasses.asdict(self)
+
+
+def verify_samples(task, problem, samples) -> list[bool]:
+    """Whether each sample's extracted answer is right by ``task.verify`` (each distinct answer
+    verified once; INVALID is never right)."""
+    verdict: dict[Any, bool] = {}
+    for s in samples:
+        if s.answer is None:
+            raise ParScaleError(f"sample {s.index} of problem {problem.id} has no extracted answer")
+        if s.answer not in verdict:
+            verdict[s.answer] = s.answer is not INVALID and bool(task.verify(problem, s.answer))
+    return [verdict[s.answer] for s in samples]
 
 
 def default_ks(n: int) -> list[int]:
@@ -259,12 +271,13 @@ def default_ks(n: int) -> list[int]:
 def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str | Callable | None = None,
                      strategy: str = "majority", strategy_options: dict[str, Any] | None = None,
                      ks: Sequence[int] | None = None, n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> ScoreReport:
+                     seed: int = 0, hardware: Any = "A100-80GB") -> ScoreReport:
     """Score every problem's samples with pass@k, maj@k, bon@k and the chosen strategy.
 
     The task is ``task`` or ``sset.meta["task"]`` or the problems' common ``task``; answers are
     re-extracted from the text with ``extractor`` (default: the task's), or taken as saved with
-    ``extractor="saved"``. Mutates the samples' ``answer`` fields.
+    ``extractor="saved"``. Mutates the samples' ``answer`` fields. ``hardware`` (a preset name
+    or ``parscale.cost.Hardware``) sets the FLOP/byte ratio of the per-problem eFLOPs.
     """
     from .aggregators import get_strategy
     from .tasks import get_task
@@ -304,11 +317,7 @@ def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str
     invalid = right_samples = 0
     for problem in sset.problems:
         samples = groups[problem.id]
-        verdict: dict[Any, bool] = {}
-        for s in samples:
-            if s.answer not in verdict:
-                verdict[s.answer] = s.answer is not INVALID and bool(the_task.verify(problem, s.answer))
-        correct = [verdict[s.answer] for s in samples]
+        correct = verify_samples(the_task, problem, samples)
         answers = [s.answer for s in samples]
         invalid += sum(a is INVALID for a in answers)
         right_samples += sum(correct)
@@ -331,7 +340,7 @@ def score_sample_set(sset: SampleSet, *, task: str | None = None, extractor: str
         task=task_name, extractor=extractor_name, strategy=strategy, problems=n_problems, n=n, rows=rows,
         strategy_accuracy=wilson_ci(strategy_right, n_problems, level),
         invalid_rate=invalid / n_samples, sample_accuracy=right_samples / n_samples,
-        cost_per_problem=sset.ledger.per_problem(n_problems), meta=dict(sset.meta))
+        cost_per_problem=sset.ledger.per_problem(n_problems, hardware), meta=dict(sset.meta))
 
 
 def _common_task(sset: SampleSet) -> str:

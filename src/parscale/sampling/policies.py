@@ -1,9 +1,14 @@
 """Early-stopping policies: pure state machines the sampler consults as rows finish.
 
-Protocol: per problem the sampler calls ``policy.reset()``, then ``policy.observe(sample)`` each
-time one of the problem's rows finishes (``sample.index`` is the row within the problem). The
-returned ``Action`` says: ``continue``, ``stop`` (end every row still running for this problem),
-or ``prune`` the listed row indices. Once a policy has said ``stop`` it keeps saying so.
+Protocol: per problem the sampler calls ``policy.reset()`` and ``policy.bind(context)`` (a
+``PolicyContext``: the model, tokenizer, problem and its prompt tokens), then
+``policy.observe(sample)`` each time one of the problem's rows finishes (``sample.index`` is the
+row within the problem). The returned ``Action`` says: ``continue``, ``stop`` (end every row still
+running for this problem), or ``prune`` the listed row indices. Once a policy has said ``stop`` it
+keeps saying so. A policy with ``every = K > 0`` is also consulted on the *live* rows: after every
+K-th generated token the sampler calls ``policy.inspect(step, live)`` (``live``: row index → its
+tokens so far) and prunes the rows the returned Action lists (``deepprune``, ``peek``). Work a
+policy does itself (a judge, forked rows) goes in ``policy.extra_cost`` and into the run's ledger.
 
 A policy needs the finished sample's answer: it uses ``sample.answer`` when set, else its
 ``extractor`` (give the task's extractor). ``INVALID`` answers never count as agreement.
@@ -24,6 +29,13 @@ Policies (``make_policy`` parses the CLI spelling):
                    Add ``:PRIOR`` to set the prior (``posterior:0.95:0.5``).
 ``first:K``        ``FirstFinish(K)`` — keep the first K rows to finish, then stop.
 ``none``           ``NoStop()`` — never stop early.
+``deepprune:JUDGE[:EVERY[:KEEP[:THRESHOLD]]]``  ``deepprune.DeepPrune`` — every EVERY tokens
+                   (default 8) cluster the live rows greedily by the judge saved in directory
+                   JUDGE (equivalent when its probability >= THRESHOLD, default 0.5), keep KEEP
+                   rows per cluster (default 2), prune the rest.
+``peek:EVERY[:KEEP]``  ``deepprune.Peek`` — judge-free: every EVERY tokens fork each live row,
+                   force the task's answer mark, greedily read the forced answer; rows with equal
+                   forced answers form a cluster; keep KEEP per cluster (default 2).
 """
 
 from __future__ import annotations
@@ -31,11 +43,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ParScaleError
 from .answers import INVALID, Invalid, get_extractor
-from .records import Sample
+from .records import CostLedger, Problem, Sample
 
 
 @dataclass(frozen=True)
@@ -56,16 +69,40 @@ CONTINUE = Action("continue")
 STOP = Action("stop")
 
 
+@dataclass
+class PolicyContext:
+    """What the sampler tells a policy about the problem it is deciding for."""
+
+    model: Any = None
+    tokenizer: Any = None
+    problem: Problem | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    eos: frozenset[int] = frozenset()
+    n: int = 1  # rows of this problem
+
+
 class Policy:
     """Base class: tracks the answers of finished rows; subclasses decide in ``decide``."""
 
+    every = 0  # > 0: ``inspect`` the live rows after every ``every``-th generated token
+
     def __init__(self, extractor: str | Callable[[str], str | None] | None = None) -> None:
         self.extract = get_extractor(extractor) if extractor is not None else None
+        self.context = PolicyContext()
         self.reset()
 
     def reset(self) -> None:
         self.answers: list[str | Invalid] = []  # in finishing order
         self.stopped = False
+        self.merged: dict[int, int] = {}  # pruned row index -> the kept row judged equivalent
+        self.extra_cost = CostLedger()  # work done by the policy itself
+
+    def bind(self, context: PolicyContext) -> None:
+        self.context = context
+
+    def inspect(self, step: int, live: dict[int, list[int]]) -> Action:
+        """A decision over the live rows (``every > 0`` only): CONTINUE, or prune some of them."""
+        return CONTINUE
 
     def _answer(self, sample: Sample) -> str | Invalid:
         if sample.finish_reason == "pruned":
@@ -176,11 +213,17 @@ class FirstFinish(Policy):
 
 
 def make_policy(spec: str, extractor: str | Callable | None = None) -> Policy:
-    """``"agree:3"``, ``"posterior:0.95"`` (``"posterior:0.95:0.5"`` sets the prior), ``"first:4"``, ``"none"``."""
+    """``"agree:3"``, ``"posterior:0.95"`` (``"posterior:0.95:0.5"`` sets the prior), ``"first:4"``,
+    ``"deepprune:runs/judge:8:2:0.5"``, ``"peek:8:2"``, ``"none"``."""
     if not isinstance(spec, str):
         raise ParScaleError(f"policy must be a string such as 'agree:3' (got {spec!r})")
     name, *args = spec.strip().split(":")
-    usage = "use agree:W, posterior:THRESHOLD[:PRIOR], first:K or none"
+    usage = ("use agree:W, posterior:THRESHOLD[:PRIOR], first:K, deepprune:JUDGE[:EVERY[:KEEP[:THRESHOLD]]], "
+             "peek:EVERY[:KEEP] or none")
+    if name in ("deepprune", "peek"):
+        from .deepprune import make_live_policy
+
+        return make_live_policy(spec, extractor, usage)
     try:
         if name == "none" and not args:
             return NoStop(extractor)

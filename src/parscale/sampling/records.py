@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..cost import flop_per_byte, get_hardware, kinetics_eflops
 from ..errors import ParScaleError
 from .answers import INVALID, Invalid
 
@@ -140,6 +141,10 @@ class CostLedger:
 
     ``row_steps`` is the real decode work (sum over decode steps of the rows still running), so it
     shrinks when early stopping prunes rows; ``decode_steps`` is the sequential latency in steps.
+    ``kv_read_bytes`` is the KV cache read by those row-steps, each at its own context length
+    (``parscale.cost.decode_kv_read_bytes``); with a hardware's FLOP/byte ratio it gives
+    Kinetics' eFLOPs (:meth:`eflops`). ``kv_bytes_per_value`` is the cache dtype's size; 0 means
+    the file predates the field (its reads were not recorded).
     """
 
     prompt_tokens: int = 0  # counted once per prompt when the prefill is shared by its rows
@@ -148,13 +153,27 @@ class CostLedger:
     row_steps: int = 0
     wall_s: float = 0.0
     flops: float = 0.0  # estimate
+    kv_read_bytes: float = 0.0  # decode steps' KV-cache reads (prefill not counted)
     streams: int = 1  # P of the model
     params: int = 0  # parameter count of the model (0: unknown)
+    kv_bytes_per_value: float = 0  # bytes per cached K/V value (0: not recorded, an older file)
 
-    _COUNTS = ("prompt_tokens", "generated_tokens", "decode_steps", "row_steps", "wall_s", "flops")
+    _COUNTS = ("prompt_tokens", "generated_tokens", "decode_steps", "row_steps", "wall_s", "flops",
+               "kv_read_bytes")
+    _MODEL = ("streams", "params", "kv_bytes_per_value")  # must agree when ledgers are added (see __add__)
 
     def _is_empty(self) -> bool:
         return all(getattr(self, n) == 0 for n in self._COUNTS) and self.params == 0
+
+    @property
+    def kv_recorded(self) -> bool:
+        """Whether the run recorded its KV-cache reads (files written before the field did not)."""
+        return self.kv_bytes_per_value > 0
+
+    def eflops(self, hardware="A100-80GB") -> float | None:
+        """Kinetics' eFLOPs, ``flops + kv_read_bytes · peak_flops / bandwidth`` of ``hardware``
+        (a preset name or ``parscale.cost.Hardware``); None when the reads were not recorded."""
+        return kinetics_eflops(self.flops, self.kv_read_bytes, hardware) if self.kv_recorded else None
 
     def __add__(self, other: "CostLedger") -> "CostLedger":
         if not isinstance(other, CostLedger):
@@ -163,24 +182,36 @@ class CostLedger:
             return dataclasses.replace(other)
         if other._is_empty():
             return dataclasses.replace(self)
-        if (self.streams, self.params) != (other.streams, other.params):
-            raise ParScaleError(f"cannot add cost ledgers of different models (streams/params "
-                                f"{self.streams}/{self.params} vs {other.streams}/{other.params})")
+        mine, theirs = (tuple(getattr(x, n) for n in self._MODEL) for x in (self, other))
+        # a ledger that recorded no KV reads (kv_bytes_per_value 0 and no bytes, e.g. a policy's
+        # own work counted without them) adds as zero reads; two recorded dtypes must agree
+        kv = {x.kv_bytes_per_value for x in (self, other) if x.kv_recorded or x.kv_read_bytes}
+        if mine[:2] != theirs[:2] or len(kv) > 1:
+            raise ParScaleError(f"cannot add cost ledgers of different models (streams/params/"
+                                f"kv_bytes_per_value {'/'.join(map(str, mine))} vs "
+                                f"{'/'.join(map(str, theirs))})")
         sums = {n: getattr(self, n) + getattr(other, n) for n in self._COUNTS}
-        return CostLedger(**sums, streams=self.streams, params=self.params)
+        return CostLedger(**sums, streams=self.streams, params=self.params,
+                          kv_bytes_per_value=max(self.kv_bytes_per_value, other.kv_bytes_per_value))
 
     def __radd__(self, other: Any) -> "CostLedger":  # so sum(ledgers) works
         if other == 0:
             return dataclasses.replace(self)
         return NotImplemented
 
-    def per_problem(self, n: int) -> dict[str, float]:
-        """Each count divided by ``n`` problems (plus total tokens); streams/params as they are."""
+    def per_problem(self, n: int, hardware="A100-80GB") -> dict[str, Any]:
+        """Each count divided by ``n`` problems (plus total tokens); streams/params as they are;
+        ``eflops`` per problem on ``hardware`` (None when the reads were not recorded), with the
+        hardware's name and FLOP/byte ratio."""
         if not isinstance(n, int) or n < 1:
             raise ParScaleError(f"per_problem needs n >= 1 problems (got {n!r})")
-        out = {name: getattr(self, name) / n for name in self._COUNTS}
+        hw = get_hardware(hardware)
+        out: dict[str, Any] = {name: getattr(self, name) / n for name in self._COUNTS}
         out["tokens"] = (self.prompt_tokens + self.generated_tokens) / n
         out["streams"], out["params"] = self.streams, self.params
+        total = self.eflops(hw)
+        out["eflops"] = None if total is None else total / n
+        out["hardware"], out["flop_per_byte"] = hw.name, flop_per_byte(hw)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,11 +6,15 @@ sample does not depend on the batch it ran in), its own temperature / top-p, and
 log-probs are recorded. A row ends at EOS, at a stop string, or at ``max_new_tokens``; an
 early-stopping policy (``policies.make_policy``) sees each finished answer and may prune the
 problem's other rows, which then leave the running batch, so the saved decode work is real and
-shows in the ledger's ``row_steps`` and ``flops``.
+shows in the ledger's ``row_steps`` and ``flops``. A policy with ``every = K`` (DeepPrune, peek)
+is also shown the problem's live rows after every K-th token (``decode``'s ``on_step`` hook) and
+may prune some of them; the work it does itself (``policy.extra_cost``) is added to the ledger,
+and which kept row each pruned row was judged equal to goes to ``meta["pruned_into"]``.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,10 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cost import forward_flops
+from ..cost import decode_kv_read_bytes, forward_flops
 from ..errors import ParScaleError
 from ..generation import decode
-from .policies import Policy, make_policy
+from .policies import Policy, PolicyContext, make_policy
 from .records import CostLedger, Problem, Sample, SampleSet
 
 
@@ -60,8 +64,12 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
     # one EOS id or several (a model's every EOS: parscale.generation.default_eos_ids)
     eos = set() if eos_token_id is None else (
         {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    # one policy object parsed (a judge loaded) once, copied per problem: its state is per problem
+    proto = make_policy(policy, extractor=extractor) if isinstance(policy, str) else policy
+    pruned_into: dict[str, dict[str, int]] = {}
     samples: list[Sample] = []
-    ledger = CostLedger(streams=model.streams, params=model.num_parameters())
+    ledger = CostLedger(streams=model.streams, params=model.num_parameters(),
+                        kv_bytes_per_value=model.model.norm.weight.element_size())
     bar = tqdm(total=len(problems), desc="sampling", unit="problem", disable=not progress)
     t_start = time.perf_counter()
     for lo in range(0, len(problems), batch_problems):
@@ -75,13 +83,16 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         for b, p in enumerate(prompts):  # left padding
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        policies = []
-        for _ in batch:
-            pol = make_policy(policy, extractor=extractor) if isinstance(policy, str) else policy
+        policies: list[Policy | None] = []
+        for p, ids_p in zip(batch, prompts):
+            pol = None if proto is None else copy.copy(proto)
             if pol is not None:
                 pol.reset()
+                pol.bind(PolicyContext(model=model, tokenizer=tokenizer, problem=p, prompt_ids=list(ids_p),
+                                       eos=frozenset(eos), n=n))
             policies.append(pol)
         rows = len(batch) * n
+        watched = [b for b, pol in enumerate(policies) if pol is not None and pol.every > 0]
 
         def text_of(tokens: list[int]) -> str:
             return tokenizer.decode([t for t in tokens if t not in eos])
@@ -105,11 +116,31 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
                 return [b * n + j for j in action.rows]
             return None
 
+        between: set[int] = set()  # rows pruned between steps: their last token was fed too
+
+        def on_step(dec) -> list[int]:
+            out = []
+            for b in watched:
+                pol = policies[b]
+                live = {r - b * n: dec.rows[r].tokens for r in range(b * n, (b + 1) * n) if dec.rows[r].reason is None}
+                if not live:
+                    continue
+                step = max(map(len, live.values()))  # a problem's rows decode in lockstep
+                if step % pol.every:
+                    continue
+                action = pol.inspect(step, live)
+                if action.kind == "stop":
+                    out += [b * n + i for i in live]
+                elif action.kind == "prune":
+                    out += [b * n + i for i in action.rows if i in live]
+            between.update(out)
+            return out
+
         seeds = [row_seed(seed, p.id, i) for p in batch for i in range(n)]
         res = decode(model, ids, mask, max_new_tokens=max_new_tokens, num_samples=n,
                      temperature=temps * len(batch), top_p=top_ps * len(batch), top_k=top_k, seeds=seeds,
-                     eos_token_id=eos, stop=stop, on_finish=on_finish, return_logprobs=True,
-                     compact=compact)
+                     eos_token_id=eos, stop=stop, on_finish=on_finish, on_step=on_step if watched else None,
+                     return_logprobs=True, compact=compact)
         for r in range(rows):
             b, i = divmod(r, n)
             samples.append(Sample(problem_id=batch[b].id, index=i, token_ids=res.tokens[r],
@@ -120,16 +151,25 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         # FLOPs from the model's own cost formulas: each prefill once, then every token fed back to
         # the model (m_r per row: len - 1 with compaction, every decode step without) at its context.
         flops = sum(forward_flops(cfg, tokens=len(p), context=(len(p) + 1) / 2) for p in prompts)
-        fed = [(len(res.tokens[r]) - 1 if compact else res.decode_steps, len(prompts[r // n])) for r in range(rows)]
+        fed = [(len(res.tokens[r]) - (r not in between) if compact else res.decode_steps, len(prompts[r // n]))
+               for r in range(rows)]
         n_fed = sum(m for m, _ in fed)
         if n_fed:
             ctx_sum = sum(m * p + m * (m + 1) / 2 for m, p in fed)
             flops += forward_flops(cfg, tokens=n_fed, context=ctx_sum / n_fed)
+        kv_value = model.model.norm.weight.element_size()  # the cache's dtype (model.new_cache)
         ledger = ledger + CostLedger(prompt_tokens=res.prefill_tokens,
                                      generated_tokens=sum(len(t) for t in res.tokens),
                                      decode_steps=res.decode_steps, row_steps=res.row_steps,
                                      wall_s=res.wall_s, flops=flops, streams=model.streams,
-                                     params=model.num_parameters())
+                                     params=model.num_parameters(),
+                                     kv_read_bytes=decode_kv_read_bytes(cfg, fed, kv_value, model.streams),
+                                     kv_bytes_per_value=kv_value)
+        for p, pol in zip(batch, policies):
+            if pol is not None:
+                ledger = ledger + pol.extra_cost
+                if pol.merged:
+                    pruned_into[str(p.id)] = {str(i): int(j) for i, j in sorted(pol.merged.items())}
         bar.update(len(batch))
     bar.close()
     ledger.wall_s = time.perf_counter() - t_start
@@ -139,4 +179,6 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
                 type(policy).__name__, streams=model.streams, compact=compact)
     if extractor is not None and not callable(extractor):
         info["extractor"] = extractor
+    if pruned_into:
+        info["pruned_into"] = pruned_into
     return SampleSet(problems=list(problems), samples=samples, ledger=ledger, meta=info)

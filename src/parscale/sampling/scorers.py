@@ -12,6 +12,9 @@ model. Specs (registry ``SCORERS``):
 ``verifier``          1.0 if the task's exact verifier accepts the extracted answer, else 0.0 — an
                       *oracle* (it reads the reference), for upper bounds and for ``verify``
 ``neg_length``        minus the answer's token count (prefer short answers)
+``noisy_verifier:FP,FN[,SEED]``  the ``verifier`` seen through noise: a wrong answer scores 1.0
+                      with probability FP, a right one 0.0 with probability FN (one seeded draw
+                      per sample, ``coverage.noisy_verdict``): best-of-N by an imperfect verifier
 
 A sample without recorded log-probs scores ``-1e9`` under the log-prob scorers (finite, so the
 score survives JSON, and below any real score).
@@ -49,7 +52,7 @@ def _neg_length(s: Sample, _p: Problem) -> float:
     return -float(s.length)
 
 
-SCORERS = ("mean_logprob", "sum_logprob", "min_window[:W]", "verifier", "neg_length")
+SCORERS = ("mean_logprob", "sum_logprob", "min_window[:W]", "verifier", "neg_length", "noisy_verifier:FP,FN[,SEED]")
 
 
 def make_scorer(spec: str, *, task=None, extractor=None) -> ScoreFn:
@@ -73,22 +76,48 @@ def make_scorer(spec: str, *, task=None, extractor=None) -> ScoreFn:
         if window < 1:
             raise ParScaleError(f"--scorer {spec}: the window must be an integer >= 1 (e.g. min_window:16)")
         return lambda s, _p: _finite(min_window_logprob(s.logprobs, window))
-    if name == "verifier":
+    if name in ("verifier", "noisy_verifier"):
         from .answers import get_extractor
         from .tasks import get_task
 
+        noise = _noise(spec, arg) if name == "noisy_verifier" else None
         if task is None:
-            raise ParScaleError("--scorer verifier: needs the task whose verifier to run (--task)")
+            raise ParScaleError(f"--scorer {name}: needs the task whose verifier to run (--task)")
         t = get_task(task)
         saved = extractor == "saved"  # the answers stored in the file
         extract = None if saved else get_extractor(extractor if extractor is not None else t.extractor)
 
         def verified(s: Sample, p: Problem) -> float:
             answer = s.answer if saved else extract(s.text)
-            return 1.0 if answer is not None and answer is not INVALID and t.verify(p, answer) else 0.0
+            ok = answer is not None and answer is not INVALID and bool(t.verify(p, answer))
+            if noise is not None:
+                from .coverage import noisy_verdict
+
+                ok = noisy_verdict(ok, *noise, p.id, s.index)
+            return 1.0 if ok else 0.0
 
         return verified
     raise ParScaleError(f"--scorer: unknown scorer {spec!r}; use one of {', '.join(SCORERS)}")
+
+
+def _noise(spec: str, arg: str) -> tuple[float, float, int]:
+    """``FP,FN[,SEED]`` of a noisy_verifier spec -> (fp, fn, seed)."""
+    from .coverage import parse_noisy_verifier
+
+    parts = arg.split(",")
+    seed = 0
+    if len(parts) == 3:
+        try:
+            seed = int(parts[2])
+        except ValueError:
+            seed = -1
+        if seed < 0:
+            raise ParScaleError(f"--scorer {spec}: the seed must be an integer >= 0 (got {parts[2]!r})")
+    try:
+        fp, fn = parse_noisy_verifier(",".join(parts[:2]) if len(parts) == 3 else arg)
+    except ParScaleError as e:
+        raise ParScaleError(f"--scorer {spec}: {e} (e.g. noisy_verifier:0.1,0.05)") from None
+    return fp, fn, seed
 
 
 def score_samples(sset: SampleSet, spec: str, *, task=None, extractor=None) -> SampleSet:
