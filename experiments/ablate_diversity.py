@@ -265,6 +265,11 @@ def _fmt_seeds(d: dict, spec: str = "+.4f") -> str:
     return ", ".join(f"{v:{spec}}" for _, v in sorted(d.items())) if d else "—"
 
 
+def _held_out_tokens(runs: list[dict]) -> int:
+    """Tokens of the held-out windows (as stream_usage counted them)."""
+    return max((r["usage"]["tokens"] for r in runs if "usage" in r), default=0)
+
+
 def render(results: dict) -> str:  # noqa: C901 (one report, top to bottom)
     meta, summ, scale = results["meta"], results["summary"], results["scale"]
     variants = summ["variants"]
@@ -281,8 +286,9 @@ def render(results: dict) -> str:  # noqa: C901 (one report, top to bottom)
         f"({meta['preset']['data_max_bytes']:,} bytes), vocab {meta['preset']['vocab_size']}.",
         f"- Seeds {', '.join(map(str, seeds))}: a seed fixes the backbone init and the batch order for every "
         "run, so differences within a seed are paired.",
-        f"- Held-out loss: nats/token on {meta['preset']['eval_tokens']:,} fixed held-out tokens. ρ, JS and "
-        "the gain over the best single stream: `parscale.diagnostics.stream_usage` on the same windows.",
+        f"- Held-out loss: nats/token on the fixed held-out windows ({_held_out_tokens(results['runs']):,} tokens: "
+        f"the whole held-out split of this data, under the {meta['preset']['eval_tokens']:,}-token cap). ρ, JS "
+        "and the gain over the best single stream: `parscale.diagnostics.stream_usage` on the same windows.",
         f"- Machine: {meta['workers']} runs at a time, {meta['threads_per_run']} thread each; load average "
         f"{meta['load_start']} at the start; {meta.get('elapsed_s', float('nan')) / 60:.1f} min wall.", "",
         "## Held-out loss per variant", "",
