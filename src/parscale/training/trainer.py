@@ -33,6 +33,12 @@ Choices (see docs/training.md):
   gather the full tensors (model and Adam state) into the single-process format, so a sharded
   run resumes exactly (bit-identical to an uninterrupted sharded run) and its files load anywhere.
   Evaluation runs every window on every rank (FSDP's all-gathers need every rank in lockstep).
+* **Stream sets' recipe**: ``prefix_init_std`` / ``agg_init_std`` change a new stream set's draw
+  (after the backbone's: paired across recipes); ``prefix_reparam`` trains the prefixes through
+  ``parscale.training.reparam`` (folded into plain prefixes in every saved model; the checkpoint
+  keeps it in ``reparam.safetensors`` for exact resume). Every evaluation of a P > 1 run also logs
+  ``loss_correlation``, ``pairwise_js`` and ``combination_gain`` on ``diversity_windows`` held-out
+  windows (``diversity``; docs/reproduction/diversity/README.md).
 * **Recycling** (``--init-from``): a new stream set's prefixes are the backbone's own keys/values
   on P snippets of the training data (``parscale.recycle``), so the run starts at the base loss;
   step 0 is evaluated (``val_loss`` and the init model's ``base_val_loss``). With
