@@ -46,7 +46,8 @@ def ablation_preset(tokens: int, **recipe):
     """The quick preset's data (3 MB of stdlib, vocab 1024, seq_len 128) on size s only, with the
     full preset's 16 prefix tokens, P in {1, 2, 4}, no two-stage, and the given stream recipe."""
     base = PRESETS["quick"]
-    return dataclasses.replace(base, name="ablate-diversity", sizes=(SIZE,), streams=(1, 2, 4), tokens=tokens,
+    return dataclasses.replace(base, name="ablate-diversity", description="issue 16: size s on the quick preset's data",
+                               sizes=(SIZE,), streams=(1, 2, 4), tokens=tokens,
                                prefix_tokens=16, eval_every=max(1, tokens // (base.batch_size * base.seq_len) // 4),
                                two_stage=None, **recipe)
 
