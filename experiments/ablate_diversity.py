@@ -461,7 +461,7 @@ def plot(results: dict, docs: Path) -> list[Path]:
     a2.axhline(0, color="k", lw=0.8)
     a2.set_title("aggregate's gain over its best single stream (nats)")
     for a in (a1, a2):
-        a.set_xticks(range(len(streams)), names, fontsize=7)
+        a.set_xticks(range(len(streams)), [n.replace("\n", " ") for n in names], fontsize=7, rotation=40, ha="right")
     paths.append(atomic_savefig(fig, docs / "diversity_per_variant.png", dpi=120))
 
     fig = Figure(figsize=(12, 4.5), layout="constrained")
