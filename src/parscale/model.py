@@ -24,6 +24,7 @@ Without it, P = 1 is exactly the plain backbone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -313,6 +314,10 @@ class StreamSet(nn.Module):
     snippets by default (``parscale.recycle``; docs/recycling.md).
 
     P = 1 (the prefix-only control) has prefixes and no aggregator.
+
+    ``reparam`` (None unless training with the paper's prefix reparameterisation,
+    ``parscale.training.reparam``): a module whose ``forward(layer)`` makes that layer's prefixes;
+    saving folds it into ``prefix_k``/``prefix_v`` (``reparam_folded``).
     """
 
     def __init__(self, cfg: ParScaleConfig, streams: int):
@@ -326,22 +331,29 @@ class StreamSet(nn.Module):
         h = cfg.hidden_size
         self.aggregate_layer = (nn.Sequential(nn.Linear(streams * h, h), nn.SiLU(), nn.Linear(h, streams))
                                 if streams > 1 else None)
+        self.reparam: nn.Module | None = None
 
-    def reset_parameters(self, std: float) -> None:
+    def reset_parameters(self, std: float, agg_std: float = 0.0, hidden_std: float | None = None) -> None:
+        """Prefixes ~ N(0, ``std``); the aggregator's first Linear ~ N(0, ``hidden_std``, default
+        ``std``) and its last ~ N(0, ``agg_std``) (0: all zeros, exactly uniform weights at the start)."""
         with torch.no_grad():
             nn.init.normal_(self.prefix_k, std=std)
             nn.init.normal_(self.prefix_v, std=std)
             if self.aggregate_layer is None:
                 return
-            nn.init.normal_(self.aggregate_layer[0].weight, std=std)
+            nn.init.normal_(self.aggregate_layer[0].weight, std=std if hidden_std is None else hidden_std)
             nn.init.zeros_(self.aggregate_layer[0].bias)
-            nn.init.zeros_(self.aggregate_layer[2].weight)
+            if agg_std > 0:
+                nn.init.normal_(self.aggregate_layer[2].weight, std=agg_std)
+            else:  # no RNG draw: the draws after it stay what they always were
+                nn.init.zeros_(self.aggregate_layer[2].weight)
             nn.init.zeros_(self.aggregate_layer[2].bias)
 
     def prefix(self, layer: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s prefix for a stream-major batch: two ``(p b) h t d`` tensors."""
-        k = repeat(self.prefix_k[layer], "p h t d -> (p b) h t d", b=batch).to(dtype)
-        v = repeat(self.prefix_v[layer], "p h t d -> (p b) h t d", b=batch).to(dtype)
+        k, v = (self.prefix_k[layer], self.prefix_v[layer]) if self.reparam is None else self.reparam(layer)
+        k = repeat(k, "p h t d -> (p b) h t d", b=batch).to(dtype)
+        v = repeat(v, "p h t d -> (p b) h t d", b=batch).to(dtype)
         return k, v
 
     def weights(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -356,6 +368,27 @@ class StreamSet(nn.Module):
         w = self.weights(hidden)
         streams = rearrange(hidden, "(p b) s h -> b s p h", p=self.streams)
         return (streams * w[..., None]).sum(dim=2).to(hidden.dtype), w
+
+
+@contextlib.contextmanager
+def reparam_folded(model: nn.Module):
+    """While active, every stream set of ``model`` that trains through a prefix reparameterisation
+    holds the prefixes it makes in ``prefix_k``/``prefix_v`` and has no ``reparam`` child: what is
+    saved then is the official format. The reparams are put back afterwards (training goes on)."""
+    held = {key: s.reparam for key, s in model.stream_sets.items() if s.reparam is not None}
+    with torch.no_grad():
+        for key, r in held.items():
+            s = model.stream_sets[key]
+            for layer in range(s.prefix_k.shape[0]):
+                k, v = r(layer)
+                s.prefix_k[layer].copy_(k)
+                s.prefix_v[layer].copy_(v)
+            s.reparam = None
+    try:
+        yield model
+    finally:
+        for key, r in held.items():
+            model.stream_sets[key].reparam = r
 
 
 @dataclass
@@ -485,7 +518,7 @@ class ParScaleForCausalLM(nn.Module):
         return self
 
     def add_stream_set(self, streams: int, *, init: str = "snippets", snippets: torch.Tensor | None = None,
-                       std: float | None = None) -> StreamSet:
+                       std: float | None = None, agg_std: float = 0.0) -> StreamSet:
         """Add (and activate) a new stream set for P = ``streams`` on this backbone; P = 1 adds the
         prefix-only control (one learned prefix, no aggregator).
 
@@ -493,7 +526,8 @@ class ParScaleForCausalLM(nn.Module):
         snippet p (``snippets``: token ids ``p t``, e.g. from the training data; None: sampled from
         the model itself), so the recycled model starts at its base loss (docs/recycling.md).
         ``init="random"``: prefixes ~ N(0, ``std``, default ``initializer_range``), the from-scratch
-        init. Either way the aggregator starts uniform.
+        init. The aggregator starts uniform (its last Linear zero), or nearly so with ``agg_std`` > 0
+        (that Linear ~ N(0, ``agg_std``)).
         """
         from .recycle import INITS, snippet_prefixes
 
@@ -505,7 +539,8 @@ class ParScaleForCausalLM(nn.Module):
             raise ParScaleError("config field 'prefix_tokens' must be >= 1 to add a stream set")
         ref = self.model.norm.weight  # the compute dtype (the embedding may be int8)
         s = StreamSet(self.config, streams).to(device=ref.device, dtype=ref.dtype)
-        s.reset_parameters(self.config.initializer_range if std is None else std)
+        s.reset_parameters(self.config.initializer_range if std is None else std, agg_std,
+                           hidden_std=self.config.initializer_range)
         if init == "snippets":
             k, v = snippet_prefixes(self, streams, snippets)
             with torch.no_grad():
@@ -663,14 +698,15 @@ class ParScaleForCausalLM(nn.Module):
         """Write ``config.json`` + safetensors in the official ParScale format (atomically per file)."""
         from .interop import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        with reparam_folded(self):  # a reparameterised prefix is saved as the plain prefix it makes
+            save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
         if self.generation_config != GenerationConfig.from_model_config(self.config):  # e.g. an HF model's
             self.generation_config.save(path)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.backbone_parameters())
-        if self.stream_set is not None:
-            n += sum(p.numel() for p in self.stream_set.parameters())
+        if self.stream_set is not None:  # a training-only prefix reparam is not counted: it folds away
+            n += sum(p.numel() for name, p in self.stream_set.named_parameters() if not name.startswith("reparam."))
         if non_embedding:
             n -= self.model.embed_tokens.weight.numel()
             if not self.config.tie_word_embeddings:

@@ -123,6 +123,11 @@ class Preset:
     schedule: str = "constant"  # the grid's learning rate after warm-up (see docs/reproduction.md)
     data: str = "stdlib"
     seed: int = 0
+    # the stream-set recipe of every P > 1 (and prefix-baseline) run, as the TrainConfig fields
+    # of the same names (docs/reproduction/diversity/README.md)
+    prefix_reparam: bool = False
+    prefix_init_std: float | None = None  # None: initializer_range (0.02)
+    agg_init_std: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,17 +197,20 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
               "checkpoint_every": preset.checkpoint_every, "log_every": preset.log_every,
               "data": data or preset.data, "data_max_bytes": preset.data_max_bytes,
               "threads": threads, "quiet": True, "resume": True}
+    recipe = {"prefix_reparam": preset.prefix_reparam, "prefix_init_std": preset.prefix_init_std,
+              "agg_init_std": preset.agg_init_std}
     plan: list[PlannedRun] = []
     for size in preset.sizes:
         for P in preset.streams:
             name = grid_name(size.name, P)
-            cfg = TrainConfig(**common, **size.shape(), streams=P, tokens=preset.tokens, lr=preset.lr,
+            cfg = TrainConfig(**common, **size.shape(), **(recipe if P > 1 else {}), streams=P,
+                              tokens=preset.tokens, lr=preset.lr,
                               min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                               schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "grid", size, P, cfg))
         if baseline == "prefix":  # same seed: the same backbone init as the size's grid runs
             name = f"{grid_name(size.name, 1)}-prefix"
-            cfg = TrainConfig(**common, **size.shape(), streams=1, prefix_only=True, tokens=preset.tokens,
+            cfg = TrainConfig(**common, **size.shape(), **recipe, streams=1, prefix_only=True, tokens=preset.tokens,
                               lr=preset.lr, min_lr=preset.min_lr, warmup_steps=preset.warmup_steps,
                               schedule=preset.schedule, seed=preset.seed, out=str(runs_dir / name))
             plan.append(PlannedRun(name, "baseline", size, 1, cfg, "prefix"))
@@ -839,6 +847,16 @@ def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _recipe_line(preset: Mapping[str, Any]) -> str:
+    """The stream-set recipe of the P > 1 runs (results.json written before these fields: the default)."""
+    std = preset.get("prefix_init_std")
+    parts = ["prefixes " + ("through the MLP reparameterisation" if preset.get("prefix_reparam") else "learned directly"),
+             f"init std {0.02 if std is None else std:g}",
+             "aggregator starting exactly uniform" if not preset.get("agg_init_std") else
+             f"aggregator's last layer ~ N(0, {preset['agg_init_std']:g}) at init"]
+    return "- Stream sets: " + ", ".join(parts) + " (docs/reproduction/diversity/README.md)."
+
+
 def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -875,6 +893,7 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"LR {preset['lr']:g} ({preset['warmup_steps']} warm-up steps, then "
         + ("constant" if preset["schedule"] == "constant" else f"cosine to {preset['min_lr']:g}") + "), "
         f"{preset['prefix_tokens']} prefix tokens per stream and layer, seed {preset['seed']}.",
+        _recipe_line(preset),
         (f"- Held-out loss: mean next-token cross-entropy (nats) on up to {preset['eval_tokens']:,} fixed "
          "validation tokens, the same windows for every run."),
         ("- N = non-embedding parameters at the run's P (the streams' prefixes and aggregator included, "

@@ -37,6 +37,13 @@ examples:
   parscale train --init-from runs/two/model --streams 1 --prefix-only --freeze-backbone \\
       --tokens 500000 --out runs/p1-prefix
 
+  # streams that differ from step one: the paper's prefix reparameterisation, larger random
+  # prefixes and a not-exactly-uniform aggregator (metrics.jsonl logs loss_correlation,
+  # pairwise_js and combination_gain at every evaluation)
+  parscale train --size tiny --streams 4 --prefix-reparam --prefix-init-std 0.5 \
+      --agg-init-std 0.02 --data-max-bytes 2000000 --vocab-size 1024 --seq-len 128 \
+      --batch-size 8 --steps 200 --out runs/tiny-p4-reparam
+
   # shard parameters, gradients and Adam state over 2 processes (FSDP2; gloo on CPU)
   torchrun --nproc_per_node 2 -m parscale.cli train --init-from runs/two/model --streams 4 \\
       --freeze-backbone --fsdp --tokens 500000 --out runs/p4-fsdp
@@ -56,6 +63,17 @@ HELP = {
     "streams": "P, the number of parallel streams",
     "prefix_tokens": "learned prefix length per stream and layer",
     "agg_smoothing": "ε: aggregation weights become w·(1-ε) + ε/P",
+    "prefix_init_std": "standard deviation of random prefixes at init, plain or reparameterised "
+                       "(default: the model's initializer_range, 0.02)",
+    "agg_init_std": "standard deviation of the aggregator's last Linear at init (0: exactly uniform "
+                    "weights at the start)",
+    "prefix_reparam": "learn the prefixes through the paper's reparameterisation (per layer a random "
+                      "p' of P x --reparam-dim and an MLP -> tanh -> prefix keys/values); folded into "
+                      "plain prefixes in every saved model",
+    "reparam_dim": "D, the width of the reparameterisation's per-stream embedding p'",
+    "reparam_hidden": "H, the reparameterisation MLP's hidden width",
+    "diversity_windows": "held-out windows on which every evaluation also logs the streams' "
+                         "loss_correlation, pairwise_js and combination_gain (0 = off; P > 1 only)",
     "seq_len": "tokens per training window",
     "batch_size": "global batch in sequences per optimizer step (over all ranks and micro-batches)",
     "grad_accum": "micro-batches per step (splits the batch; the maths of a step stays the same)",

@@ -33,7 +33,6 @@ traces lets an online greedy clustering stop the redundant rows early. Here:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -411,10 +410,10 @@ class Peek(_ClusterPolicy):
         n_fed = sum(m for m, _ in fed)
         if n_fed:
             flops += forward_flops(cfg, tokens=n_fed, context=sum(m * p + m * (m + 1) / 2 for m, p in fed) / n_fed)
+        kv_value = ctx.model.model.norm.weight.element_size()  # the cache's dtype (model.new_cache)
         self._add_cost(prompt_tokens=res.prefill_tokens, generated_tokens=sum(map(len, res.tokens)),
                        decode_steps=res.decode_steps, row_steps=res.row_steps, flops=flops,
-                       kv_read_bytes=decode_kv_read_bytes(cfg, fed, ctx.model.model.norm.weight.element_size(),
-                                                          ctx.model.streams))
+                       kv_read_bytes=decode_kv_read_bytes(cfg, fed, kv_value, ctx.model.streams))
         out = {}
         for r, toks in zip(rows, res.tokens):
             line = first_line(tok.decode([t for t in toks if t not in ctx.eos]))

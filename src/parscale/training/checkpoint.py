@@ -10,6 +10,9 @@ Layout of ``OUT/checkpoint/``:
 * ``optimizer.json`` — the param groups (hyper-parameters, parameter indices) and any non-tensor
   state values;
 * ``rng.safetensors`` — the torch CPU RNG state (a uint8 tensor) and, on GPU, each CUDA device's;
+* ``reparam.safetensors`` — only when training with the prefix reparameterisation
+  (``parscale.training.reparam``): its tensors, ``{P}.{name}``; the model files hold the folded
+  plain prefixes;
 * ``trainer_state.json`` — step, tokens, stage, elapsed time and the run's TrainConfig. Written
   last; a checkpoint directory without it is never used.
 
@@ -147,10 +150,12 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 # --------------------------------------------------------------------------- save / load
 def save_checkpoint(out_dir: str | os.PathLike, model, optimizer,
-                    state: dict[str, Any], adapter_base: tuple[str, str] | None = None) -> Path:
+                    state: dict[str, Any], adapter_base: tuple[str, str] | None = None,
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write model + optimizer (or its state dict) + RNG + ``state`` (JSON-able) as the new
     ``OUT/checkpoint``; the model as an adapter of ``adapter_base`` = (base path, base hash)
-    when given (frozen backbone)."""
+    when given (frozen backbone). ``extra_tensors``: more safetensors files, ``{file name:
+    tensors}`` (the prefix reparameterisation's, ``reparam.safetensors``)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
@@ -164,6 +169,8 @@ def save_checkpoint(out_dir: str | os.PathLike, model, optimizer,
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         (tmp / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
         save_file(rng_tensors(), str(tmp / RNG_NAME))
+        for name, tensors_ in (extra_tensors or {}).items():
+            save_file(tensors_, str(tmp / name))
         (tmp / STATE_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=2))
 
     return write_atomically(out_dir, write)

@@ -42,7 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Fields that may differ between a run and its --resume without changing the maths of training.
 RESUME_MUTABLE = frozenset({"resume", "quiet", "checkpoint_every", "log_every", "eval_every", "threads",
-                            "device", "out"})
+                            "device", "out", "diversity_windows"})
 
 
 @dataclass
@@ -61,6 +61,11 @@ class TrainConfig:
     agg_smoothing: float = 0.01
     prefix_only: bool = False  # P = 1 with one learned prefix: the prefix-only control
     stream_init: str = "auto"  # a new stream set's prefixes: snippets (auto with --init-from) or random
+    prefix_init_std: float | None = None  # std of random prefixes at init (None: initializer_range, 0.02)
+    agg_init_std: float = 0.0  # std of the aggregator's last Linear at init (0: exactly uniform weights)
+    prefix_reparam: bool = False  # train prefixes through the paper's MLP reparameterisation (folded on save)
+    reparam_dim: int = 128  # D: the per-stream embedding p' of the reparameterisation
+    reparam_hidden: int = 512  # H: the reparameterisation MLP's hidden width
     # --- batch and optimisation ---
     seq_len: int = 256
     batch_size: int = 16
@@ -79,6 +84,7 @@ class TrainConfig:
     # --- evaluation, checkpoints, logging ---
     eval_every: int = 100
     eval_tokens: int = 32768
+    diversity_windows: int = 4  # held-out windows for the stream-diversity diagnostic at each eval (0: off)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -146,12 +152,14 @@ class TrainConfig:
             self._fail("size", f"must be one of {', '.join(SIZE_PRESETS)}")
         positive = ["layers", "hidden", "heads", "kv_heads", "intermediate", "vocab_size", "streams",
                     "seq_len", "batch_size", "grad_accum", "tokens", "steps", "stage1_tokens",
-                    "stage2_tokens", "eval_tokens", "threads", "data_max_bytes"]
+                    "stage2_tokens", "eval_tokens", "threads", "data_max_bytes", "reparam_dim",
+                    "reparam_hidden"]
         for name in positive:
             v = getattr(self, name)
             if v is not None and v < 1:
                 self._fail(name, "must be >= 1")
-        for name in ["warmup_steps", "eval_every", "checkpoint_every", "log_every", "prefix_tokens", "seed"]:
+        for name in ["warmup_steps", "eval_every", "checkpoint_every", "log_every", "prefix_tokens", "seed",
+                     "diversity_windows"]:
             if getattr(self, name) < 0:
                 self._fail(name, "must be >= 0")
         if self.seq_len < 2:
@@ -184,6 +192,22 @@ class TrainConfig:
         if self.stream_init == "snippets" and self.init_from is None and self.stage1_tokens is None:
             self._fail("stream_init", "snippets come from a trained backbone: use it with --init-from "
                                       "or two-stage training (from scratch the init is random)")
+        if self.prefix_init_std is not None and self.prefix_init_std <= 0:
+            self._fail("prefix_init_std", "must be > 0")
+        if self.agg_init_std < 0:
+            self._fail("agg_init_std", "must be >= 0 (0 = exactly uniform weights at the start)")
+        random_init = self.new_stream_init == "random"
+        if self.prefix_init_std is not None and not random_init:
+            self._fail("prefix_init_std", "sets random prefixes, but this run's new prefixes are text snippets "
+                                          "(--init-from); add --stream-init random")
+        if self.prefix_reparam:
+            if self.streams < 2 and not self.prefix_only:
+                self._fail("prefix_reparam", "reparameterises learned prefixes: needs --streams >= 2 or --prefix-only")
+            if not random_init:
+                self._fail("prefix_reparam", "starts from random prefixes, but this run's new prefixes are text "
+                                             "snippets (--init-from); add --stream-init random")
+            if self.fsdp:
+                self._fail("fsdp", "is not supported with --prefix-reparam (the sharded save cannot fold it)")
         if not self.data:
             self._fail("data", "must be 'stdlib' or a path")
         if not self.out:

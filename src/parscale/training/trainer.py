@@ -33,6 +33,12 @@ Choices (see docs/training.md):
   gather the full tensors (model and Adam state) into the single-process format, so a sharded
   run resumes exactly (bit-identical to an uninterrupted sharded run) and its files load anywhere.
   Evaluation runs every window on every rank (FSDP's all-gathers need every rank in lockstep).
+* **Stream sets' recipe**: ``prefix_init_std`` / ``agg_init_std`` change a new stream set's draw
+  (after the backbone's: paired across recipes); ``prefix_reparam`` trains the prefixes through
+  ``parscale.training.reparam`` (folded into plain prefixes in every saved model; the checkpoint
+  keeps it in ``reparam.safetensors`` for exact resume). Every evaluation of a P > 1 run also logs
+  ``loss_correlation``, ``pairwise_js`` and ``combination_gain`` on ``diversity_windows`` held-out
+  windows (``diversity``; docs/reproduction/diversity/README.md).
 * **Recycling** (``--init-from``): a new stream set's prefixes are the backbone's own keys/values
   on P snippets of the training data (``parscale.recycle``), so the run starts at the base loss;
   step 0 is evaluated (``val_loss`` and the init model's ``base_val_loss``). With
@@ -301,6 +307,8 @@ class _Run:
         self.stages = plan_stages(cfg)
         self.total_steps = self.stages[-1].end
         self.model = None
+        self.fresh_sets: set[str] = set()  # stream sets this run created (not loaded): keys "P"
+        self.reparam_saved = None  # the resumed checkpoint's prefix-reparam tensors, if any
         self.ddp = None
         self.optimizer = None
         self.stage: Stage | None = None
@@ -351,6 +359,12 @@ class _Run:
         cfg = self.cfg
         if ckpt is not None:
             model = ParScaleForCausalLM.from_pretrained(ckpt.path)
+            from .reparam import REPARAM_NAME
+
+            if (ckpt.path / REPARAM_NAME).is_file():
+                from safetensors.torch import load_file
+
+                self.reparam_saved = load_file(str(ckpt.path / REPARAM_NAME))
             model.set_streams(int(ckpt.state["streams"]))
         elif cfg.init_from is not None:
             model = ParScaleForCausalLM.from_pretrained(cfg.init_from)
@@ -378,6 +392,12 @@ class _Run:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model = ParScaleForCausalLM(mcfg)
+                if cfg.prefix_init_std is not None or cfg.agg_init_std > 0:  # drawn after the backbone: still paired
+                    for sset in model.stream_sets.values():
+                        sset.reset_parameters(mcfg.initializer_range if cfg.prefix_init_std is None
+                                              else cfg.prefix_init_std, cfg.agg_init_std,
+                                              hidden_std=mcfg.initializer_range)
+            self.fresh_sets = set(model.stream_sets)  # this run's own new sets (a reparam may go on them)
         if model.config.vocab_size < vocab:
             raise ParScaleError(f"the tokenizer has {vocab} tokens but the model's vocab_size is "
                                 f"{model.config.vocab_size}")
@@ -406,13 +426,20 @@ class _Run:
                                                 model.config.prefix_tokens)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1000 + 17 + stage.index)
-                model.add_stream_set(P, init=init, snippets=snippets)
+                model.add_stream_set(P, init=init, snippets=snippets, std=cfg.prefix_init_std,
+                                     agg_std=cfg.agg_init_std)
             model.to(self.dist.device)
+            self.fresh_sets.add(str(P))
         model.set_streams(P)
         if P > 1 and model.config.prefix_tokens < 1:
             raise ParScaleError("the model's prefix_tokens is 0; cannot train P > 1 streams")
+        if cfg.prefix_reparam and model.stream_set is not None:  # not two-stage's plain stage 1
+            self._attach_reparam(stage)
 
         trainable = set(map(id, model.stream_parameters(P))) if model.stream_set is not None else set()
+        if model.stream_set is not None and model.stream_set.reparam is not None:
+            # the reparameterisation makes the prefixes; the stored ones are only written when saving
+            trainable -= {id(model.stream_set.prefix_k), id(model.stream_set.prefix_v)}
         if not cfg.freeze_backbone:
             trainable |= set(map(id, model.backbone_parameters()))
         for p in model.parameters():
@@ -426,8 +453,10 @@ class _Run:
             for name, p in model.named_parameters():
                 if not p.requires_grad or name.startswith("stream_sets.") != (part == "streams"):
                     continue
-                # weight matrices and the embedding decay; norms, biases and prefixes do not
-                (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
+                # weight matrices and the embedding decay; norms, biases, prefixes and the prefix
+                # reparameterisation (it is the prefix) do not
+                prefix = "prefix" in name or ".reparam." in name
+                (decay if p.dim() >= 2 and not prefix else no_decay).append(p)
             groups += [{"params": decay, "weight_decay": cfg.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
@@ -448,6 +477,31 @@ class _Run:
         else:
             self.ddp = model
         self.stage = stage
+
+    def _attach_reparam(self, stage: Stage) -> None:
+        """Put the prefix reparameterisation on the stage's stream set: restored from the
+        checkpoint being resumed, or fresh (seeded per stage) on a set this run created."""
+        import torch
+
+        from .reparam import attach_reparam, load_reparam_tensors
+
+        cfg, model, key = self.cfg, self.model, str(stage.streams)
+        sset = model.stream_sets[key]
+        if sset.reparam is not None:
+            return
+        saved = self.reparam_saved
+        if saved is not None and any(k.startswith(f"{key}.") for k in saved):
+            attach_reparam(sset, model.config, dim=cfg.reparam_dim, hidden=cfg.reparam_hidden)
+            load_reparam_tensors(model, saved, f"checkpoint {self.out}")
+        elif key in self.fresh_sets:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 1000 + 31 + stage.index)
+                attach_reparam(sset, model.config, dim=cfg.reparam_dim, hidden=cfg.reparam_hidden,
+                               std=cfg.prefix_init_std)
+        else:
+            where = cfg.init_from if saved is None else f"the checkpoint in {self.out}"
+            raise ParScaleError(f"train option 'prefix_reparam' (--prefix-reparam): trains a new stream set, but "
+                                f"{where} already holds a P={stage.streams} set without one")
 
     def _shard(self, model) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -566,6 +620,24 @@ class _Run:
             total, count = self.dist.sum([total, float(count)])
         return total / count if count else None
 
+    def diversity(self) -> dict[str, float]:
+        """How different the streams are, on the first ``diversity_windows`` held-out windows
+        (``parscale.diagnostics.stream_usage``): ``loss_correlation`` (ρ, the mean pairwise
+        correlation of the streams' per-token losses), ``pairwise_js`` (nats) and
+        ``combination_gain`` (best single stream's loss minus the aggregate's, nats). Empty at
+        P = 1 or with the diagnostic off. Every rank computes it (FSDP's forward needs them all);
+        it draws no random numbers, so it does not change training."""
+        from ..diagnostics import stream_usage
+
+        n, val = self.cfg.diversity_windows, self.data.val
+        if n == 0 or val is None or self.stage.streams < 2:
+            return {}
+        bs = max(1, self.cfg.batch_size // (self.cfg.grad_accum * self.dist.world))
+        with self._autocast():
+            u = stream_usage(self.model, val.inputs[:n], val.labels[:n], batch_size=bs)
+        return {"loss_correlation": u.loss_correlation, "pairwise_js": u.pairwise_js,
+                "combination_gain": u.combination_gain}
+
     # ------------------------------------------------------------------ files
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.main:
@@ -583,7 +655,13 @@ class _Run:
             state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "stage": self.stage.index,
                      "streams": self.stage.streams, "elapsed_s": elapsed, "total_steps": self.total_steps,
                      "finished": finished, "train_config": self.cfg.to_dict()}
-            save_checkpoint(self.out, model, opt_state, state, adapter_base=self.adapter_base)
+            from ..model import reparam_folded
+            from .reparam import REPARAM_NAME, reparam_tensors
+
+            extra = reparam_tensors(model)  # kept beside the folded model: resume trains on through it
+            with reparam_folded(model):
+                save_checkpoint(self.out, model, opt_state, state, adapter_base=self.adapter_base,
+                                extra_tensors={REPARAM_NAME: extra} if extra else None)
         self.dist.barrier()
 
     def _resolve_adapter_base(self) -> tuple[str, str] | None:
@@ -656,7 +734,8 @@ class _Run:
 
         if ckpt is None and cfg.init_from is not None:
             # step 0: the recycled model before any training, next to the model it came from
-            self._log({"step": 0, "tokens": 0, "val_loss": self.evaluate(), "base_val_loss": base_val})
+            self._log({"step": 0, "tokens": 0, "val_loss": self.evaluate(), "base_val_loss": base_val,
+                       **self.diversity()})
 
         self.started = True  # from here on the run folder holds real work
         t_session = time.perf_counter()
@@ -685,6 +764,7 @@ class _Run:
             do_eval = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
             if do_eval:
                 val_loss = self.evaluate()
+                diversity = self.diversity()
             if is_last or do_eval or (cfg.log_every and step % cfg.log_every == 0):
                 now = time.perf_counter()
                 rec = {"step": step, "tokens": tokens, "lr": lr, "loss": loss, "grad_norm": gnorm,
@@ -697,6 +777,8 @@ class _Run:
                     rec["streams"] = stage.streams
                 if do_eval and val_loss is not None:
                     rec["val_loss"] = val_loss
+                if do_eval:
+                    rec.update(diversity)
                 self._log(rec)
                 if bar is None and dist.main and not cfg.quiet:
                     extra = f" val {val_loss:.4f}" if do_eval and val_loss is not None else ""
@@ -722,7 +804,10 @@ class _Run:
             if self.adapter_base is not None:
                 from ..recycle import save_adapter
 
-                save_adapter(final, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
+                from ..model import reparam_folded
+
+                with reparam_folded(final):  # the official stream-set tensors, no reparam
+                    save_adapter(final, model_dir, base=self.adapter_base[0], base_sha256=self.adapter_base[1])
             else:
                 final.save_pretrained(model_dir)
             self.data.tokenizer.save(model_dir)
