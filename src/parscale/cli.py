@@ -23,7 +23,15 @@ SUBCOMMANDS = ["generate", "chat", "serve", "convert", "train", "merge-adapter",
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the worked examples in epilogs as written and shows defaults."""
+    """Keeps the worked examples in epilogs as written and shows defaults (not "None" or an off
+    switch, and not where the help already says what happens by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if off or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def _one_line(text: str) -> str:

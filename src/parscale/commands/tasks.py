@@ -37,7 +37,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("tasks", help="write training text for a task, holding out the evaluation problems",
                        epilog=EXAMPLE, formatter_class=HelpFormatter, description=__doc__)
-    p.add_argument("--task", help="arithmetic | countdown | linear | sudoku")
+    p.add_argument("--task", help="arithmetic | countdown | linear | sudoku | arithmetic-trace | countdown-trace "
+                                  "(--list: every task with its difficulties)")
     p.add_argument("--n", type=int, default=10000, help="training problems to write (repeats allowed)")
     p.add_argument("--difficulty", type=int, default=None, help="task difficulty (task default if unset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training problems")
@@ -69,7 +70,7 @@ def _list() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
-    from ..sampling.tasks import get_task
+    from ..sampling.tasks import TASKS, get_task
     from ._common import at_least, check_count, ensure_writable_file
 
     if args.list:
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParScaleError("--out FILE.jsonl is required")
     task = get_task(args.task)
     if task.name == "exact":
-        raise ParScaleError("--task exact has no problem generator; pick arithmetic, countdown, linear or sudoku")
+        raise ParScaleError("--task exact has no problem generator; pick one of "
+                            + ", ".join(n for n in TASKS if n != "exact"))
     at_least("--n", args.n, 1)
     at_least("--eval-problems", args.eval_problems, 0)
     check_count("--n", args.n, 1024, "problems")  # a Problem plus its line of text, generously
