@@ -40,8 +40,8 @@ examples:
   # streams that differ from step one: the paper's prefix reparameterisation, larger random
   # prefixes and a not-exactly-uniform aggregator (metrics.jsonl logs loss_correlation,
   # pairwise_js and combination_gain at every evaluation)
-  parscale train --size tiny --streams 4 --prefix-reparam --prefix-init-std 0.5 \
-      --agg-init-std 0.02 --data-max-bytes 2000000 --vocab-size 1024 --seq-len 128 \
+  parscale train --size tiny --streams 4 --prefix-reparam --prefix-init-std 0.5 \\
+      --agg-init-std 0.02 --data-max-bytes 2000000 --vocab-size 1024 --seq-len 128 \\
       --batch-size 8 --steps 200 --out runs/tiny-p4-reparam
 
   # shard parameters, gradients and Adam state over 2 processes (FSDP2; gloo on CPU)
