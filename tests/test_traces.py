@@ -8,9 +8,10 @@ import pytest
 from parscale.errors import ParScaleError
 from parscale.sampling import INVALID, get_task, write_training_corpus
 from parscale.sampling.records import Problem
-from parscale.sampling.traces import TRACE_TASKS, arithmetic_trace_answer, column_trace, countdown_trace_answer
+from parscale.sampling.traces import (TRACE_TASKS, arithmetic_trace_answer, column_trace, countdown_trace_answer,
+                                      sum_trace_answer)
 
-NAMES = ["arithmetic-trace", "countdown-trace"]
+NAMES = ["arithmetic-trace", "countdown-trace", "sum-trace"]
 
 
 def test_registered_under_stable_names():
@@ -118,3 +119,24 @@ def test_bad_difficulty():
         get_task("countdown-trace").make_problems(3, difficulty=2)
     with pytest.raises(ParScaleError, match="difficulty"):
         get_task("arithmetic-trace").make_problems(3, difficulty=9)
+
+
+def test_sum_trace_takes_many_paths_and_checks_each_step():
+    task = get_task("sum-trace")
+    p = Problem(0, "sum-trace", "Q: 7+7+1+5+9+8=\nA:", "37", {"operands": [7, 7, 1, 5, 9, 8]})
+    assert task.verify(p, "37") and not task.verify(p, "36")
+    good = "9+7=16 ; 16+7=23 ; 23+8=31 ; 31+1=32 ; 32+5=37 ; => 37"
+    assert task.extract(good) == "37" and task.trace_errors(p, good) == []
+    assert task.trace_errors(p, "9+7=17 ; 17+7=24 ; 24+8=32 ; 32+1=33 ; 33+5=38 ; => 38") == [
+        "step 1: 9+7 is 16, not 17", "final answer '38', expected 37"]
+    assert task.trace_errors(p, "9+7=16 ; 15+7=22 ; => 22")[:2] == [
+        "step 2: starts from 15, the running sum is 16", "numbers used [7, 7, 9], expected [1, 5, 7, 7, 8, 9]"]
+    # the training text shows different orders of the same numbers (what makes a vote over paths work)
+    firsts = {task.reference_solution(q).split("+")[0] for q in task.make_problems(200, seed=0, difficulty=6)}
+    assert len(firsts) == 9
+
+
+@pytest.mark.parametrize("text", ["", "9+7=16 ; => x", "9+7=16 => 16", "9+7 ; => 16", "9+7=16 ; => 1 6",
+                                  "9*7=63 ; => 63", "9+7=16 ; => -16"])
+def test_sum_extractor_rejects_malformed(text):
+    assert sum_trace_answer(text) is INVALID

@@ -37,8 +37,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("tasks", help="write training text for a task, holding out the evaluation problems",
                        epilog=EXAMPLE, formatter_class=HelpFormatter, description=__doc__)
-    p.add_argument("--task", help="arithmetic | countdown | linear | sudoku | arithmetic-trace | countdown-trace "
-                                  "(--list: every task with its difficulties)")
+    p.add_argument("--task", help="arithmetic | countdown | linear | sudoku | arithmetic-trace | countdown-trace | "
+                                  "sum-trace (--list: every task with its difficulties)")
     p.add_argument("--n", type=int, default=10000, help="training problems to write (repeats allowed)")
     p.add_argument("--difficulty", type=int, default=None, help="task difficulty (task default if unset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training problems")

@@ -419,7 +419,7 @@ class ExactMatch(Task):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown(), Linear(), Sudoku(), ExactMatch())}
-from . import traces as _traces  # noqa: E402  (registers arithmetic-trace, countdown-trace in TASKS)
+from . import traces as _traces  # noqa: E402  (registers arithmetic-trace, countdown-trace, sum-trace in TASKS)
 
 
 def get_task(name: str | Task) -> Task:

@@ -34,6 +34,17 @@ is the full trace.
                       (one line in reality). difficulty d: d numbers (3..5), each 1..20; 0-2
                       failed attempts. The answer is verified like ``countdown``'s (each number at
                       most once, exact rational value), so any correct expression counts.
+``sum-trace``         ``Q: 7+7+1+5+9+8=`` → a running sum that takes the numbers **in a random
+                      order** (the training text shows one order per example), one addition per
+                      step::
+
+                          9+7=16 ; 16+7=23 ; 23+8=31 ; 31+1=32 ; 32+5=37 ; => 37
+
+                      Every problem has many valid paths whose intermediate sums differ, so sampled
+                      rows err on different steps — the setting where a vote over paths beats the
+                      single greedy path (self-consistency); the other trace tasks have one path per
+                      problem. difficulty d: d numbers (3..9), each 1..9. ``trace_errors`` checks
+                      each addition, the running sum and that every number is used once.
 """
 
 from __future__ import annotations
@@ -249,5 +260,75 @@ class CountdownTrace(Countdown):
         return errors
 
 
-TRACE_TASKS: dict[str, Task] = {t.name: t for t in (ArithmeticTrace(), CountdownTrace())}
+# ----------------------------------------------------------------------------- sum-trace
+_ADD = re.compile(r"\d+\+\d+=\d+")
+
+
+def sum_trace_answer(text: str) -> str | Invalid:
+    """The canonical integer after ``=>`` of a well-formed running-sum trace, else INVALID."""
+    parsed = _answer_field(text, _ADD, r"\s*;\s*", ";")
+    if parsed is INVALID or not re.fullmatch(r"\d+", parsed[1]):
+        return INVALID
+    return canonical_number(parsed[1])
+
+
+class SumTrace(Task):
+    name = "sum-trace"
+    default_difficulty = 6
+    min_difficulty = 3
+    max_difficulty = 9
+    extractor = staticmethod(sum_trace_answer)
+    answer_prefix = " ; =>"
+
+    def trace_budget(self, difficulty: int) -> int:
+        """Tokens enough for any trace: each step is at most ``dd+d=dd ; `` (10 characters)."""
+        return 10 * difficulty + 12
+
+    def generate(self, rng, difficulty):
+        operands = [rng.randint(1, 9) for _ in range(difficulty)]
+        return "+".join(map(str, operands)) + "=", str(sum(operands)), {"operands": operands}
+
+    def reference_solution(self, problem: Problem) -> str:
+        """One path: the numbers in an order drawn from the problem itself (deterministic per
+        problem, different between problems, so a training corpus shows every order)."""
+        operands = list(problem.meta["operands"])
+        random.Random(f"{problem.id}|{problem.prompt}").shuffle(operands)
+        total, steps = operands[0], []
+        for x in operands[1:]:
+            steps.append(f"{total}+{x}={total + x}")
+            total += x
+        return " ; ".join(steps) + f" ; {ANSWER_MARK} {total}"
+
+    def check(self, problem, answer):
+        if ANSWER_MARK in answer:  # a whole trace: judge its final answer
+            answer = sum_trace_answer(answer)
+            if answer is INVALID:
+                return False
+        return canonical_number(answer) == str(sum(problem.meta["operands"]))
+
+    def trace_errors(self, problem: Problem, text: str) -> list[str]:
+        """Each addition, the running sum, every number used exactly once, the final answer."""
+        parsed = _answer_field(text, _ADD, r"\s*;\s*", ";")
+        if parsed is INVALID:
+            return ["not a well-formed trace"]
+        steps, answer = parsed
+        errors, used, total = [], [], None
+        for i, step in enumerate(steps):
+            a, b, c = (int(x) for x in re.split(r"[+=]", step))
+            if total is None:
+                used.append(a)
+            elif a != total:
+                errors.append(f"step {i + 1}: starts from {a}, the running sum is {total}")
+            if a + b != c:
+                errors.append(f"step {i + 1}: {a}+{b} is {a + b}, not {c}")
+            used.append(b)
+            total = c
+        if sorted(used) != sorted(problem.meta["operands"]):
+            errors.append(f"numbers used {sorted(used)}, expected {sorted(problem.meta['operands'])}")
+        if not self.check(problem, answer):
+            errors.append(f"final answer {answer!r}, expected {sum(problem.meta['operands'])}")
+        return errors
+
+
+TRACE_TASKS: dict[str, Task] = {t.name: t for t in (ArithmeticTrace(), CountdownTrace(), SumTrace())}
 TASKS.update(TRACE_TASKS)  # get_task("arithmetic-trace") etc.; the names are stable
