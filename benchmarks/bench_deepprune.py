@@ -1,12 +1,13 @@
 """DeepPrune benchmark on a reasoning-trace task: greedy vs majority, the judge's AUROC, and what
 DeepPrune / peek save against plain majority beside the agree / posterior / first-finish stops.
 
-1. Trains (or reuses, if OUT/train/model exists) a tiny model on ``arithmetic-trace`` training
+1. Trains (or reuses, if OUT/train/model exists) a tiny model on the ``--task``'s training
    text with `parscale.training.train`; the held-out evaluation problems are left out.
 2. Samples N = 16 on training-side problems (the first problems of the training corpus) and
    trains the DeepPrune judge on pairs of partial traces cut at fixed token counts (focal loss,
    minority oversampled); saves it to OUT/judge (safetensors + JSON).
-3. On the held-out problems: greedy; plain sampling at N = 16 and 32 (majority, pass@k); the
+3. On the held-out problems: greedy; plain sampling at N = 16 and 32 (majority, pass@k, and
+   majority minus greedy with a paired bootstrap interval over problems); the
    judge's AUROC by truncation length on held-out pairs; then every policy at N = 16 and 32 with
    the same seeds: accuracy (majority over the rows that finished; for deepprune / peek also the
    vote that counts each kept row with the rows pruned into it), and generated tokens, decode
@@ -40,16 +41,22 @@ from parscale.sampling import (SampleSet, best_of_n, extract_answers, get_task, 
                                write_training_corpus)
 from parscale.sampling.deepprune import (DeepPrune, Peek, cluster_vote_weights, collect_pairs, judge_auroc,
                                          load_judge, train_judge)
-from parscale.sampling.estimators import pass_at_k
+from parscale.sampling.estimators import bootstrap_ci, pass_at_k
 from parscale.sampling.sampler import sample_problems
 from parscale.training.options import TrainConfig
 from parscale.training.trainer import train
 
 
-def accuracy(sset: SampleSet, task, aggregate=majority_vote) -> float:
+def solved(sset: SampleSet, task, aggregate=majority_vote) -> list[bool]:
+    """Per problem (in the set's order): is the aggregated answer right?"""
     extract_answers(sset.samples, task.extractor)
     groups = sset.by_problem()
-    return sum(task.verify(p, aggregate(groups[p.id]).answer) for p in sset.problems) / len(sset.problems)
+    return [task.verify(p, aggregate(groups[p.id]).answer) for p in sset.problems]
+
+
+def accuracy(sset: SampleSet, task, aggregate=majority_vote) -> float:
+    right = solved(sset, task, aggregate)
+    return sum(right) / len(right)
 
 
 def confident(samples):
@@ -192,6 +199,18 @@ def main() -> None:
         results["majority16_by_temperature"][temp] = accuracy(run(f"plain-n16-t{temp}", held, 16, temperature=temp), task)
     print(f"\ngreedy {g_acc:.3f} vs majority@16 by temperature: " + ", ".join(
         f"T={t}: {a:.3f}" for t, a in sorted(results["majority16_by_temperature"].items())))
+    # is majority measurably better than greedy? the same problems, so a paired bootstrap over them
+    g_right = solved(greedy, task)
+    results["majority_minus_greedy"] = {}
+    for n in (16, 32):
+        diff = [float(m) - float(g) for m, g in zip(solved(plain[n], task), g_right)]
+        ci = bootstrap_ci(diff, n_boot=10000)
+        results["majority_minus_greedy"][n] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                                               "only_majority": sum(x > 0 for x in diff),
+                                               "only_greedy": sum(x < 0 for x in diff)}
+        print(f"majority@{n} - greedy at T={args.temperature}: {ci.estimate:+.3f} [95% paired bootstrap over "
+              f"problems {ci.low:+.3f}, {ci.high:+.3f}]; solved only by majority {sum(x > 0 for x in diff)}, "
+              f"only by greedy {sum(x < 0 for x in diff)} of {len(diff)}")
 
     held_pairs = collect_pairs(plain[32], task.extractor, lengths)
     results["auroc"] = judge_auroc(judge, held_pairs)
