@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ParScaleError
+from .reproduce import SizeSpec  # one model shape of a grid: the trainer's shape flags
 
 FORMAT = "parscale.compare"
 VERSION = 1
@@ -86,23 +87,11 @@ INFERENCE_COSTS = ("inference_flops", "eflops")  # the budgets the axes are rank
 
 # --------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
-class ModelSize:
-    """One model shape of the grid (the trainer's shape flags)."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-
-@dataclass(frozen=True)
 class ComparePreset:
     name: str
     task: str
     difficulty: int
-    sizes: tuple[ModelSize, ...]
+    sizes: tuple[SizeSpec, ...]
     streams: tuple[int, ...]
     train_tokens: int  # the same budget for every model (input tokens, not × P)
     train_problems: int  # distinct generated training problems (the corpus)
@@ -132,11 +121,11 @@ class ComparePreset:
         return dataclasses.asdict(self)
 
 
-_TINY = ModelSize("tiny", 2, 64, 4, 2, 176)
-_SMALL = ModelSize("small", 4, 128, 4, 2, 352)
-_MID = ModelSize("mid", 3, 96, 4, 2, 256)
-_MICRO = ModelSize("micro", 1, 32, 2, 1, 64)
-_MICRO2 = ModelSize("micro2", 1, 48, 2, 1, 96)
+_TINY = SizeSpec("tiny", 2, 64, 4, 2, 176)
+_SMALL = SizeSpec("small", 4, 128, 4, 2, 352)
+_MID = SizeSpec("mid", 3, 96, 4, 2, 256)
+_MICRO = SizeSpec("micro", 1, 32, 2, 1, 64)
+_MICRO2 = SizeSpec("micro2", 1, 48, 2, 1, 96)
 
 # why the committed task (measured with 1-minute probes; docs/compare.md)
 _WHY = ("4x4 sudoku with 4 blanks: 1-minute probes put a 740k-parameter model at 77% greedy with 4 blanks "
@@ -433,15 +422,14 @@ def evaluate_model(model, tokenizer, problems, preset: ComparePreset, *, progres
 
 
 # --------------------------------------------------------------------------- training
-def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: Path, run_dir: Path,
+def train_config(preset: ComparePreset, size: SizeSpec, streams: int, corpus: Path, run_dir: Path,
                  threads: int | None, seed: int | None = None, device: str = "auto"):
     """The TrainConfig of one grid model; ``seed`` (default ``preset.seed``) seeds its initialisation
     and data order (the corpus is the same for every seed)."""
     from .training.options import TrainConfig
 
     steps = math.ceil(preset.train_tokens / (preset.batch_size * preset.seq_len))
-    return TrainConfig(data=str(corpus), out=str(run_dir), layers=size.layers, hidden=size.hidden, heads=size.heads,
-                       kv_heads=size.kv_heads, intermediate=size.intermediate, vocab_size=preset.vocab_size,
+    return TrainConfig(data=str(corpus), out=str(run_dir), **size.shape(), vocab_size=preset.vocab_size,
                        streams=streams, prefix_tokens=preset.prefix_tokens, seq_len=preset.seq_len,
                        batch_size=preset.batch_size, tokens=preset.train_tokens, lr=preset.lr, min_lr=preset.min_lr,
                        warmup_steps=preset.warmup_steps, eval_every=steps, checkpoint_every=max(1, steps // 4),
@@ -449,7 +437,7 @@ def train_config(preset: ComparePreset, size: ModelSize, streams: int, corpus: P
                        resume=True)
 
 
-def train_flops_per_token(preset: ComparePreset, size: ModelSize, streams: int) -> float:
+def train_flops_per_token(preset: ComparePreset, size: SizeSpec, streams: int) -> float:
     """Training FLOPs per input token of one grid model (3 forwards at the mean causal context)."""
     from .config import ParScaleConfig
     from .cost import forward_flops

@@ -107,7 +107,18 @@ def column_trace(operands: list[int]) -> str:
     return " ; ".join(steps) + f" ; {ANSWER_MARK} {sum(operands)}"
 
 
-class ArithmeticTrace(Task):
+class _OperandSum(Task):
+    """A trace task whose answer is the sum of ``problem.meta["operands"]``."""
+
+    def check(self, problem, answer):
+        if ANSWER_MARK in answer:  # a whole trace: judge its final answer
+            answer = self.extract(answer)
+            if answer is INVALID:
+                return False
+        return canonical_number(answer) == str(sum(problem.meta["operands"]))
+
+
+class ArithmeticTrace(_OperandSum):
     name = "arithmetic-trace"
     default_difficulty = 3
     max_difficulty = 8
@@ -126,13 +137,6 @@ class ArithmeticTrace(Task):
 
     def reference_solution(self, problem: Problem) -> str:
         return column_trace(list(problem.meta["operands"]))
-
-    def check(self, problem, answer):
-        if ANSWER_MARK in answer:  # a whole trace: judge its final answer
-            answer = arithmetic_trace_answer(answer)
-            if answer is INVALID:
-                return False
-        return canonical_number(answer) == str(sum(problem.meta["operands"]))
 
     def trace_errors(self, problem: Problem, text: str) -> list[str]:
         """What is wrong with a trace, step by step (empty: every column and the answer are right)."""
@@ -272,7 +276,7 @@ def sum_trace_answer(text: str) -> str | Invalid:
     return canonical_number(parsed[1])
 
 
-class SumTrace(Task):
+class SumTrace(_OperandSum):
     name = "sum-trace"
     default_difficulty = 6
     min_difficulty = 3
@@ -298,13 +302,6 @@ class SumTrace(Task):
             steps.append(f"{total}+{x}={total + x}")
             total += x
         return " ; ".join(steps) + f" ; {ANSWER_MARK} {total}"
-
-    def check(self, problem, answer):
-        if ANSWER_MARK in answer:  # a whole trace: judge its final answer
-            answer = sum_trace_answer(answer)
-            if answer is INVALID:
-                return False
-        return canonical_number(answer) == str(sum(problem.meta["operands"]))
 
     def trace_errors(self, problem: Problem, text: str) -> list[str]:
         """Each addition, the running sum, every number used exactly once, the final answer."""
