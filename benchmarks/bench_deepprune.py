@@ -35,16 +35,13 @@ from pathlib import Path
 
 import torch
 
-from parscale import ParScaleForCausalLM
-from parscale.data.tokenizer import load_tokenizer
-from parscale.sampling import (SampleSet, best_of_n, extract_answers, get_task, majority_vote, weighted_vote,
-                               write_training_corpus)
+from parscale.sampling import (SampleSet, best_of_n, extract_answers, get_task, majority_vote, weighted_vote)
 from parscale.sampling.deepprune import (DeepPrune, Peek, cluster_vote_weights, collect_pairs, judge_auroc,
                                          load_judge, train_judge)
 from parscale.sampling.estimators import bootstrap_ci, pass_at_k
 from parscale.sampling.sampler import sample_problems
-from parscale.training.options import TrainConfig
-from parscale.training.trainer import train
+
+from _task_model import task_model  # benchmarks/_task_model.py (this script's folder is on sys.path)
 
 
 def solved(sset: SampleSet, task, aggregate=majority_vote) -> list[bool]:
@@ -125,22 +122,10 @@ def main() -> None:
     held = task.make_problems(args.problems, seed=999, difficulty=d)
     side = task.make_problems(args.judge_problems, seed=0, difficulty=d, exclude=[p.prompt for p in held])
 
-    model_dir = out / "train" / "model"
-    if not (model_dir / "config.json").exists():
-        corpus = out / f"{task.name}.jsonl"
-        # training problems: seed 0, the same stream the judge's training-side problems start with
-        write_training_corpus(task, args.train_problems, seed=0, difficulty=d, path=corpus,
-                              exclude=[p.prompt for p in held])
-        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size=args.size, vocab_size=320, seq_len=128,
-                          batch_size=16, tokens=args.train_tokens, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-                          eval_every=100_000, checkpoint_every=500, prefix_tokens=8, threads=args.threads,
-                          resume=True)
-        t0 = time.perf_counter()
-        res = train(cfg)
-        print(f"trained {res.params:,} non-embedding params on {res.tokens:,} tokens in "
-              f"{time.perf_counter() - t0:.0f} s; val loss {res.val_loss:.3f}")
-    model = ParScaleForCausalLM.from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
+    # training problems: seed 0, the same stream the judge's training-side problems start with
+    model, tok = task_model(task, out, held, difficulty=d, train_problems=args.train_problems,
+                            train_tokens=args.train_tokens, threads=args.threads, size=args.size, seq_len=128,
+                            batch_size=16, eval_every=100_000)
     budget = task.trace_budget(d)
     common = dict(max_new_tokens=budget, eos_token_id=tok.eos_id, extractor=task.extractor, batch_problems=10,
                   temperature=args.temperature, seed=1, meta={"task": task.name, "difficulty": d})

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from parscale import ParScaleForCausalLM
-from parscale.data.tokenizer import load_tokenizer
-from parscale.sampling import (best_of_majority, extract_answers, get_task, majority_vote, score_sample_set,
-                               write_training_corpus)
+from parscale.sampling import (best_of_majority, extract_answers, get_task, majority_vote, score_sample_set)
 from parscale.sampling.sampler import sample_problems
-from parscale.training.options import TrainConfig
-from parscale.training.trainer import train
+
+from _task_model import task_model  # benchmarks/_task_model.py (this script's folder is on sys.path)
 
 NS = [1, 2, 4, 8, 16]
 
@@ -60,21 +56,8 @@ def main() -> None:
     task = get_task("arithmetic")
     problems = task.make_problems(args.problems, seed=999, difficulty=args.difficulty)
 
-    model_dir = out / "train" / "model"
-    if not (model_dir / "config.json").exists():
-        corpus = out / "arithmetic.jsonl"
-        write_training_corpus(task, args.train_problems, seed=0, difficulty=args.difficulty, path=corpus,
-                              exclude=[p.prompt for p in problems])
-        cfg = TrainConfig(data=str(corpus), out=str(out / "train"), size="small", vocab_size=320, seq_len=64,
-                          batch_size=32, tokens=args.train_tokens, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-                          eval_every=500, checkpoint_every=500, prefix_tokens=8, threads=args.threads,
-                          resume=True)
-        t0 = time.perf_counter()
-        res = train(cfg)
-        print(f"trained {res.params:,} non-embedding params on {res.tokens:,} tokens in "
-              f"{time.perf_counter() - t0:.0f} s; val loss {res.val_loss:.3f}")
-    model = ParScaleForCausalLM.from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
+    model, tok = task_model(task, out, problems, difficulty=args.difficulty, train_problems=args.train_problems,
+                            train_tokens=args.train_tokens, threads=args.threads)
     common = dict(max_new_tokens=12, eos_token_id=tok.eos_id, extractor=task.extractor, batch_problems=10,
                   meta={"task": task.name})
 
