@@ -369,6 +369,19 @@ class Decoder:
         return choice, (raw.gather(-1, choice[:, None]) - lse).flatten(), top
 
 
+def left_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch (what ``decode`` and ``Decoder.add`` take): ``ids``
+    and ``attention_mask``, both ``b s`` long tensors; padding is id 0 with mask 0."""
+    width = max((len(x) for x in seqs), default=0)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        if len(x):
+            ids[b, width - len(x):] = torch.tensor(x)
+            mask[b, width - len(x):] = 1
+    return ids, mask
+
+
 class _StreamsAs:
     """Context manager: the model runs with stream set ``streams`` inside, its own P after."""
 

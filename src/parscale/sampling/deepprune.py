@@ -379,7 +379,7 @@ class Peek(_ClusterPolicy):
         """Each live row's answer when forced now: fork it (prompt + its tokens + the answer mark),
         decode greedily to the end of the line; the work is added to ``extra_cost``."""
         from ..cost import decode_kv_read_bytes, forward_flops
-        from ..generation import decode
+        from ..generation import decode, left_pad
         from .tasks import get_task
 
         ctx = self.context
@@ -391,12 +391,7 @@ class Peek(_ClusterPolicy):
         mark_ids = ctx.tokenizer.encode(mark)
         rows = sorted(live)
         seqs = [ctx.prompt_ids + [t for t in live[r] if t not in ctx.eos] + mark_ids for r in rows]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for k, s in enumerate(seqs):  # left padding
-            ids[k, width - len(s):] = torch.tensor(s)
-            mask[k, width - len(s):] = 1
+        ids, mask = left_pad(seqs)
         tok = ctx.tokenizer
 
         def stop(row: int, tokens: list[int]) -> bool:

@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..cost import decode_kv_read_bytes, forward_flops
 from ..errors import ParScaleError
-from ..generation import decode
+from ..generation import decode, left_pad
 from .policies import Policy, PolicyContext, make_policy
 from .records import CostLedger, Problem, Sample, SampleSet
 
@@ -77,12 +76,7 @@ def sample_problems(model, tokenizer, problems: Sequence[Problem], *, n: int,
         prompts = [tokenizer.encode(p.prompt) for p in batch]
         if any(not ids for ids in prompts):
             raise ParScaleError("a problem's prompt encodes to no tokens")
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding
-            ids[b, width - len(p):] = torch.tensor(p)
-            mask[b, width - len(p):] = 1
+        ids, mask = left_pad(prompts)
         policies: list[Policy | None] = []
         for p, ids_p in zip(batch, prompts):
             pol = None if proto is None else copy.copy(proto)

@@ -24,10 +24,8 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import ParScaleError
-from ..generation import Decoder
+from ..generation import Decoder, left_pad
 from ..sampling.sampler import row_seed
 
 # the decoder's reasons, as OpenAI's finish_reason
@@ -325,12 +323,7 @@ class Engine:
 
     def _prefill(self, P: int, n: int, jobs: list[Job]) -> None:
         prompts = [(job, i, p) for job in jobs for i, p in enumerate(job.prompts)]
-        width = max(len(p) for _, _, p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for b, (_, _, p) in enumerate(prompts):  # left padding
-            ids[b, width - len(p):] = torch.tensor(p)
-            mask[b, width - len(p):] = 1
+        ids, mask = left_pad([p for _, _, p in prompts])
         settings = {k: [] for k in ("budget", "temp", "top_p", "seed", "top")}
         for job, i, _ in prompts:
             # every choice its own generator: its samples do not depend on the batch
