@@ -129,3 +129,17 @@ def run_cli(argv, capsys):
         rc = e.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
+
+
+class CharTok:
+    """A tokenizer for tiny sampling tests: one token per character of ``alphabet``; id
+    ``len(alphabet)`` is EOS."""
+
+    def __init__(self, alphabet: str):
+        self.alphabet, self.eos_id = alphabet, len(alphabet)
+
+    def encode(self, text):
+        return [self.alphabet.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids if i < len(self.alphabet))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import CharTok
 from parscale import ParScaleForCausalLM
 from parscale.errors import ParScaleError
 from parscale.sampling import get_task
@@ -19,16 +20,6 @@ from parscale.sampling.records import Problem, Sample, SampleSet
 from parscale.sampling.sampler import sample_problems
 
 ALPHABET = "0123456789+-*=QA: \nx()/,;>"
-
-
-class CharTok:
-    eos_id = len(ALPHABET)
-
-    def encode(self, text):
-        return [ALPHABET.index(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(ALPHABET[i] for i in ids if i < len(ALPHABET))
 
 
 @pytest.fixture
@@ -206,7 +197,7 @@ def _run(model, problems, **kw):
     args = dict(n=6, temperature=1.0, seed=3, max_new_tokens=10, stop_strings=(), extractor="first_line",
                 batch_problems=2)
     args.update(kw)
-    return sample_problems(model, CharTok(), problems, **args)
+    return sample_problems(model, CharTok(ALPHABET), problems, **args)
 
 
 def _keyed(sset):

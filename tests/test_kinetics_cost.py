@@ -18,7 +18,8 @@ from parscale.sampling import SampleSet, get_task
 from parscale.sampling.records import CostLedger
 from parscale.sampling.sampler import sample_problems
 
-from test_sampler import ALPHABET, CharTok
+from conftest import CharTok
+from test_sampler import ALPHABET
 
 
 def test_kv_read_bytes_hand_count(tiny_config):
@@ -109,7 +110,7 @@ def test_sampler_fills_the_ledger_exactly(tiny_config, P, compact):
                                             eos_token_id=len(ALPHABET))).double().eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(3)
-    tok = CharTok()
+    tok = CharTok(ALPHABET)
     problems = get_task("arithmetic").make_problems(2, seed=1, difficulty=2)
     sset = sample_problems(model, tok, problems, n=4, temperature=1.0, seed=3, max_new_tokens=6,
                            compact=compact)
@@ -181,7 +182,7 @@ def test_score_reports_flops_and_eflops(tmp_path, tiny_config, capsys):
     model = ParScaleForCausalLM(tiny_config(P=2, vocab_size=len(ALPHABET) + 1,
                                             eos_token_id=len(ALPHABET))).double().eval()
     problems = get_task("arithmetic").make_problems(2, seed=1, difficulty=2)
-    sset = sample_problems(model, CharTok(), problems, n=3, seed=3, max_new_tokens=5,
+    sset = sample_problems(model, CharTok(ALPHABET), problems, n=3, seed=3, max_new_tokens=5,
                            meta={"task": "arithmetic"})
     path = sset.save_jsonl(tmp_path / "s.jsonl")
     rc, out, err = run_cli(["score", path, "--hardware", "H100", "--json"], capsys)
@@ -204,7 +205,7 @@ def test_peek_forks_read_the_kv_cache_too(tiny_config):
     torch.manual_seed(0)
     model = ParScaleForCausalLM(tiny_config(P=1, vocab_size=len(ALPHABET) + 1,
                                             eos_token_id=len(ALPHABET))).double().eval()
-    tok = CharTok()
+    tok = CharTok(ALPHABET)
     problems = get_task("arithmetic").make_problems(2, seed=2, difficulty=2)
     kw = dict(n=6, temperature=0.5, seed=3, max_new_tokens=8, stop_strings=())
     peeked = sample_problems(model, tok, problems, policy=Peek(every=3, keep=5, answer_prefix=":"), **kw)

@@ -3,24 +3,13 @@
 import pytest
 import torch
 
+from conftest import CharTok
 from parscale import ParScaleForCausalLM
 from parscale.cli import main
 from parscale.sampling import SampleSet, get_task, score_sample_set
 from parscale.sampling.sampler import sample_problems
 
 ALPHABET = "0123456789+-*=QA: \nx()/,"
-
-
-class CharTok:
-    """One token per character; id len(ALPHABET) is EOS."""
-
-    eos_id = len(ALPHABET)
-
-    def encode(self, text):
-        return [ALPHABET.index(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(ALPHABET[i] for i in ids if i < len(ALPHABET))
 
 
 @pytest.fixture(params=[1, 2])
@@ -36,7 +25,7 @@ def model(request, tiny_config):
 def run(model, problems, **kw):
     args = dict(n=4, temperature=[0.7, 1.0, 1.3, 1.0], seed=5, max_new_tokens=6)
     args.update(kw)
-    return sample_problems(model, CharTok(), problems, **args)
+    return sample_problems(model, CharTok(ALPHABET), problems, **args)
 
 
 def keyed(sset):
@@ -57,7 +46,7 @@ def test_samples_do_not_depend_on_batching(model):
 def test_ledger_counts_each_prompt_once(model):
     problems = get_task("arithmetic").make_problems(2, seed=1, difficulty=2)
     sset = run(model, problems, batch_problems=2)
-    tok = CharTok()
+    tok = CharTok(ALPHABET)
     assert sset.ledger.prompt_tokens == sum(len(tok.encode(p.prompt)) for p in problems)
     assert sset.ledger.generated_tokens == sum(s.length for s in sset.samples)
     assert sset.ledger.row_steps == sum(s.length - 1 for s in sset.samples)  # compaction: no idle rows
