@@ -40,6 +40,9 @@ examples:
   # with the fair control: a P = 1 + one learned prefix run per size, shown beside every P > 1
   parscale reproduce --preset quick --baseline prefix --out runs/reproduce-quick
 
+  # the full grid with the paper's prefix reparameterisation and the fair control
+  parscale reproduce --preset full --prefix-reparam --baseline prefix --out runs/reproduce-full-reparam
+
   # a smoke test on your own corpus (a directory, a .jsonl or a text file)
   parscale reproduce --preset micro --data my_corpus/ --out /tmp/micro
 """
@@ -61,6 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--baseline", choices=["prefix"], default=None,
                         help="prefix: add a P = 1 + one learned prefix run per size, reported beside every P > 1")
+    recipe = parser.add_argument_group(
+        "stream-set recipe", "override the preset's recipe for every P > 1 and prefix-baseline run "
+        "(docs/reproduction/diversity/README.md; as parscale train's flags of the same names)")
+    recipe.add_argument("--prefix-reparam", action="store_true", default=None,
+                        help="learn the prefixes through the paper's MLP reparameterisation "
+                             "(folded into plain prefixes in every saved model)")
+    recipe.add_argument("--prefix-init-std", type=float, default=None, metavar="STD",
+                        help="standard deviation of the prefixes at init (default: the preset's, 0.02)")
+    recipe.add_argument("--agg-init-std", type=float, default=None, metavar="STD",
+                        help="std of the aggregator's output layer at init; 0 = exactly uniform (the preset's)")
     parser.set_defaults(func=run)
 
 
@@ -70,14 +83,29 @@ def _command_line(args: argparse.Namespace) -> str:
                         ("--baseline", args.baseline)):
         if value is not None and value != "auto":
             parts += [flag, str(value)]
+    if args.prefix_reparam:
+        parts.append("--prefix-reparam")
+    for flag, value in (("--prefix-init-std", args.prefix_init_std), ("--agg-init-std", args.agg_init_std)):
+        if value is not None:
+            parts += [flag, repr(value)]
     return shlex.join(parts)
+
+
+def _with_recipe(preset, args: argparse.Namespace):
+    """``preset`` with the recipe flags the command line gave (TrainConfig validates them when
+    the runs are planned, before any work)."""
+    import dataclasses
+
+    changes = {field: getattr(args, field) for field in ("prefix_reparam", "prefix_init_std", "agg_init_std")
+               if getattr(args, field) is not None}
+    return dataclasses.replace(preset, **changes) if changes else preset
 
 
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import get_preset, reproduce
     from ._common import ensure_writable_dir
 
-    preset = get_preset(args.preset)  # a bad name fails before anything is prepared
+    preset = _with_recipe(get_preset(args.preset), args)  # bad flags fail before anything is prepared
     ensure_writable_dir(args.out or f"runs/reproduce-{preset.name}", "--out")
     result = reproduce(preset, args.out, threads=args.threads, data=args.data, progress=not args.quiet,
                        command=_command_line(args), baseline=args.baseline)
