@@ -99,17 +99,35 @@ def step_bytes(model: ParScaleForCausalLM) -> int:
 
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
+    """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``)."""
     out = {}
     for d in dtypes:
-        if d == "float32":
-            out[d] = base
-        elif d == "bfloat16":
-            out[d] = copy.deepcopy(base).to(torch.bfloat16).eval()
-        elif d == "int8":
-            out[d] = quantize_(copy.deepcopy(base)).eval()
+        dtype, _, extra = d.partition("+")
+        if extra not in ("", "prepack"):
+            raise SystemExit(f"unknown variant {d}")
+        if dtype == "float32":
+            m = copy.deepcopy(base) if extra else base
+        elif dtype == "bfloat16":
+            m = copy.deepcopy(base).to(torch.bfloat16).eval()
+        elif dtype == "int8" and not extra:
+            m = quantize_(copy.deepcopy(base)).eval()
         else:
-            raise SystemExit(f"unknown dtype {d}")
+            raise SystemExit(f"unknown variant {d}")
+        out[d] = m.prepack() if extra else m
     return out
+
+
+def prepacked_mb(model: ParScaleForCausalLM) -> float:
+    """MB held by prepacked weight copies (for oneDNN's opaque layout: its logical size)."""
+    from parscale.model import PackedLinear
+
+    total = 0
+    for m in model.modules():
+        for v in m.__dict__.values():
+            if isinstance(v, PackedLinear) and v._blocked is not None:
+                t = v._blocked[1]
+                total += t.numel() * t.element_size()
+    return total / 1e6
 
 
 class Stepper:
@@ -180,28 +198,32 @@ def run_config(name: str, args, bw: float) -> None:
     best = {k: min(v) for k, v in times.items()}
     ref = best.get(("float32", 1))
     print(f"1. decode, batch 1, {args.prompt} tokens in the cache, min of {args.rounds} rounds × {args.steps} steps")
-    print(f"{'dtype':>9} {'P':>2} {'ms/token':>9} {'÷ fp32 P=1':>11} {'÷ own P=1':>10} "
+    print(f"{'variant':>16} {'P':>2} {'ms/token':>9} {'÷ fp32 P=1':>11} {'÷ own P=1':>10} "
           f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11}")
     for d, P in keys:
         m = models[d].set_streams(P)
         nbytes = step_bytes(m)
         roof = nbytes / bw * 1e3
         t = best[(d, P)]
-        print(f"{d:>9} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
+        print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
               f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
+    for d in models:
+        if d.endswith("+prepack"):
+            print(f"{d:>16}: prepacked copies {prepacked_mb(models[d]):.0f} MB beside the {step_bytes(models[d]) / 1e6:.0f} MB "
+                  "of weights (oneDNN blocked layout)")
     if args.ttft and name == args.configs[0]:
         print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
         for d in models:
             row = []
             for P in (1, 8):
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
-            print(f"{d:>9}  P=1 {row[0]:8.0f} ms   P=8 {row[1]:8.0f} ms   ratio {row[1] / row[0]:.2f}")
+            print(f"{d:>16}  P=1 {row[0]:8.0f} ms   P=8 {row[1]:8.0f} ms   ratio {row[1] / row[0]:.2f}")
     if args.batches and name == args.configs[0]:
         print(f"3. batch sweep, ms per step (all rows), {args.prompt} tokens in the cache, min of "
               f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
-        print(f"{'dtype':>9} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
+        print(f"{'variant':>16} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
         rounds = max(2, args.rounds // 2)
-        for d in [x for x in ("float32", "bfloat16") if x in models]:
+        for d in [x for x in models if x != "int8"]:
             for B in args.batches:
                 st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 1) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}
@@ -209,7 +231,7 @@ def run_config(name: str, args, bw: float) -> None:
                     for P in (1, 8):
                         r[P].append(st[P].ms(args.steps))
                 r = {P: min(v) for P, v in r.items()}
-                print(f"{d:>9} {B:>3} {r[1]:>8.2f} {r[8]:>8.2f} {r[8] / r[1]:>10.2f}")
+                print(f"{d:>16} {B:>3} {r[1]:>8.2f} {r[8]:>8.2f} {r[8] / r[1]:>10.2f}")
                 del st
     del models, base
     gc.collect()
@@ -218,7 +240,8 @@ def run_config(name: str, args, bw: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float32+prepack", "bfloat16", "bfloat16+prepack", "int8"],
+                    help="variants: float32 / bfloat16 / int8, the first two also +prepack (one more copy of the weights)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")

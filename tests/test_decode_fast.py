@@ -2,7 +2,8 @@
 
 Invariants: the packed layout (fused q/k/v and gate/up, transposed float32 weights) computes the
 plain layers' result within float rounding and leaves names, values and training untouched;
-incremental decode equals the full forward in bfloat16 and int8 too; bfloat16 and int8 logits
+incremental decode equals the full forward in bfloat16 and int8 too; the opt-in prepacked copies
+give the plain decode's result, follow in-place changes, and leave prefill bit-identical; bfloat16 and int8 logits
 stay within stated tolerances of float32; an int8 checkpoint round-trips bit-exactly.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from parscale import ParScaleForCausalLM
 from parscale.cli import main
-from parscale.model import PackedLinear
+from parscale.model import PackedLinear, can_prepack
 from parscale.quant import Int8Linear, int8_matmul, quantize_, quantize_weight
 
 # hidden 64 / intermediate 96 / head_dim 16: multiples of 16, so the CPU int8 kernel runs
@@ -119,6 +120,74 @@ def test_packed_model_follows_to_dtype_and_load(tiny_config):
     assert out.dtype == torch.bfloat16
     assert b.model.layers[0].mlp.__dict__["_gate_up"].weight.dtype == torch.bfloat16
     torch.testing.assert_close(out, plain_logits(b, SHORT), rtol=0, atol=0.08)
+
+
+# --------------------------------------------------------------------------- prepacked (opt-in)
+def blocked_copies(model) -> int:
+    return sum(1 for mod in model.modules() for v in mod.__dict__.values()
+               if isinstance(v, PackedLinear) and v._blocked is not None)
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_prepacked_decode_equals_plain_and_prefill_is_untouched(tiny_config, P):
+    m = make(tiny_config).set_streams(P)
+    ref = plain_logits(m, IDS)
+    greedy = copy.deepcopy(m).generate(IDS[:1, :4], max_new_tokens=6)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.prepack() is m
+    torch.testing.assert_close(incremental_logits(m, IDS), ref, rtol=1e-5, atol=1e-5)
+    # 2 rows x P: float32 takes the prepacked kernel past 2 rows, the plain one up to 2
+    assert (blocked_copies(m) > 0) == (can_prepack(m.lm_head.weight) and 2 * P > 2)
+    with torch.no_grad():  # prefill and full forwards: the plain layers, bit for bit
+        assert torch.equal(m(IDS).logits, ref)
+    assert torch.equal(m.generate(IDS[:1, :4], max_new_tokens=6), greedy)
+    assert m.state_dict().keys() == before.keys()  # no extra tensors; values untouched
+    for key, v in m.state_dict().items():
+        assert torch.equal(v, before[key]), key
+
+
+def test_prepacked_bfloat16_close_to_plain_bfloat16(tiny_config):
+    b = make(tiny_config).set_streams(4).to(torch.bfloat16)
+    plain = incremental_logits(b, IDS).float()
+    b.prepack()
+    pre = incremental_logits(b, IDS).float()
+    n = 4 * b.config.num_hidden_layers + 1  # qkv, o, gate_up, down per layer, and the head
+    assert blocked_copies(b) == (n if can_prepack(b.lm_head.weight) else 0)
+    assert (pre - plain).abs().max() <= 0.01 * plain.abs().max()  # bf16 rounding of a different GEMM order
+
+
+def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config):
+    m = make(tiny_config).set_streams(4).prepack()
+    incremental_logits(m, IDS)
+    other = make(tiny_config, seed=1).set_streams(4)
+    m.load_state_dict(other.state_dict())  # in place: same storage, so only the version says it changed
+    torch.testing.assert_close(incremental_logits(m, IDS), plain_logits(other, IDS), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(2)  # as an optimizer step would
+        other.model.layers[1].mlp.down_proj.weight.mul_(2)
+    torch.testing.assert_close(incremental_logits(m, IDS), plain_logits(other, IDS), rtol=1e-5, atol=1e-5)
+    m.prepack(False)
+    assert blocked_copies(m) == 0
+    torch.testing.assert_close(incremental_logits(m, IDS), plain_logits(other, IDS), rtol=1e-5, atol=1e-5)
+    assert blocked_copies(m) == 0
+
+
+def test_prepack_is_a_no_op_without_a_kernel(tiny_config, monkeypatch):
+    m = make(tiny_config).set_streams(4)
+    ref = incremental_logits(m, IDS)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as on CUDA or a CPU without oneDNN
+    m.prepack()
+    assert torch.equal(incremental_logits(m, IDS), ref) and blocked_copies(m) == 0
+
+
+def test_from_pretrained_prepack_and_cli_flag(tiny_config, tmp_path, capsys):
+    m = make(tiny_config, P=4)
+    m.save_pretrained(tmp_path)
+    p = ParScaleForCausalLM.from_pretrained(tmp_path, prepack=True)
+    assert torch.equal(p.generate(IDS[:1, :3], max_new_tokens=4), m.generate(IDS[:1, :3], max_new_tokens=4))
+    assert main(["generate", "--model", str(tmp_path), "--ids", "1 2 3", "--max-new-tokens", "4", "--prepack"]) == 0
+    expect = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)[0].tolist()
+    assert capsys.readouterr().out.split() == list(map(str, expect))
 
 
 # --------------------------------------------------------------------------- bfloat16
@@ -236,6 +305,35 @@ def test_int8_only_quantises_projections_and_head(tiny_config):
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypatch, command):
+    """``--quantize`` / ``--prepack`` must change the model the command runs (a greedy output
+    alone can coincide: a dropped flag once went unnoticed)."""
+    from parscale.quant import is_quantized
+
+    make(tiny_config).save_pretrained(tmp_path)
+    seen = []
+    original = ParScaleForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.append(original(cls, *a, **kw))
+        raise SystemExit(0)  # the model is all this test needs
+    monkeypatch.setattr(ParScaleForCausalLM, "from_pretrained", classmethod(spy))
+    argv = {"generate": ["--ids", "1 2"], "chat": [], "serve": ["--port", "0"]}[command]
+    if command != "generate":
+        from types import SimpleNamespace
+
+        from parscale.tokenizer import Tokenizer  # chat and serve want a tokenizer before the model
+        tok = SimpleNamespace(chat_template="{{ messages }}", apply_chat_template=lambda *a, **kw: [1])
+        monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(lambda cls, *a, **kw: tok))
+        monkeypatch.setattr("parscale.serve.load_tokenizer", lambda *a, **kw: tok)
+        (tmp_path / "tokenizer.json").write_text("{}")  # serve checks the file is there first
+    with pytest.raises(SystemExit):
+        main([command, "--model", str(tmp_path), *argv, "--quantize", "int8", "--prepack"])
+    assert len(seen) == 1 and is_quantized(seen[0])
+    assert seen[0].model.layers[0].__dict__.get("_prepack") is True
+
+
 def test_cli_generate_quantize_and_dtype(tiny_config, tmp_path, capsys):
     m = make(tiny_config)
     m.save_pretrained(tmp_path)

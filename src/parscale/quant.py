@@ -104,9 +104,10 @@ class Int8Linear(nn.Module):
 class PackedInt8Linear(PackedLinear):
     """``PackedLinear`` for ``Int8Linear`` layers: one int8 buffer, one scale vector, one kernel call."""
 
-    def __init__(self, linears: list[Int8Linear]):
+    def __init__(self, linears: list[Int8Linear], prepack: bool = False):
         w0 = linears[0].weight
         self.linears, self.sizes = linears, [lin.out_features for lin in linears]
+        self.prepack_requested = prepack  # int8 has its own kernels: nothing to prepack
         n, k = sum(self.sizes), w0.shape[1]
         with torch.inference_mode(False), torch.no_grad():
             buf = torch.empty(n, k, dtype=torch.int8, device=w0.device)

@@ -37,6 +37,16 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: str | None = 
                              "(on a shared machine spare threads slow torch down)")
 
 
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quantize`` and ``--prepack``: how the loaded weights are multiplied (pass them on as
+    ``from_pretrained(..., quantize=args.quantize, prepack=args.prepack)``)."""
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
+    parser.add_argument("--prepack", action="store_true",
+                        help="faster decode on CPU for one more copy of the weights in memory (float32 at "
+                             "P >= 2, bfloat16 at every P; ParScaleForCausalLM.prepack)")
+
+
 def resolve_threads(value: int | str | None) -> int | None:
     """``auto`` -> the free cores now (``parscale.reproduce.auto_threads``); ints pass through."""
     if value == "auto":

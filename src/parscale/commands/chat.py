@@ -35,7 +35,7 @@ CAPACITY_STEP = 256  # the cache grows in steps of this many tokens
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ._common import add_threads_argument, dtype_type
+    from ._common import add_kernel_arguments, add_threads_argument, dtype_type
 
     p = sub.add_parser("chat", help="interactive chat with a model's chat template", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -51,6 +51,7 @@ def register(sub) -> None:
     add_threads_argument(p)
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print tokens prefilled / reused from the cache and speed to stderr")
+    add_kernel_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     tok.apply_chat_template(([{"role": "system", "content": args.system}] if args.system else [])
                             + [{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     apply_threads(args.threads)
-    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype,
+                                                quantize=args.quantize, prepack=args.prepack)
     if args.max_new_tokens >= model.config.max_position_embeddings:
         raise ParScaleError(f"--max-new-tokens {args.max_new_tokens}: a reply that long cannot fit the model's "
                             f"context of {model.config.max_position_embeddings} tokens")

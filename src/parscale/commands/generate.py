@@ -30,7 +30,7 @@ examples:
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ._common import add_threads_argument, dtype_type
+    from ._common import add_kernel_arguments, add_threads_argument, dtype_type
 
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -54,8 +54,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", type=dtype_type(extra=("auto",)), default=None,
                    help="float32 (default), bfloat16, float16 (fp32/bf16/fp16 accepted), or auto")
     add_threads_argument(p)
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
+    add_kernel_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -100,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         else:
             ids = tok.encode(args.prompt)
-    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype)
+    model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype,
+                                                quantize=args.quantize, prepack=args.prepack)
     if args.prompt is None:
         try:
             ids = [int(x) for x in args.ids.replace(",", " ").split()]

@@ -28,7 +28,7 @@ SIGTERM or Ctrl-C stops accepting connections, finishes the running requests, th
 
 def register(sub) -> None:
     from ..cli import HelpFormatter
-    from ._common import add_threads_argument, dtype_type
+    from ._common import add_kernel_arguments, add_threads_argument, dtype_type
 
     p = sub.add_parser("serve", help="serve a checkpoint over OpenAI's HTTP API", epilog=EXAMPLE,
                        formatter_class=HelpFormatter,
@@ -49,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for rows (admitted at the next step); beyond it: HTTP 429")
     add_threads_argument(p)
+    add_kernel_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(model_dir)
         model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype,
-                                                    device=device)
+                                                    device=device, quantize=args.quantize, prepack=args.prepack)
         name = args.served_model_name or model_dir.resolve().name
         app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
                            max_tokens_per_request=args.max_tokens_per_request)
