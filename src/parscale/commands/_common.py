@@ -40,8 +40,9 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: str | None = 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--quantize`` and ``--prepack``: how the loaded weights are multiplied (pass them on as
     ``from_pretrained(..., quantize=args.quantize, prepack=args.prepack)``)."""
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
+    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
+                        help="int8 weights after loading (per-output-channel scales; parscale.quant); "
+                             "w8a8 also rounds activations to int8 per row (flat in P, less exact)")
     parser.add_argument("--prepack", action="store_true",
                         help="faster decode on CPU for one more copy of the weights in memory (float32 at "
                              "P >= 2, bfloat16 at every P; ParScaleForCausalLM.prepack)")
