@@ -241,9 +241,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--dtypes", nargs="+",
-                    default=["float32", "float32+prepack", "bfloat16", "bfloat16+prepack", "int8", "w8a8"],
-                    help="variants: float32 / bfloat16 (also +prepack: one more copy of the weights), int8 "
-                         "(weight-only), w8a8 (int8 weights and activations)")
+                    default=["float32", "float32+prepack", "bfloat16", "int8", "w8a8"],
+                    help="variants: float32 (also float32+prepack: one more copy of the weights), bfloat16, "
+                         "int8 (weight-only), w8a8 (int8 weights and activations)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")

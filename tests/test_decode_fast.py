@@ -146,16 +146,6 @@ def test_prepacked_decode_equals_plain_and_prefill_is_untouched(tiny_config, P):
         assert torch.equal(v, before[key]), key
 
 
-def test_prepacked_bfloat16_close_to_plain_bfloat16(tiny_config):
-    b = make(tiny_config).set_streams(4).to(torch.bfloat16)
-    plain = incremental_logits(b, IDS).float()
-    b.prepack()
-    pre = incremental_logits(b, IDS).float()
-    n = 4 * b.config.num_hidden_layers + 1  # qkv, o, gate_up, down per layer, and the head
-    assert blocked_copies(b) == (n if can_prepack(b.lm_head.weight) else 0)
-    assert (pre - plain).abs().max() <= 0.01 * plain.abs().max()  # bf16 rounding of a different GEMM order
-
-
 def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config):
     m = make(tiny_config).set_streams(4).prepack()
     incremental_logits(m, IDS)
@@ -175,6 +165,9 @@ def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config
 def test_prepack_is_a_no_op_without_a_kernel(tiny_config, monkeypatch):
     m = make(tiny_config).set_streams(4)
     ref = incremental_logits(m, IDS)
+    b = copy.deepcopy(m).to(torch.bfloat16)
+    plain_b = incremental_logits(b, IDS)
+    assert torch.equal(incremental_logits(b.prepack(), IDS), plain_b) and blocked_copies(b) == 0  # bf16: nothing to gain
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as on CUDA or a CPU without oneDNN
     m.prepack()
     assert torch.equal(incremental_logits(m, IDS), ref) and blocked_copies(m) == 0

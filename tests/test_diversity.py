@@ -241,3 +241,27 @@ def test_reproduce_preset_recipe_reaches_the_stream_runs_only(tmp_path):
         stream = run.streams > 1 or c.prefix_only
         assert (c.prefix_reparam, c.prefix_init_std, c.agg_init_std) == (
             (True, 0.5, 0.01) if stream else (False, None, 0.0)), run.name
+
+
+def test_reparam_lr_scale_scales_only_the_reparam_step(tmp_path, corpus):
+    """Adam's first step moves every parameter by about its group's rate (m/√v = ±1), so the
+    reparam tensors after one step differ between scales in proportion to the scales, while every
+    other tensor is the same."""
+    after = {}
+    for scale in (1.0, 0.5, 0.25):
+        res = train(tiny(tmp_path / str(scale), corpus, streams=2, steps=1, checkpoint_every=1,
+                         prefix_reparam=True, reparam_dim=8, reparam_hidden=16, reparam_lr_scale=scale))
+        ck = Path(res.out_dir) / "checkpoint"
+        after[scale] = (load_file(str(ck / REPARAM_NAME)), load_file(str(ck / "model.safetensors")))
+    (r1, m1), (r5, m5), (r25, m25) = after[1.0], after[0.5], after[0.25]
+    moved = 0
+    for n in r1:
+        d_quarter, d_half = r1[n] - r25[n], r1[n] - r5[n]  # = 0.75 and 0.5 of the unscaled step
+        torch.testing.assert_close(d_quarter, 1.5 * d_half, rtol=1e-3, atol=1e-7)
+        moved += int((d_half.abs() > 0).sum())
+    assert moved > 0
+    for n in m1:
+        if "prefix" not in n:  # the folded prefixes come from the reparam; everything else is equal
+            assert torch.equal(m1[n], m25[n]), n
+    with pytest.raises(ParScaleError, match="reparam_lr_scale"):
+        TrainConfig(streams=2, prefix_reparam=True, reparam_lr_scale=0.0)

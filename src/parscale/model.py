@@ -113,9 +113,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # instead of two or three. The parameters become contiguous row slices of that buffer (no extra
 # memory; names, state_dict and in-place loads unchanged). Prefill and full forwards take the
 # plain layers, so those stay bit-identical to the training path and to transformers.
-# Opt-in (``ParScaleForCausalLM.prepack``): one more copy of each buffer in oneDNN's blocked
-# layout, for which a decode step's cost barely grows with the rows (float32 past 2 rows,
-# bfloat16 always): 2816×1024, 2 threads, 8 rows: 0.46 ms against F.linear's 0.72 ms (fp32).
+# Opt-in (``ParScaleForCausalLM.prepack``): one more copy of each float32 buffer in oneDNN's
+# blocked layout, whose cost grows less with the rows than W @ xᵀ's: 2816×1024, 2 threads,
+# 8 rows: 0.46 ms against F.linear's 0.72 ms (1 row: 0.29 ms).
 _SKINNY_ROWS = 16
 
 
@@ -190,9 +190,9 @@ class PackedLinear:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (rows) k
         w, b, rows = self.weight, self.bias, x2.shape[0]
-        if self.prepack_requested and can_prepack(w) and (w.dtype == torch.bfloat16 or rows > 2):
+        if self.prepack_requested and rows > 2 and can_prepack(w):
             # prepacked (opt-in): oneDNN's blocked weight; row-major output. 174M, 2 threads, P = 8:
-            # float32 80 -> 68 ms per step; bfloat16 44 -> 41 ms (benchmarks/bench_decode.py)
+            # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
         # float32 up to 2 rows, other devices, or fp64: F.linear is as fast (or the only sane form)
@@ -210,11 +210,10 @@ class PackedLinear:
 
 
 def can_prepack(w: torch.Tensor) -> bool:
-    """Whether ``ParScaleForCausalLM.prepack`` has a kernel for weights like ``w`` here: float32
-    or bfloat16 with oneDNN, on CPU. Elsewhere prepacking is a no-op."""
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether ``ParScaleForCausalLM.prepack`` does anything for weights like ``w`` here: float32
+    on CPU with oneDNN. (bfloat16's decode product, ``W @ xᵀ``, is already flat in the rows: a
+    blocked bf16 copy measured the same, so it is not made.)"""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tensor) -> PackedLinear | None:
@@ -722,13 +721,12 @@ class ParScaleForCausalLM(nn.Module):
         return model.prepack() if prepack else model
 
     def prepack(self, enabled: bool = True) -> "ParScaleForCausalLM":
-        """Opt-in faster decode on CPU for one more copy of the weights in memory: decode steps
-        multiply by a copy of every projection (and the LM head) in oneDNN's blocked layout, made
-        on first use: float32 decode past 2 rows (P·B) and bfloat16 at every row count. On the
-        174M benchmark shape at P = 8 a float32 step goes from 80 to 68 ms, bfloat16 from 44 to
-        41 ms (docs/benchmarks/decode.txt). Prefill and training are unchanged (plain weights: bit for bit as without); decode rounds like any
+        """Opt-in faster float32 decode on CPU for one more copy of the weights in memory: decode
+        steps of more than 2 rows (P·B) multiply by a copy of every projection (and the LM head)
+        in oneDNN's blocked layout, made on first use. On the 174M benchmark shape at P = 8 a step
+        goes from 82.8 to 70.1 ms (docs/benchmarks/decode.txt). Prefill and training are unchanged (plain weights: bit for bit as without); decode rounds like any
         other fp32 GEMM order (within the incremental-decode tolerance). No-op on other devices
-        and dtypes (int8 has its own kernels). Returns self; ``prepack(False)`` frees the copies."""
+        and dtypes (bfloat16's decode product is already flat in the rows; int8 has its own kernels). Returns self; ``prepack(False)`` frees the copies."""
         for m in self.modules():
             m.__dict__["_prepack"] = enabled  # read by model.packed; not a parameter, buffer or config
         if not enabled:

@@ -128,6 +128,7 @@ class Preset:
     prefix_reparam: bool = False
     prefix_init_std: float | None = None  # None: initializer_range (0.02)
     agg_init_std: float = 0.0
+    reparam_lr_scale: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,7 +199,7 @@ def plan_runs(preset: Preset, out: str | os.PathLike, *, data: str | None = None
               "data": data or preset.data, "data_max_bytes": preset.data_max_bytes,
               "threads": threads, "quiet": True, "resume": True}
     recipe = {"prefix_reparam": preset.prefix_reparam, "prefix_init_std": preset.prefix_init_std,
-              "agg_init_std": preset.agg_init_std}
+              "agg_init_std": preset.agg_init_std, "reparam_lr_scale": preset.reparam_lr_scale}
     plan: list[PlannedRun] = []
     for size in preset.sizes:
         for P in preset.streams:
@@ -850,7 +851,9 @@ def usage_table(usage: Mapping[str, Mapping[str, Any]]) -> str:
 def _recipe_line(preset: Mapping[str, Any]) -> str:
     """The stream-set recipe of the P > 1 runs (results.json written before these fields: the default)."""
     std = preset.get("prefix_init_std")
-    parts = ["prefixes " + ("through the MLP reparameterisation" if preset.get("prefix_reparam") else "learned directly"),
+    scale = preset.get("reparam_lr_scale", 1.0)
+    reparam = "through the MLP reparameterisation" + (f" (its learning rate x {scale:g})" if scale != 1.0 else "")
+    parts = ["prefixes " + (reparam if preset.get("prefix_reparam") else "learned directly"),
              f"init std {0.02 if std is None else std:g}",
              "aggregator starting exactly uniform" if not preset.get("agg_init_std") else
              f"aggregator's last layer ~ N(0, {preset['agg_init_std']:g}) at init"]

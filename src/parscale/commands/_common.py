@@ -44,8 +44,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 weights after loading (per-output-channel scales; parscale.quant); "
                              "w8a8 also rounds activations to int8 per row (flat in P, less exact)")
     parser.add_argument("--prepack", action="store_true",
-                        help="faster decode on CPU for one more copy of the weights in memory (float32 at "
-                             "P >= 2, bfloat16 at every P; ParScaleForCausalLM.prepack)")
+                        help="faster float32 decode on CPU at P*B > 2 rows, for one more copy of the "
+                             "weights in memory (ParScaleForCausalLM.prepack)")
 
 
 def resolve_threads(value: int | str | None) -> int | None:

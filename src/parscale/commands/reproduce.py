@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(folded into plain prefixes in every saved model)")
     recipe.add_argument("--prefix-init-std", type=float, default=None, metavar="STD",
                         help="standard deviation of the prefixes at init (default: the preset's, 0.02)")
+    recipe.add_argument("--reparam-lr-scale", type=float, default=None, metavar="F",
+                        help="with --prefix-reparam: its learning rate as a multiple of the preset's (default 1)")
     recipe.add_argument("--agg-init-std", type=float, default=None, metavar="STD",
                         help="std of the aggregator's output layer at init; 0 = exactly uniform (the preset's)")
     parser.set_defaults(func=run)
@@ -85,7 +87,8 @@ def _command_line(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     if args.prefix_reparam:
         parts.append("--prefix-reparam")
-    for flag, value in (("--prefix-init-std", args.prefix_init_std), ("--agg-init-std", args.agg_init_std)):
+    for flag, value in (("--prefix-init-std", args.prefix_init_std), ("--agg-init-std", args.agg_init_std),
+                        ("--reparam-lr-scale", args.reparam_lr_scale)):
         if value is not None:
             parts += [flag, repr(value)]
     return shlex.join(parts)
@@ -96,7 +99,7 @@ def _with_recipe(preset, args: argparse.Namespace):
     the runs are planned, before any work)."""
     import dataclasses
 
-    changes = {field: getattr(args, field) for field in ("prefix_reparam", "prefix_init_std", "agg_init_std")
+    changes = {field: getattr(args, field) for field in ("prefix_reparam", "prefix_init_std", "agg_init_std", "reparam_lr_scale")
                if getattr(args, field) is not None}
     return dataclasses.replace(preset, **changes) if changes else preset
 

@@ -72,6 +72,8 @@ HELP = {
                       "plain prefixes in every saved model",
     "reparam_dim": "D, the width of the reparameterisation's per-stream embedding p'",
     "reparam_hidden": "H, the reparameterisation MLP's hidden width",
+    "reparam_lr_scale": "the reparameterisation's learning rate as a multiple of --lr (1/H moves its "
+                        "prefixes about as fast as plain ones under Adam)",
     "diversity_windows": "held-out windows on which every evaluation also logs the streams' "
                          "loss_correlation, pairwise_js and combination_gain (0 = off; P > 1 only)",
     "seq_len": "tokens per training window",

@@ -66,6 +66,10 @@ class TrainConfig:
     prefix_reparam: bool = False  # train prefixes through the paper's MLP reparameterisation (folded on save)
     reparam_dim: int = 128  # D: the per-stream embedding p' of the reparameterisation
     reparam_hidden: int = 512  # H: the reparameterisation MLP's hidden width
+    # the reparameterisation's learning rate as a multiple of lr. Under Adam every MLP weight moves
+    # ~lr per step and the output layer's H moves add up coherently in each prefix value, so at 1
+    # the prefixes move ~H·lr/2 per step where plain ones move ~lr (1/H puts them on a par)
+    reparam_lr_scale: float = 1.0
     # --- batch and optimisation ---
     seq_len: int = 256
     batch_size: int = 16
@@ -194,6 +198,8 @@ class TrainConfig:
                                       "or two-stage training (from scratch the init is random)")
         if self.prefix_init_std is not None and self.prefix_init_std <= 0:
             self._fail("prefix_init_std", "must be > 0")
+        if self.reparam_lr_scale <= 0:
+            self._fail("reparam_lr_scale", "must be > 0")
         if self.agg_init_std < 0:
             self._fail("agg_init_std", "must be >= 0 (0 = exactly uniform weights at the start)")
         random_init = self.new_stream_init == "random"

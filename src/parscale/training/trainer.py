@@ -449,16 +449,19 @@ class _Run:
 
         groups: list[dict[str, Any]] = []
         for part in ("backbone", "streams"):
-            decay, no_decay = [], []
+            decay, no_decay, reparam = [], [], []
             for name, p in model.named_parameters():
                 if not p.requires_grad or name.startswith("stream_sets.") != (part == "streams"):
                     continue
                 # weight matrices and the embedding decay; norms, biases, prefixes and the prefix
-                # reparameterisation (it is the prefix) do not
-                prefix = "prefix" in name or ".reparam." in name
-                (decay if p.dim() >= 2 and not prefix else no_decay).append(p)
+                # reparameterisation (it is the prefix) do not; the reparam has its own rate
+                if ".reparam." in name:
+                    reparam.append(p)
+                    continue
+                (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
             groups += [{"params": decay, "weight_decay": cfg.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}]
+                       {"params": no_decay, "weight_decay": 0.0},
+                       {"params": reparam, "weight_decay": 0.0, "lr_scale": cfg.reparam_lr_scale}]
         groups = [g for g in groups if g["params"]]
         old = self.optimizer
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=ADAM_EPS)
@@ -753,7 +756,7 @@ class _Run:
                     (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
             lr = lr_at(cfg, stage, step)
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             loss, entropy, gnorm = self._train_step(step)
             if not math.isfinite(loss):
                 raise ParScaleError(f"training diverged: loss is {loss} at step {step + 1} "
