@@ -109,8 +109,8 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
             m = copy.deepcopy(base) if extra else base
         elif dtype == "bfloat16":
             m = copy.deepcopy(base).to(torch.bfloat16).eval()
-        elif dtype in ("int8", "w8a8") and not extra:
-            m = quantize_(copy.deepcopy(base), dtype).eval()
+        elif dtype == "int8" and not extra:
+            m = quantize_(copy.deepcopy(base)).eval()
         else:
             raise SystemExit(f"unknown variant {d}")
         out[d] = m.prepack() if extra else m
@@ -223,7 +223,7 @@ def run_config(name: str, args, bw: float) -> None:
               f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
         print(f"{'variant':>16} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
         rounds = max(2, args.rounds // 2)
-        for d in [x for x in models if x not in ("int8", "w8a8")]:
+        for d in [x for x in models if x != "int8"]:
             for B in args.batches:
                 st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 1) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}
@@ -241,9 +241,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--dtypes", nargs="+",
-                    default=["float32", "float32+prepack", "bfloat16", "int8", "w8a8"],
+                    default=["float32", "float32+prepack", "bfloat16", "int8"],
                     help="variants: float32 (also float32+prepack: one more copy of the weights), bfloat16, "
-                         "int8 (weight-only), w8a8 (int8 weights and activations)")
+                         "int8 (weight-only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")

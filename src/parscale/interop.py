@@ -108,7 +108,7 @@ def config_from_hf_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> ParScal
         prefix_tokens=int(d.get("parscale_n_tokens", 48)),
         agg_smoothing=float(d.get("parscale_attn_smooth", 0.01)),
         stream_sets=list(d.get("parscale_stream_sets", [])),
-        quantization=d.get("quantization"),  # ours: "int8" / "w8a8" (parscale.quant)
+        quantization=d.get("quantization"),  # ours: "int8" (parscale.quant)
         prefix_only=d.get("parscale_prefix_only", False),
     )
     if d.get("parscale_zero_attention_bias"):
@@ -300,7 +300,7 @@ def load_pretrained(path, *, streams: int | None = None, dtype=None, device=None
     model = ParScaleForCausalLM.empty(cfg).to(dtype=dtype or torch.float32)
     _assign(model, tensors, source)
     model = model.to(device=device)
-    if quantize is not None and quantize != cfg.quantization:  # int8 <-> w8a8: same weights, other kernel
+    if quantize is not None and not cfg.quantization:
         quantize_(model, quantize)
     if streams is not None:
         model.set_streams(streams)

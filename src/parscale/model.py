@@ -734,8 +734,7 @@ class ParScaleForCausalLM(nn.Module):
         return self
 
     def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":
-        """int8 weights in place, ``"int8"`` (weight-only) or ``"w8a8"`` (activations too; see
-        :mod:`parscale.quant`); returns self."""
+        """Weight-only int8 in place (see :mod:`parscale.quant`); returns self."""
         from .quant import quantize_
 
         return quantize_(self, mode)

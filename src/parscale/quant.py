@@ -1,4 +1,4 @@
-"""int8 quantisation: int8 weights with one scale per output channel (weight-only, or w8a8).
+"""Weight-only int8 quantisation: int8 weights with one scale per output channel.
 
 ``quantize_(model)`` (or ``model.quantize("int8")``, or ``from_pretrained(..., quantize="int8")``)
 replaces every decoder projection (q/k/v/o, gate/up/down) and the LM head by ``Int8Linear``: the
@@ -7,22 +7,16 @@ so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (on
 scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
-Kernels: on CPU, up to 16 rows (decode), ``torch.ops.aten._weight_int8pack_mm`` (bfloat16
-activations, float32 accumulation; about as fast as reading the int8 bytes for one to four rows,
-then its cost grows with the rows); more rows (prefill) or shapes it does not handle: the weight
-dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the input's
+Kernels: on CPU, up to 4 rows, ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations,
+float32 accumulation; about as fast as reading the int8 bytes, but its cost grows with the rows);
+5 to 16 rows (decode at P·B > 4): each activation row as two int8 digits and one int8 × int8
+product (``torch._int_mm``, flat in the rows; ``_int8x2_matmul``); more rows (prefill): the
+weight dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the input's
 dtype. Activations are rounded to bfloat16 on CPU; scales are chosen exactly representable in
 bfloat16 so that rounding costs nothing extra.
 
-``quantize="w8a8"`` keeps the same int8 weights and also rounds the input rows of q/k/v and
-gate/up to int8, one scale per row (dynamic activations), then multiplies int8 by int8 with exact
-int32 sums (``torch._int_mm`` on CPU): its cost stays flat from 1 to 16 rows, so P streams cost
-almost nothing at batch 1, and a row's result does not depend on the rows batched with it. It
-rounds more than weight-only int8 (held-out loss: docs/inference.md).
-
 Checkpoints: ``*.weight`` holds the int8 tensor and ``*.weight_scale`` the scales, under the
-usual tensor names; ``config.json`` says ``"quantization": "int8"`` or ``"w8a8"`` (see
-``parscale.interop``); either loads as the other with ``from_pretrained(..., quantize=...)``.
+usual tensor names; ``config.json`` says ``"quantization": "int8"`` (see ``parscale.interop``).
 """
 
 from __future__ import annotations
@@ -34,7 +28,7 @@ from torch import nn
 from .errors import ParScaleError
 from .model import PackedLinear, ParScaleForCausalLM
 
-MODES = ("int8", "w8a8")  # the same int8 weights; w8a8 also rounds each activation row to int8
+MODES = ("int8",)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,39 +51,43 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
     return up.view(torch.float32)
 
 
-_KERNEL_ROWS = 16  # the CPU kernel's cost grows with the rows; past this a bf16 GEMM is faster
+_PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS rows the two-digit one
+_KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
-    """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype.
-    ``dynamic`` (w8a8): each row of ``x`` is rounded to int8 with its own scale first."""
-    if dynamic:
-        return _w8a8_matmul(x, q, scale)
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype."""
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    if x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0 and q.is_contiguous():
-        # decode: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
+    rows = x.shape[0]
+    if rows <= _PACK_ROWS and x.shape[-1] % 16 == 0 and q.is_contiguous():
+        # few rows: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
         # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16))
         return out.to(x.dtype)
-    # prefill (many rows) or odd shapes: dequantise once (int8 is exact in bf16), bf16 GEMM
+    if rows <= _KERNEL_ROWS:
+        return _int8x2_matmul(x, q, scale)
+    # prefill (many rows): dequantise once (int8 is exact in bf16), bf16 GEMM
     out = F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale.float()
     return out.to(x.dtype)
 
 
-def _w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # Per-row symmetric int8 activations: a row's result depends on that row alone, and the
-    # int32 sums are exact, so a row gives the same bits alone or batched with others, and at
-    # any P. On CPU ``torch._int_mm`` costs about the same for 1 to 16 rows (5632×1024, 2 threads:
-    # 0.32 ms flat, against the weight-only kernel's 0.23 ms at 1 row and 0.71 ms at 8).
+def _int8x2_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The same product with each activation row written as two int8 digits, ``x ≈ s·(d1 +
+    d2/254)`` with ``s = max|x_row| / 127`` (error at most ``max|x_row| / 64516``: finer than bf16's
+    8 mantissa bits for the row's large values), multiplied as int8 × int8 with exact int32 sums.
+
+    Why: ``_weight_int8pack_mm``'s cost grows with the rows (5632×1024, 2 threads: 0.23 ms at 1 row,
+    0.71 ms at 8), while ``torch._int_mm``'s is flat from 1 to 32 rows (about 0.3 ms); both digit
+    rows go through one call, so the weight is read once."""
     xf = x.float()
-    sx = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # rows 1
-    xq = torch.round(xf / sx).to(torch.int8)  # |x / sx| <= 127: no clamp needed
-    if x.device.type == "cpu":
-        acc = torch._int_mm(xq, q.t()).float()  # rows n, exact int32
-    else:  # CUDA's _int_mm wants > 16 rows and aligned shapes: the same products in float32
-        acc = F.linear(xq.float(), q.float())
-    return (acc * (sx * scale.float())).to(x.dtype)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # rows 1
+    y = xf * (127 / amax)  # in [-127, 127]
+    d1 = torch.round(y)
+    d2 = torch.round((y - d1) * 254)  # |y - d1| <= 1/2: |d2| <= 127
+    rows = x.shape[0]
+    acc = torch._int_mm(torch.cat([d1, d2]).to(torch.int8), q.t()).float()  # (2 rows) n, exact sums
+    return ((acc[:rows] + acc[rows:] * (1 / 254)) * ((amax / 127) * scale.float())).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -103,7 +101,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.dynamic = False  # w8a8: activations rounded to int8 per row (quantize_ sets it)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -118,14 +115,13 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.dynamic)
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{'w8a8' if self.dynamic else 'int8'}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
 class PackedInt8Linear(PackedLinear):
@@ -165,7 +161,7 @@ class PackedInt8Linear(PackedLinear):
                     lin.bias.data = lin.bias.data.clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale, self.linears[0].dynamic)
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -202,7 +198,7 @@ class TiedInt8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding[0]
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale)  # weight-only under w8a8 too
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale)
         return out.view(*x.shape[:-1], e.num_embeddings)
 
 
@@ -214,18 +210,9 @@ def _projections(model: ParScaleForCausalLM):
             yield owner, name
 
 
-# w8a8 rounds the activations of the projections that read an RMSNormed input. The others' inputs
-# carry the outliers: on SmolLM2-135M (stdlib source, full forward) w8a8 everywhere cost +1.68%
-# held-out loss, these five alone +0.77%. The head stays weight-only too: it reads B rows (one
-# at batch 1), where the weight-only kernel is the faster one anyway.
-_DYNAMIC = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
 def quantize_(model: ParScaleForCausalLM, mode: str = "int8") -> ParScaleForCausalLM:
-    """Quantise ``model`` in place (int8 weights, per-output-channel scales); returns it, in eval
-    mode. ``"int8"``: weight-only; ``"w8a8"``: the same weights, and the input rows of q/k/v and
-    gate/up rounded to int8, each with its own scale (dynamic activations; see ``_DYNAMIC``).
-    Already quantised layers keep their weights; the mode switches their kernel."""
+    """Quantise ``model`` in place (weight-only int8, per-output-channel scales); returns it, in eval
+    mode. Already quantised layers are left as they are."""
     if mode not in MODES:
         raise ParScaleError(f"unknown quantization {mode!r} (supported: {', '.join(MODES)})")
     from .model import unpack_all
@@ -248,8 +235,6 @@ def quantize_(model: ParScaleForCausalLM, mode: str = "int8") -> ParScaleForCaus
             model.lm_head = TiedInt8Head(new)
     elif isinstance(model.lm_head, nn.Linear):
         model.lm_head = Int8Linear.from_linear(model.lm_head)
-    for owner, name in _projections(model):
-        getattr(owner, name).dynamic = mode == "w8a8" and name in _DYNAMIC
     model.config.quantization = mode
     return model.eval()
 

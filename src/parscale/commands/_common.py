@@ -40,9 +40,8 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: str | None = 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--quantize`` and ``--prepack``: how the loaded weights are multiplied (pass them on as
     ``from_pretrained(..., quantize=args.quantize, prepack=args.prepack)``)."""
-    parser.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
-                        help="int8 weights after loading (per-output-channel scales; parscale.quant); "
-                             "w8a8 also rounds activations to int8 per row (flat in P, less exact)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="weight-only int8 after loading (per-output-channel scales; parscale.quant)")
     parser.add_argument("--prepack", action="store_true",
                         help="faster float32 decode on CPU at P*B > 2 rows, for one more copy of the "
                              "weights in memory (ParScaleForCausalLM.prepack)")
