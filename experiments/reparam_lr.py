@@ -10,7 +10,7 @@ runs of the same names in ``--reference`` reproductions (e.g. the plain-prefix a
 reparameterised full runs).
 
     python experiments/reparam_lr.py --out runs/reparam-lr --runs xs-p2 xs-p1-prefix \\
-        --scales 0.001953125 --reference docs/reproduction runs/reproduce-full-reparam
+        --scales 0.001953125 0.03125 --plain --reference docs/reproduction runs/reproduce-full-reparam
 """
 
 from __future__ import annotations
@@ -57,23 +57,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", nargs="+", default=["xs-p2", "xs-p1-prefix"])
-    ap.add_argument("--scales", nargs="+", type=float, default=[1 / 512])
+    ap.add_argument("--scales", nargs="*", type=float, default=[1 / 512])
     ap.add_argument("--reference", nargs="*", default=[])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plain", action="store_true", help="also train the runs with plain prefixes (no reparameterisation)")
     args = ap.parse_args()
 
     from parscale.training import train
 
     rows = []
-    for scale in args.scales:
-        preset = dataclasses.replace(get_preset("full"), prefix_reparam=True, reparam_lr_scale=scale)
-        out = Path(args.out) / f"scale-{scale:g}"
+    for scale in ([None] if args.plain else []) + args.scales:
+        preset = dataclasses.replace(get_preset("full"), prefix_reparam=scale is not None,
+                                     reparam_lr_scale=1.0 if scale is None else scale)
+        out = Path(args.out) / ("plain" if scale is None else f"scale-{scale:g}")
         plan = {r.name: r for r in plan_runs(preset, out, threads=args.threads, baseline="prefix")}
         for name in args.runs:
             t0 = time.perf_counter()
             res = train(plan[name].config)
             summary = json.loads((Path(res.out_dir) / "summary.json").read_text())
-            rows.append((f"reparam x {scale:g}", name, summary.get("val_loss"),
+            rows.append(("plain prefixes" if scale is None else f"reparam x {scale:g}", name, summary.get("val_loss"),
                          prefix_std(str(Path(res.out_dir) / "model")), time.perf_counter() - t0))
     for root in args.reference:
         for name in args.runs:
