@@ -2,7 +2,7 @@
 
 Under Adam every weight moves about ``lr`` per step. The reparameterisation's output layer has H
 (512) weights per prefix value and their moves add up coherently, so its prefixes move about
-``H·lr/2`` per step where plain prefixes move ``lr``. This trains runs of the full preset's grid
+``lr·Σ|h|`` (a few hundred ``lr``) per step where plain prefixes move ``lr``. This trains runs of the full preset's grid
 with the reparameterisation at ``--scales`` (its learning rate as a multiple of the preset's;
 ``1/H`` puts the prefixes' step on a par with plain ones), one torch thread each, and prints each
 run's held-out loss and its final prefixes' standard deviation (they start at 0.02), next to the

@@ -68,7 +68,7 @@ class TrainConfig:
     reparam_hidden: int = 512  # H: the reparameterisation MLP's hidden width
     # the reparameterisation's learning rate as a multiple of lr. Under Adam every MLP weight moves
     # ~lr per step and the output layer's H moves add up coherently in each prefix value, so at 1
-    # the prefixes move ~H·lr/2 per step where plain ones move ~lr (1/H puts them on a par)
+    # the prefixes move ~lr·Σ|h| (a few hundred lr) per step where plain ones move ~lr
     reparam_lr_scale: float = 1.0
     # --- batch and optimisation ---
     seq_len: int = 256
