@@ -724,9 +724,11 @@ class ParScaleForCausalLM(nn.Module):
         """Opt-in faster float32 decode on CPU for one more copy of the weights in memory: decode
         steps of more than 2 rows (P·B) multiply by a copy of every projection (and the LM head)
         in oneDNN's blocked layout, made on first use. On the 174M benchmark shape at P = 8 a step
-        goes from 82.8 to 70.1 ms (docs/benchmarks/decode.txt). Prefill and training are unchanged (plain weights: bit for bit as without); decode rounds like any
-        other fp32 GEMM order (within the incremental-decode tolerance). No-op on other devices
-        and dtypes (bfloat16's decode product is already flat in the rows; int8 has its own kernels). Returns self; ``prepack(False)`` frees the copies."""
+        goes from 82.8 to 70.1 ms (docs/benchmarks/decode.txt). Prefill and training are
+        unchanged (plain weights: bit for bit as without); decode rounds like any other fp32 GEMM
+        order (within the incremental-decode tolerance). No-op on other devices and dtypes
+        (bfloat16's decode product is already flat in the rows; int8 has its own kernels).
+        Returns self; ``prepack(False)`` frees the copies."""
         for m in self.modules():
             m.__dict__["_prepack"] = enabled  # read by model.packed; not a parameter, buffer or config
         if not enabled:

@@ -11,9 +11,9 @@ Kernels: on CPU, up to 4 rows, ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 
 float32 accumulation; about as fast as reading the int8 bytes, but its cost grows with the rows);
 5 to 16 rows (decode at P·B > 4): each activation row as two int8 digits and one int8 × int8
 product (``torch._int_mm``, flat in the rows; ``_int8x2_matmul``); more rows (prefill): the
-weight dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the input's
-dtype. Activations are rounded to bfloat16 on CPU; scales are chosen exactly representable in
-bfloat16 so that rounding costs nothing extra.
+weight dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the
+input's dtype. Activations are rounded to bfloat16 on CPU (to two int8 digits at 5-16 rows);
+scales are chosen exactly representable in bfloat16 so that rounding costs nothing extra.
 
 Checkpoints: ``*.weight`` holds the int8 tensor and ``*.weight_scale`` the scales, under the
 usual tensor names; ``config.json`` says ``"quantization": "int8"`` (see ``parscale.interop``).

@@ -454,11 +454,13 @@ class _Run:
                 if not p.requires_grad or name.startswith("stream_sets.") != (part == "streams"):
                     continue
                 # weight matrices and the embedding decay; norms, biases, prefixes and the prefix
-                # reparameterisation (it is the prefix) do not; the reparam has its own rate
-                if ".reparam." in name:
+                # reparameterisation (it is the prefix) do not. The reparam gets a group of its own
+                # only at a rate of its own: at 1 the groups (and checkpoints) stay as they were
+                if ".reparam." in name and cfg.reparam_lr_scale != 1.0:
                     reparam.append(p)
                     continue
-                (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
+                prefix = "prefix" in name or ".reparam." in name
+                (decay if p.dim() >= 2 and not prefix else no_decay).append(p)
             groups += [{"params": decay, "weight_decay": cfg.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0},
                        {"params": reparam, "weight_decay": 0.0, "lr_scale": cfg.reparam_lr_scale}]
