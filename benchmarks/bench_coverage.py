@@ -94,17 +94,20 @@ def main() -> None:
     kmax = main_cov.holdout_k_max
     kk = np.arange(1, kmax + 1)
     cc = np.array(main_cov.measured[:kmax])
-    x, y = np.log(kk), np.log(-np.log(cc))
-    slope, intercept = np.polyfit(x, y, 1)
-    (na, nb), _ = curve_fit(lambda k, a, b: np.exp(a * k ** b), kk, cc, p0=[-np.exp(intercept), slope],
-                            bounds=([-100, -5], [0, 0]))
-    h = main_cov.holdout_fit
-    print(f"\nfitting method on k <= {kmax}, predicted coverage at k = {args.n} (measured "
-          f"{main_cov.measured[-1]:.4f}):")
-    for name, (a, b) in (("weighted LS of log(-log c) (ours)", (h.a, h.b)),
-                         ("unweighted LS of log(-log c)", (-np.exp(intercept), slope)),
-                         ("bounded nonlinear LS on c (scipy)", (na, nb))):
-        print(f"  {name:>34}: a = {a:.4f}, b = {b:.4f}, c({args.n}) = {np.exp(a * args.n ** b):.4f}")
+    if not ((cc > 0) & (cc < 1)).all():  # nothing solved or everything (fit status all_zero / all_one)
+        print(f"\nfitting-method comparison skipped: measured coverage is 0 or 1 at some k <= {kmax}")
+    else:
+        x, y = np.log(kk), np.log(-np.log(cc))
+        slope, intercept = np.polyfit(x, y, 1)
+        (na, nb), _ = curve_fit(lambda k, a, b: np.exp(a * k ** b), kk, cc, p0=[-np.exp(intercept), slope],
+                                bounds=([-100, -5], [0, 0]))
+        h = main_cov.holdout_fit
+        print(f"\nfitting method on k <= {kmax}, predicted coverage at k = {args.n} (measured "
+              f"{main_cov.measured[-1]:.4f}):")
+        for name, (a, b) in (("weighted LS of log(-log c) (ours)", (h.a, h.b)),
+                             ("unweighted LS of log(-log c)", (-np.exp(intercept), slope)),
+                             ("bounded nonlinear LS on c (scipy)", (na, nb))):
+            print(f"  {name:>34}: a = {a:.4f}, b = {b:.4f}, c({args.n}) = {np.exp(a * args.n ** b):.4f}")
 
     ks = default_ks(args.n)
     results["noisy_verifier"] = {}
