@@ -51,7 +51,8 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
     return up.view(torch.float32)
 
 
-_PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS rows the two-digit one
+_PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS rows the two-digit one,
+_TWO_DIGIT_MIN = 1 << 20  # for weights of at least this many elements (below, its ~15 small ops cost more)
 _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
 
 
@@ -60,12 +61,13 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.shape[0]
-    if rows <= _PACK_ROWS and x.shape[-1] % 16 == 0 and q.is_contiguous():
+    two_digit = _PACK_ROWS < rows <= _KERNEL_ROWS and q.numel() >= _TWO_DIGIT_MIN
+    if rows <= _KERNEL_ROWS and not two_digit and x.shape[-1] % 16 == 0 and q.is_contiguous():
         # few rows: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
         # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16))
         return out.to(x.dtype)
-    if rows <= _KERNEL_ROWS:
+    if rows <= _KERNEL_ROWS:  # the two-digit product (also for shapes the kernel above refuses)
         return _int8x2_matmul(x, q, scale)
     # prefill (many rows): dequantise once (int8 is exact in bf16), bf16 GEMM
     out = F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale.float()
