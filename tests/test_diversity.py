@@ -232,15 +232,40 @@ def test_reproduce_preset_recipe_reaches_the_stream_runs_only(tmp_path):
 
     from parscale.reproduce import get_preset, plan_runs
 
-    preset = dataclasses.replace(get_preset("micro"), prefix_reparam=True, prefix_init_std=0.5, agg_init_std=0.01)
+    preset = dataclasses.replace(get_preset("micro"), prefix_reparam=True, prefix_init_std=0.5, agg_init_std=0.01,
+                                 reparam_lr_scale=0.25)
     plan = plan_runs(preset, tmp_path, baseline="prefix")
     for run in plan:
         c = run.config
         if run.experiment == "two_stage":
             continue
         stream = run.streams > 1 or c.prefix_only
-        assert (c.prefix_reparam, c.prefix_init_std, c.agg_init_std) == (
-            (True, 0.5, 0.01) if stream else (False, None, 0.0)), run.name
+        assert (c.prefix_reparam, c.prefix_init_std, c.agg_init_std, c.reparam_lr_scale) == (
+            (True, 0.5, 0.01, 0.25) if stream else (False, None, 0.0, 1.0)), run.name
+
+
+def test_reproduce_cli_recipe_flags_override_the_preset_and_are_validated_first(tmp_path, monkeypatch, capsys):
+    import parscale.reproduce as reproduce_module
+    from parscale.cli import main
+
+    seen = {}
+
+    def fake(preset, out, **kw):
+        seen.update(preset=preset, command=kw["command"])
+        raise SystemExit(0)
+    monkeypatch.setattr(reproduce_module, "reproduce", fake)
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--preset", "micro", "--out", str(tmp_path / "a"), "--prefix-reparam",
+              "--reparam-lr-scale", "0.03125", "--prefix-init-std", "0.1"])
+    p = seen["preset"]
+    assert (p.name, p.prefix_reparam, p.reparam_lr_scale, p.prefix_init_std, p.agg_init_std) == \
+        ("micro", True, 0.03125, 0.1, 0.0)
+    assert "--prefix-reparam" in seen["command"] and "--reparam-lr-scale 0.03125" in seen["command"]
+    monkeypatch.undo()
+    for bad, flag in (("--prefix-init-std=nan", "--prefix-init-std"), ("--reparam-lr-scale=0", "--reparam-lr-scale")):
+        assert main(["reproduce", "--preset", "micro", "--out", str(tmp_path / "b"), bad]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "b" / "runs").exists()  # refused before any run was planned on disk
 
 
 def test_reparam_lr_scale_scales_only_the_reparam_step(tmp_path, corpus):
