@@ -4,7 +4,7 @@ Under Adam every weight moves about ``lr`` per step. The reparameterisation's ou
 (512) weights per prefix value and their moves add up coherently, so its prefixes move about
 ``lr·Σ|h|`` (a few hundred ``lr``) per step where plain prefixes move ``lr``. This trains runs of the full preset's grid
 with the reparameterisation at ``--scales`` (its learning rate as a multiple of the preset's;
-``1/H`` puts the prefixes' step on a par with plain ones), one torch thread each, and prints each
+``1/H`` puts the prefixes' step on a par with plain ones), ``--threads`` torch threads each (1), and prints each
 run's held-out loss and its final prefixes' standard deviation (they start at 0.02), next to the
 runs of the same names in ``--reference`` reproductions (e.g. the plain-prefix and the unscaled
 reparameterised full runs).
@@ -74,9 +74,8 @@ def main() -> None:
         for name in args.runs:
             t0 = time.perf_counter()
             res = train(plan[name].config)
-            summary = json.loads((Path(res.out_dir) / "summary.json").read_text())
-            rows.append(("plain prefixes" if scale is None else f"reparam x {scale:g}", name, summary.get("val_loss"),
-                         prefix_std(str(Path(res.out_dir) / "model")), time.perf_counter() - t0))
+            rows.append(("plain prefixes" if scale is None else f"reparam x {scale:g}", name, res.val_loss,
+                         prefix_std(res.model_dir), time.perf_counter() - t0))
     for root in args.reference:
         for name in args.runs:
             loss, std = reference_loss(root, name)

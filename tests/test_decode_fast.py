@@ -292,6 +292,7 @@ def test_from_pretrained_quantize_equals_quantize(tiny_config, tmp_path):
 @pytest.mark.parametrize("k", [64, 72])
 def test_two_digit_int8_product_is_finer_than_bf16_and_row_independent(k, monkeypatch):
     """5-16 rows: activations as two int8 digits per row, one int8 x int8 product."""
+    import parscale.quant as quant
     from parscale.quant import _int8x2_matmul
 
     g = torch.Generator().manual_seed(0)
@@ -306,8 +307,6 @@ def test_two_digit_int8_product_is_finer_than_bf16_and_row_independent(k, monkey
     assert (out.double() - ref).abs().max() < (bf16 - ref).abs().max()
     for r in range(6):  # per-row scales and exact int32 sums: a row alone gives the same bits
         assert torch.equal(_int8x2_matmul(x[r:r + 1], q, s), out[r:r + 1])
-    import parscale.quant as quant
-
     small = int8_matmul(x, q, s)
     if k % 16 == 0:  # a small weight (48 x k) keeps the bf16 kernel: the two-digit one's small ops cost more
         assert torch.equal(small, torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float())

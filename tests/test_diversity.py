@@ -8,23 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import records, tiny, write_corpus
+# test_training's module corpus and its autouse token cache serve this module too
+from test_training import corpus, records, tiny, token_cache  # noqa: F401 (fixtures)
 
 from parscale import ParScaleError, ParScaleForCausalLM
 from parscale.diagnostics import stream_usage
 from parscale.model import reparam_folded
 from parscale.training import TrainConfig, train
 from parscale.training.reparam import REPARAM_NAME, attach_reparam
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PARSCALE_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
 
 
 def reparam_model(tiny_config, P, std=0.5, dtype=torch.float64, **kw):
@@ -278,7 +269,7 @@ def test_reparam_lr_scale_scales_only_the_reparam_step(tmp_path, corpus):
                          prefix_reparam=True, reparam_dim=8, reparam_hidden=16, reparam_lr_scale=scale))
         ck = Path(res.out_dir) / "checkpoint"
         after[scale] = (load_file(str(ck / REPARAM_NAME)), load_file(str(ck / "model.safetensors")))
-    (r1, m1), (r5, m5), (r25, m25) = after[1.0], after[0.5], after[0.25]
+    (r1, m1), (r5, _), (r25, m25) = after[1.0], after[0.5], after[0.25]
     moved = 0
     for n in r1:
         d_quarter, d_half = r1[n] - r25[n], r1[n] - r5[n]  # = 0.75 and 0.5 of the unscaled step
