@@ -184,3 +184,18 @@ class KVCache:
         self.key_valid[:, keep:] = False
         self.length = keep
         return first
+
+
+class StaticSlots:
+    """A decode step's view of a ``KVCache`` for a compiled step (``compile_decode``): ``update``
+    writes this step's keys/values at token slot ``slot`` (a 1-element tensor, so the compiled
+    graph does not change from step to step) and returns the whole buffers, prefix and every
+    token slot (the step's attention mask hides the slots not written yet)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor):
+        self.k, self.v, self.slot = k, v, slot
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache
+from .cache import KVCache, StaticSlots
 from .config import ParScaleConfig
 from .errors import ParScaleError
 from .generation_config import GenerationConfig
@@ -190,7 +191,7 @@ class PackedLinear:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (rows) k
         w, b, rows = self.weight, self.bias, x2.shape[0]
-        if self.prepack_requested and rows > 2 and can_prepack(w):
+        if self.prepack_requested and rows > 2 and can_prepack(w) and not torch.compiler.is_compiling():
             # prepacked (opt-in): oneDNN's blocked weight; row-major output. 174M, 2 threads, P = 8:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
@@ -224,6 +225,8 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tenso
     if torch.is_grad_enabled() or owner.training or x.shape[-2] != 1 or x.numel() > _SKINNY_ROWS * x.shape[-1]:
         return None
     p = owner.__dict__.get(name)  # a plain attribute, not a submodule or buffer
+    if torch.compiler.is_compiling():  # a compiled decode step: the layouts were made before it (eagerly)
+        return p
     prepack = owner.__dict__.get("_prepack", False)  # set by ParScaleForCausalLM.prepack
     if p is None or not p.valid() or p.prepack_requested != prepack:
         # layers other than nn.Linear (e.g. parscale.quant's) name their own packed layout
@@ -233,6 +236,47 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tenso
         p = kind(linears, prepack=prepack)
         owner.__dict__[name] = p
     return p
+
+
+def ensure_decode_layouts(model: nn.Module, rows: int) -> None:
+    """Make (or remake, where stale) every decode layout ``packed`` would make for a decode step of
+    ``rows`` rows: the names and layer lists of ``Attention``, ``MLP`` and the LM head. A compiled
+    decode step reads them as they are (it cannot check data pointers)."""
+    x = torch.empty(rows, 1, 1, device="meta")  # packed() looks only at the shape
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        packed(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj], x)
+        packed(a, "_o", [a.o_proj], x)
+        packed(m, "_gate_up", [m.gate_proj, m.up_proj], x)
+        packed(m, "_down", [m.down_proj], x)
+    packed(model, "_head", [model.lm_head], x)
+
+
+class _DecodeGraph:
+    """A model's compiled decode step (``ParScaleForCausalLM.compile_decode``). If compiling fails
+    the first time (no C++ compiler, an op inductor cannot lower), it warns once and the model
+    decodes eagerly through the same static-cache math from then on."""
+
+    def __init__(self, fn):
+        self.fn, self.state = fn, "new"  # new -> ok | failed
+
+    def __deepcopy__(self, memo):
+        return None  # a copy compiles its own
+
+    def __call__(self, args, eager):
+        if self.state != "failed":
+            try:
+                out = self.fn(*args)
+                self.state = "ok"
+                return out
+            except Exception as e:
+                if self.state == "ok":  # it compiled and ran before: an error of this step
+                    raise
+                self.state = "failed"
+                warnings.warn(f"compile_decode: torch.compile failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); decoding eagerly",
+                              RuntimeWarning, stacklevel=3)
+        return eager(*args)
 
 
 def unpack_all(model: nn.Module, stale_only: bool = False) -> None:
@@ -613,6 +657,9 @@ class ParScaleForCausalLM(nn.Module):
         if cache is not None:
             if cache.batch != b:
                 raise ParScaleError(f"cache holds {cache.batch} rows, input has {b}")
+            if (s == 1 and self.__dict__.get("_compile_decode") is not None and not self.training
+                    and not torch.is_grad_enabled()):
+                return self._compiled_step(input_ids, attention_mask, cache)
             positions, key_valid = cache.advance_positions(attention_mask, s)
             q_start = cache.length
         else:
@@ -626,7 +673,21 @@ class ParScaleForCausalLM(nn.Module):
         mask, is_causal = build_mask(key_valid, q_start, s, n_prefix, input_ids.device)
         if mask is not None and P > 1 and mask.shape[0] > 1:
             mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=P)
+        logits, weights = self._body(input_ids, positions, (mask, is_causal), cache)
+        if cache is not None:
+            cache.length += s
 
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, agg_weights=weights, cache=cache)
+
+    def _body(self, input_ids, positions, mask, cache):
+        """Embedding, the layers, the final norm, the stream aggregation and the LM head: logits
+        ``b s v`` and the stream weights. ``mask``: (attention mask, is_causal) for every row."""
+        b = input_ids.shape[0]
+        P, sset = self.streams, self.stream_set
         x = self.model.embed_tokens(input_ids)  # b s h: computed once for all streams
         cos, sin = self.model.rotary(positions, x.dtype)
         if P > 1:
@@ -637,11 +698,9 @@ class ParScaleForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             prefix = sset.prefix(i, b, x.dtype) if (sset is not None and cache is None) else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, (mask, is_causal), prefix, None, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, prefix, None, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, (mask, is_causal), prefix, cache)
-        if cache is not None:
-            cache.length += s
+                x = layer(x, cos, sin, mask, prefix, cache)
         x = self.model.norm(x)
 
         weights = None
@@ -649,12 +708,32 @@ class ParScaleForCausalLM(nn.Module):
             x, weights = sset(x)  # (p b) s h -> b s h
         head = packed(self, "_head", [self.lm_head], x)
         logits = self.lm_head(x) if head is None else head(x)
+        return logits, weights
 
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss, agg_weights=weights, cache=cache)
+    def _compiled_step(self, input_ids, attention_mask, cache: KVCache) -> CausalLMOutput:
+        """One decode step through the ``torch.compile``'d ``_body`` (see :meth:`compile_decode`).
+
+        Shapes must not change from step to step, so the step attends over the cache's whole buffers
+        (prefix + every token slot) with a mask that hides the slots not written yet, and writes its
+        keys/values at a slot given as a tensor (``StaticSlots``), not as a growing slice."""
+        b = input_ids.shape[0]
+        positions, _ = cache.advance_positions(attention_mask, 1)
+        valid = cache.key_valid  # b capacity: the real token slots, this step's included
+        if cache.n_prefix:
+            valid = torch.cat([valid.new_ones(b, cache.n_prefix), valid], dim=-1)
+        mask = valid[:, None, None, :]  # b 1 1 (t + capacity)
+        if self.streams > 1 and b > 1:
+            mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=self.streams)
+        slot = torch.full((1,), cache.n_prefix + cache.length, dtype=torch.long, device=input_ids.device)
+        ensure_decode_layouts(self, self.streams * b)  # eagerly: the compiled graph only reads them
+        graph = self.__dict__.get("_decode_graph")
+        if graph is None:  # first step, or a deep copy (which compiles its own)
+            graph = self.__dict__["_decode_graph"] = _DecodeGraph(
+                torch.compile(self._body, **self.__dict__["_compile_decode"]))
+        logits, weights = graph((input_ids, positions, (mask, False), StaticSlots(cache.k, cache.v, slot)),
+                                eager=self._body)
+        cache.length += 1
+        return CausalLMOutput(logits=logits, agg_weights=weights, cache=cache)
 
     # ------------------------------------------------------------------ cache / generation
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -694,7 +773,8 @@ class ParScaleForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None,
-                        quantize: str | None = None, adapter=None, prepack: bool = False):
+                        quantize: str | None = None, adapter=None, prepack: bool = False,
+                        compile_decode: bool = False):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
         Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
         a stored stream set (dynamic P). ``dtype`` (``torch_dtype`` is the Hugging Face name for
@@ -703,7 +783,8 @@ class ParScaleForCausalLM(nn.Module):
         a checkpoint saved quantised loads quantised anyway). ``generation_config`` comes from
         ``generation_config.json`` when the directory has one. ``adapter``: a frozen-backbone run's
         stream sets to load onto this base; ``path`` may also be an adapter directory itself (its
-        recorded base is loaded, the base's hash checked). ``prepack=True``: see :meth:`prepack`."""
+        recorded base is loaded, the base's hash checked). ``prepack=True``: see :meth:`prepack`;
+        ``compile_decode=True``: see :meth:`compile_decode`."""
         from .dtypes import ALIASES
         from .interop import load_pretrained
 
@@ -718,6 +799,8 @@ class ParScaleForCausalLM(nn.Module):
         if not str(path).lower().endswith(".gguf"):  # a GGUF file brings its own (every EOS id)
             model.generation_config = GenerationConfig.load(path, model.config)
         model.name_or_path = str(path)  # as in HF: where it came from (its tokenizer, for recycling)
+        if compile_decode:
+            model.compile_decode()
         return model.prepack() if prepack else model
 
     def prepack(self, enabled: bool = True) -> "ParScaleForCausalLM":
@@ -733,6 +816,27 @@ class ParScaleForCausalLM(nn.Module):
             m.__dict__["_prepack"] = enabled  # read by model.packed; not a parameter, buffer or config
         if not enabled:
             unpack_all(self)
+        return self
+
+    def compile_decode(self, enabled: bool = True, **options) -> "ParScaleForCausalLM":
+        """Opt-in: run every decode step (one new position per row, with a KV cache, no gradients)
+        as one ``torch.compile``'d graph: the layers, the norm, the aggregation and the head, with
+        the elementwise work fused and no Python between ops. The graph attends over the cache's
+        whole buffers with a mask (``StaticSlots``), so its shapes stay fixed from step to step.
+
+        The first step compiles (tens of seconds on a CPU; bench_decode reports it), and again for a
+        new stream set, batch size, capacity or dtype (after a second shape torch marks it dynamic).
+        Prefill, training and saving are unchanged. Works with every dtype, int8 and ``prepack``
+        (whose blocked copies the graph does not use). ``options`` go to ``torch.compile`` (e.g.
+        ``mode="max-autotune-no-cudagraphs"``). If compiling fails it warns and decodes eagerly.
+        Returns self; ``compile_decode(False)`` turns it off."""
+        import torch._dynamo
+
+        if enabled:
+            # every model instance, stream set and shape is its own entry under _body's code object
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.__dict__["_compile_decode"] = dict(options) if enabled else None
+        self.__dict__["_decode_graph"] = None
         return self
 
     def quantize(self, mode: str = "int8") -> "ParScaleForCausalLM":

@@ -58,6 +58,24 @@ _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype."""
+    if torch.compiler.is_compiling():  # one opaque op in a compiled decode step (compile_decode)
+        return torch.ops.parscale.int8_matmul(x, q, scale)
+    return _int8_matmul(x, q, scale)
+
+
+@torch.library.custom_op("parscale::int8_matmul", mutates_args=())
+def _int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # why an op: inductor's own lowering of _weight_int8pack_mm asserts on a scale cast inside the
+    # graph, and the kernel choice by rows below is eager Python anyway
+    return _int8_matmul(x, q, scale)
+
+
+@_int8_matmul_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.shape[0]
