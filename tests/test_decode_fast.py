@@ -330,7 +330,7 @@ def test_int8_only_quantises_projections_and_head(tiny_config):
 # --------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypatch, command):
-    """``--quantize`` / ``--prepack`` must change the model the command runs (a greedy output
+    """``--quantize`` / ``--prepack`` / ``--compile-decode`` must change the model the command runs (a greedy output
     alone can coincide: a dropped flag once went unnoticed)."""
     from parscale.quant import is_quantized
 
@@ -352,9 +352,10 @@ def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypa
         monkeypatch.setattr("parscale.serve.load_tokenizer", lambda *a, **kw: tok)
         (tmp_path / "tokenizer.json").write_text("{}")  # serve checks the file is there first
     with pytest.raises(SystemExit):
-        main([command, "--model", str(tmp_path), *argv, "--quantize", "int8", "--prepack"])
+        main([command, "--model", str(tmp_path), *argv, "--quantize", "int8", "--prepack", "--compile-decode"])
     assert len(seen) == 1 and is_quantized(seen[0])
     assert seen[0].model.layers[0].__dict__.get("_prepack") is True
+    assert seen[0].__dict__.get("_compile_decode") == {}
 
 
 def test_cli_generate_quantize_and_dtype(tiny_config, tmp_path, capsys):

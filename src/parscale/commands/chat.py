@@ -162,7 +162,7 @@ def sampling_kwargs(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..model import ParScaleForCausalLM
     from ..tokenizer import Tokenizer
-    from ._common import apply_threads, check_checkpoint_path
+    from ._common import apply_threads, check_checkpoint_path, kernel_kwargs
 
     if args.system is not None:
         check_utf8_text(args.system, "--system")
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                             + [{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     apply_threads(args.threads)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype,
-                                                quantize=args.quantize, prepack=args.prepack)
+                                                **kernel_kwargs(args))
     if args.max_new_tokens >= model.config.max_position_embeddings:
         raise ParScaleError(f"--max-new-tokens {args.max_new_tokens}: a reply that long cannot fit the model's "
                             f"context of {model.config.max_position_embeddings} tokens")

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import default_eos_ids
     from ..model import ParScaleForCausalLM
     from ._common import (apply_threads, check_checkpoint_path, check_generation_budget, check_sampling_flags,
-                          check_utf8_text)
+                          check_utf8_text, kernel_kwargs)
 
     if args.prompt is not None:
         check_utf8_text(args.prompt, "--prompt")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             ids = tok.encode(args.prompt)
     model = ParScaleForCausalLM.from_pretrained(args.model, streams=args.streams, dtype=args.dtype,
-                                                quantize=args.quantize, prepack=args.prepack)
+                                                **kernel_kwargs(args))
     if args.prompt is None:
         try:
             ids = [int(x) for x in args.ids.replace(",", " ").split()]

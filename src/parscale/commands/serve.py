@@ -72,7 +72,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._common import apply_threads, at_least, check_checkpoint_path
+    from ._common import apply_threads, at_least, check_checkpoint_path, kernel_kwargs
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                         ("--max-tokens-per-request", args.max_tokens_per_request, 1), ("--port", args.port, 0),
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(model_dir)
         model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype,
-                                                    device=device, quantize=args.quantize, prepack=args.prepack)
+                                                    device=device, **kernel_kwargs(args))
         name = args.served_model_name or model_dir.resolve().name
         app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
                            max_tokens_per_request=args.max_tokens_per_request)

@@ -1,0 +1,159 @@
+"""``compile_decode``: decode steps through one ``torch.compile``'d graph over a static view of the cache.
+
+Invariants: the compiled step gives the eager step's logits (float rounding only) and the same
+greedy tokens, for P = 1 and P > 1, left-padded batches, finished rows leaving the batch, sampling
+with a seed, and int8; prefill and training do not go through it; a failed compile warns once and
+decodes eagerly with the same result; the static-slot math itself (eager) equals the cache's
+growing-slice math. Each compile costs seconds, so the cases share a few compiled models.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from parscale import ParScaleForCausalLM
+from parscale.cache import StaticSlots
+from parscale.quant import quantize_
+
+from test_decode_fast import make
+
+PROMPTS = torch.randint(0, 61, (3, 7), generator=torch.Generator().manual_seed(3))
+MASK = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]])  # left padding
+
+
+def step_logits(model, ids, mask, steps=6):
+    """Prefill, then ``steps`` decode steps feeding back the greedy token: logits of every step."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
+    with torch.inference_mode():
+        out = [model(ids, mask, cache=cache).logits[:, -1]]
+        for _ in range(steps):
+            tok = out[-1].argmax(-1, keepdim=True)
+            out.append(model(tok, cache=cache).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A P = 2 model (fp32) and its compiled twin (the same weights)."""
+    from parscale import ParScaleConfig
+
+    def tiny(P=1, **kw):
+        return ParScaleConfig(**{**dict(prefix_tokens=3, streams=P), **kw})
+
+    eager = make(tiny, P=2)
+    compiled = copy.deepcopy(eager).compile_decode()
+    return eager, compiled
+
+
+def graph_state(model):
+    g = model.__dict__.get("_decode_graph")
+    return None if g is None else g.state
+
+
+def test_compiled_decode_equals_eager_with_left_padding(pair):
+    eager, compiled = pair
+    for P in (2, 1):  # a stream set, then the plain backbone: the graph follows set_streams
+        eager.set_streams(P), compiled.set_streams(P)
+        ref, got = step_logits(eager, PROMPTS, MASK), step_logits(compiled, PROMPTS, MASK)
+        assert graph_state(compiled) == "ok"  # it really compiled (no silent eager fallback)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    eager.set_streams(2), compiled.set_streams(2)
+
+
+def test_compiled_generate_matches_eager_greedy_sampled_and_compacted(pair):
+    eager, compiled = pair
+    kw = dict(attention_mask=MASK, max_new_tokens=8)
+    with torch.inference_mode():
+        assert torch.equal(compiled.generate(PROMPTS, do_sample=False, **kw),
+                           eager.generate(PROMPTS, do_sample=False, **kw))
+        # a seeded sample: the same draws see the same (close) logits
+        a = compiled.generate(PROMPTS, do_sample=True, seed=5, **kw)
+        b = eager.generate(PROMPTS, do_sample=True, seed=5, **kw)
+        assert torch.equal(a, b)
+        # rows ending at different steps leave the batch (fewer rows: the graph re-specialises)
+        eos = int(eager.generate(PROMPTS, do_sample=False, **kw)[1, 8])
+        c = compiled.generate(PROMPTS, do_sample=False, eos_token_id=eos, **kw)
+        d = eager.generate(PROMPTS, do_sample=False, eos_token_id=eos, **kw)
+        assert torch.equal(c, d)
+
+
+def test_prefill_training_and_gradients_do_not_use_the_graph(pair):
+    eager, compiled = pair
+    ids = PROMPTS[:1]
+    with torch.inference_mode():  # a full forward: bit for bit the eager one
+        assert torch.equal(compiled(ids).logits, eager(ids).logits)
+    fresh = copy.deepcopy(eager).compile_decode()
+    cache = fresh.new_cache(1, 9)
+    with torch.no_grad():
+        fresh(ids, cache=cache)
+    fresh(ids[:, :1], cache=cache).logits.sum().backward()  # gradients wanted: the eager step
+    assert fresh.lm_head.weight.grad is not None
+    with torch.no_grad():
+        fresh.train()(ids[:, :1], cache=cache)  # training mode: the eager step
+    assert fresh.__dict__.get("_decode_graph") is None  # nothing was compiled
+
+
+def test_static_slots_math_equals_the_growing_slice(tiny_config):
+    """The compiled step's math, run eagerly (the fallback): the same logits as the usual step."""
+    m = make(tiny_config, P=2)
+    ref = step_logits(m, PROMPTS, MASK)
+
+    def no_compile(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here\nsecond line")
+        return fail
+
+    m.compile_decode()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mp.setattr(torch, "compile", no_compile)
+        got = step_logits(m, PROMPTS, MASK)
+    assert graph_state(m) == "failed"
+    assert sum("torch.compile failed (RuntimeError: no compiler here)" in str(w.message) for w in seen) == 1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_static_slots_write_one_slot_and_return_whole_buffers():
+    k = [torch.zeros(2, 1, 5, 3)]
+    v = [torch.zeros(2, 1, 5, 3)]
+    slots = StaticSlots(k, v, torch.tensor([2]))
+    new_k, new_v = torch.ones(2, 1, 1, 3), torch.full((2, 1, 1, 3), 2.0)
+    kk, vv = slots.update(0, new_k, new_v)
+    assert kk is k[0] and vv is v[0]
+    assert torch.equal(k[0][:, :, 2:3], new_k) and k[0][:, :, [0, 1, 3, 4]].abs().sum() == 0
+    assert torch.equal(v[0][:, :, 2:3], new_v)
+
+
+def test_compiled_int8_decode_equals_eager(tiny_config):
+    m = quantize_(make(tiny_config, P=2))
+    ref = step_logits(m, PROMPTS, MASK)
+    got = step_logits(copy.deepcopy(m).compile_decode(), PROMPTS, MASK)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_compile_decode_off_and_from_pretrained(tiny_config, tmp_path):
+    make(tiny_config, P=2).save_pretrained(tmp_path)
+    m = ParScaleForCausalLM.from_pretrained(tmp_path, compile_decode=True)
+    assert m.__dict__["_compile_decode"] == {}
+    m.compile_decode(False)
+    step_logits(m, PROMPTS, MASK, steps=2)
+    assert m.__dict__.get("_decode_graph") is None  # off: nothing compiled
+    assert ParScaleForCausalLM.from_pretrained(tmp_path).__dict__.get("_compile_decode") is None
+
+
+def test_continuous_batching_through_the_graph_equals_eager(pair):
+    """Rows join (caches concatenated to new capacities) and leave at any step: the shapes change,
+    the graph is re-made or made dynamic, and every request gets the eager decoder's tokens."""
+    from test_continuous_batching import _staggered
+
+    eager, compiled = pair
+    g = torch.Generator().manual_seed(11)
+    reqs = [(torch.randint(0, 61, (1, n), generator=g), dict(max_new_tokens=m), at)
+            for n, m, at in [(4, 6, 0), (7, 3, 1), (2, 8, 1), (5, 5, 4), (3, 4, 6)]]
+    with torch.inference_mode():
+        assert [t for t, _, _ in _staggered(compiled, reqs)] == [t for t, _, _ in _staggered(eager, reqs)]
+    assert graph_state(compiled) == "ok"
