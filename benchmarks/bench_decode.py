@@ -25,6 +25,7 @@ before and after. Ratios within one run are the numbers to compare.
     python benchmarks/bench_decode.py                 # the full set (~5-8 min on 2 cores)
     python benchmarks/bench_decode.py --quick         # fewer rounds/steps, one config, short prompt
     python benchmarks/bench_decode.py --threads 1 --configs 33M --dtypes float32 bfloat16
+    python benchmarks/bench_decode.py --configs smollm2-135m --dtypes int8 int8+compile --ttft 0 --batches
 """
 
 from __future__ import annotations
@@ -99,21 +100,22 @@ def step_bytes(model: ParScaleForCausalLM) -> int:
 
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
-    """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``)."""
+    """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``,
+    float32 only) or ``+compile`` (``ParScaleForCausalLM.compile_decode``)."""
     out = {}
     for d in dtypes:
         dtype, _, extra = d.partition("+")
-        if extra not in ("", "prepack"):
+        if extra not in ("", "prepack", "compile") or (extra == "prepack" and dtype != "float32"):
             raise SystemExit(f"unknown variant {d}")
         if dtype == "float32":
             m = copy.deepcopy(base) if extra else base
         elif dtype == "bfloat16":
             m = copy.deepcopy(base).to(torch.bfloat16).eval()
-        elif dtype == "int8" and not extra:
+        elif dtype == "int8":
             m = quantize_(copy.deepcopy(base)).eval()
         else:
             raise SystemExit(f"unknown variant {d}")
-        out[d] = m.prepack() if extra else m
+        out[d] = m.prepack() if extra == "prepack" else m.compile_decode() if extra == "compile" else m
     return out
 
 
@@ -141,6 +143,10 @@ class Stepper:
         self.cache.advance_positions(None, filled)  # a prompt's worth of slots, as the model would
         self.cache.length += filled
         self.tok = torch.zeros(batch, 1, dtype=torch.long)
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # the first step: for a compiled variant, its compile
+            model(self.tok, cache=self.cache)
+        self.first_s = time.perf_counter() - t0
 
     @torch.inference_mode()
     def ms(self, steps: int) -> float:
@@ -188,8 +194,9 @@ def run_config(name: str, args, bw: float) -> None:
           f"intermediate {base.config.intermediate_size}, vocab {base.config.vocab_size}, "
           f"{nonemb / 1e6:.1f}M non-embedding params; {load()}")
     keys = [(d, P) for d in models for P in PS]
-    room = args.rounds * (args.steps + 1) + 1
+    room = args.rounds * (args.steps + 1) + 2
     steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room) for d, P in keys}
+    first = {k: st.first_s for k, st in steppers.items()}
     times = {k: [] for k in keys}
     for _ in range(args.rounds):
         for k in keys:
@@ -208,12 +215,16 @@ def run_config(name: str, args, bw: float) -> None:
         print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
               f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
     for d in models:
+        if d.endswith("+compile"):
+            graph = models[d].__dict__.get("_decode_graph")
+            firsts = ", ".join(f"P={P} {first[(d, P)]:.0f} s" for P in PS)
+            print(f"{d:>16}: first step (torch.compile) {firsts}; graph {graph.state if graph else 'none'}")
         if d.endswith("+prepack"):
             print(f"{d:>16}: prepacked copies {prepacked_mb(models[d]):.0f} MB beside the {step_bytes(models[d]) / 1e6:.0f} MB "
                   "of weights (oneDNN blocked layout)")
     if args.ttft and name == args.configs[0]:
         print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
-        for d in models:
+        for d in [x for x in models if not x.endswith("+compile")]:  # prefill is not compiled
             row = []
             for P in (1, 8):
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
@@ -223,9 +234,9 @@ def run_config(name: str, args, bw: float) -> None:
               f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
         print(f"{'variant':>16} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
         rounds = max(2, args.rounds // 2)
-        for d in [x for x in models if x != "int8"]:
+        for d in [x for x in models if x != "int8" and not x.endswith("+compile")]:  # a compile per B: minutes
             for B in args.batches:
-                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 1) for P in (1, 8)}
+                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 2) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}
                 for _ in range(rounds):
                     for P in (1, 8):
@@ -243,7 +254,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+",
                     default=["float32", "float32+prepack", "bfloat16", "int8"],
                     help="variants: float32 (also float32+prepack: one more copy of the weights), bfloat16, "
-                         "int8 (weight-only)")
+                         "int8 (weight-only); any of them +compile (compile_decode: a torch.compile per "
+                         "config and P, tens of seconds each; not in the prefill and batch-sweep parts)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")
