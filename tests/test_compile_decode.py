@@ -127,12 +127,20 @@ def test_static_slots_write_one_slot_and_return_whole_buffers():
     assert torch.equal(v[0][:, :, 2:3], new_v)
 
 
-def test_compiled_int8_decode_equals_eager(tiny_config):
+def test_compiled_int8_decode_equals_eager(tiny_config, monkeypatch):
+    """Both int8 decode kernels traced into the graph: 6 rows (P = 2, 3 samples) take the
+    two-digit product once its size threshold is lifted, P = 1's 3 rows the bf16-activation one."""
+    import parscale.quant as quant
+
+    monkeypatch.setattr(quant, "_TWO_DIGIT_MIN", 0)
     m = quantize_(make(tiny_config, P=2))
-    ref = step_logits(m, PROMPTS, MASK)
-    got = step_logits(copy.deepcopy(m).compile_decode(), PROMPTS, MASK)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    c = copy.deepcopy(m).compile_decode()
+    for P in (2, 1):
+        m.set_streams(P), c.set_streams(P)
+        ref, got = step_logits(m, PROMPTS, MASK), step_logits(c, PROMPTS, MASK)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert graph_state(c) == "ok"
 
 
 def test_compile_decode_off_and_from_pretrained(tiny_config, tmp_path):

@@ -240,16 +240,19 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tenso
 
 def ensure_decode_layouts(model: nn.Module, rows: int) -> None:
     """Make (or remake, where stale) every decode layout ``packed`` would make for a decode step of
-    ``rows`` rows: the names and layer lists of ``Attention``, ``MLP`` and the LM head. A compiled
-    decode step reads them as they are (it cannot check data pointers)."""
+    ``rows`` rows (the names and layer lists of ``Attention``, ``MLP`` and the LM head), and what
+    they keep beside (``prime``). A compiled decode step reads them as they are: it cannot check
+    data pointers or version counters."""
     x = torch.empty(rows, 1, 1, device="meta")  # packed() looks only at the shape
+    made = [model.lm_head, packed(model, "_head", [model.lm_head], x)]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        packed(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj], x)
-        packed(a, "_o", [a.o_proj], x)
-        packed(m, "_gate_up", [m.gate_proj, m.up_proj], x)
-        packed(m, "_down", [m.down_proj], x)
-    packed(model, "_head", [model.lm_head], x)
+        made += [packed(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj], x), packed(a, "_o", [a.o_proj], x),
+                 packed(m, "_gate_up", [m.gate_proj, m.up_proj], x), packed(m, "_down", [m.down_proj], x)]
+    for p in made:  # state a compiled step reads but cannot make (int8's bfloat16 scales)
+        prime = getattr(p, "prime", None)
+        if prime is not None:
+            prime()
 
 
 class _DecodeGraph:

@@ -56,17 +56,19 @@ _TWO_DIGIT_MIN = 1 << 20  # for weights of at least this many elements (below, i
 _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype."""
-    if torch.compiler.is_compiling():  # one opaque op in a compiled decode step (compile_decode)
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                scale_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype.
+    ``scale_bf16``: the scales already in bfloat16 (exact: see ``quantize_weight``), if the caller
+    keeps them (``bf16_scale``), which saves a cast per call and lets a compiled graph trace it."""
+    if torch.compiler.is_compiling() and scale_bf16 is None:  # one opaque op in a compiled decode step
         return torch.ops.parscale.int8_matmul(x, q, scale)
-    return _int8_matmul(x, q, scale)
+    return _int8_matmul(x, q, scale, scale_bf16)
 
 
 @torch.library.custom_op("parscale::int8_matmul", mutates_args=())
 def _int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # why an op: inductor's own lowering of _weight_int8pack_mm asserts on a scale cast inside the
-    # graph, and the kernel choice by rows below is eager Python anyway
+    # why an op: inductor's lowering of _weight_int8pack_mm asserts on a scale cast inside the graph
     return _int8_matmul(x, q, scale)
 
 
@@ -75,7 +77,20 @@ def _(x, q, scale):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
-def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def bf16_scale(owner, scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` in bfloat16, kept on ``owner`` and made again after an in-place change (version
+    counter). In a compiled step the copy made by the last eager call is used as it is
+    (``model.ensure_decode_layouts`` makes one before every compiled step)."""
+    held = owner.__dict__.get("_scale_bf16")
+    if torch.compiler.is_compiling():
+        return None if held is None else held[1]
+    key = (scale.data_ptr(), scale._version)
+    if held is None or held[0] != key:
+        held = owner.__dict__["_scale_bf16"] = (key, scale.to(torch.bfloat16))
+    return held[1]
+
+
+def _int8_matmul(x, q, scale, scale_bf16=None):
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.shape[0]
@@ -83,7 +98,8 @@ def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     if rows <= _KERNEL_ROWS and not two_digit and x.shape[-1] % 16 == 0 and q.is_contiguous():
         # few rows: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
         # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
-        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        sb = scale.to(torch.bfloat16) if scale_bf16 is None else scale_bf16
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, sb)
         return out.to(x.dtype)
     if rows <= _KERNEL_ROWS:  # the two-digit product (also for shapes the kernel above refuses)
         return _int8x2_matmul(x, q, scale)
@@ -180,8 +196,14 @@ class PackedInt8Linear(PackedLinear):
                 if lin.bias is not None:
                     lin.bias.data = lin.bias.data.clone()
 
+    def prime(self) -> None:
+        """Make the bfloat16 scales a compiled decode step reads (see ``bf16_scale``)."""
+        if self.scale.device.type == "cpu":
+            bf16_scale(self, self.scale)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        sb = bf16_scale(self, self.scale) if self.scale.device.type == "cpu" else None
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale, sb)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -216,9 +238,14 @@ class TiedInt8Head(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._embedding[0].weight
 
+    def prime(self) -> None:
+        if self._embedding[0].weight_scale.device.type == "cpu":
+            bf16_scale(self, self._embedding[0].weight_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding[0]
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale)
+        sb = bf16_scale(self, e.weight_scale) if e.weight_scale.device.type == "cpu" else None
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale, sb)
         return out.view(*x.shape[:-1], e.num_embeddings)
 
 
