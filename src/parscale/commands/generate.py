@@ -22,6 +22,8 @@ examples:
   # faster on CPU: bfloat16 weights, or weight-only int8 (see docs/inference.md)
   parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --threads 2
   parscale generate --model runs/demo/model --prompt "import os" --quantize int8
+  # long outputs: each decode step as one compiled graph (the first step compiles, ~1 min)
+  parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --compile-decode
 
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
