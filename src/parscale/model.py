@@ -837,7 +837,9 @@ class ParScaleForCausalLM(nn.Module):
 
         if enabled:
             # every model instance, stream set and shape is its own entry under _body's code object
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
+            setattr(cfg, name, max(getattr(cfg, name), 64))
         self.__dict__["_compile_decode"] = dict(options) if enabled else None
         self.__dict__["_decode_graph"] = None
         return self
