@@ -217,9 +217,9 @@ def can_prepack(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tensor) -> PackedLinear | None:
-    """The decode layout of ``linears`` held by ``owner`` under ``name``, or None when the forward
-    pass must use the plain layers: training, gradients wanted, or ``x`` (``r s k``) is not a
+def packed(owner: nn.Module, name: str, x: torch.Tensor) -> PackedLinear | None:
+    """The decode layout ``name`` held by ``owner`` (of the layers ``owner.DECODE_LAYOUTS[name]``
+    names: they read the same input), or None when the forward pass must use the plain layers: training, gradients wanted, or ``x`` (``r s k``) is not a
     decode step (one position, at most ``_SKINNY_ROWS`` rows). Prefill and full forwards stay the
     plain computation, bit for bit that of training and of transformers."""
     if torch.is_grad_enabled() or owner.training or x.shape[-2] != 1 or x.numel() > _SKINNY_ROWS * x.shape[-1]:
@@ -229,6 +229,7 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tenso
         return p
     prepack = owner.__dict__.get("_prepack", False)  # set by ParScaleForCausalLM.prepack
     if p is None or not p.valid() or p.prepack_requested != prepack:
+        linears = [getattr(owner, n) for n in owner.DECODE_LAYOUTS[name]]
         # layers other than nn.Linear (e.g. parscale.quant's) name their own packed layout
         kind = getattr(type(linears[0]), "packed_type", PackedLinear if type(linears[0]) is nn.Linear else None)
         if kind is None:
@@ -239,16 +240,12 @@ def packed(owner: nn.Module, name: str, linears: list[nn.Linear], x: torch.Tenso
 
 
 def ensure_decode_layouts(model: nn.Module, rows: int) -> None:
-    """Make (or remake, where stale) every decode layout ``packed`` would make for a decode step of
-    ``rows`` rows (the names and layer lists of ``Attention``, ``MLP`` and the LM head), and what
-    they keep beside (``prime``). A compiled decode step reads them as they are: it cannot check
-    data pointers or version counters."""
+    """Make (or remake, where stale) every decode layout (``DECODE_LAYOUTS``) of ``model`` and its
+    layers for a decode step of ``rows`` rows, and what they keep beside (``prime``). A compiled
+    decode step reads them as they are: it cannot check data pointers or version counters."""
     x = torch.empty(rows, 1, 1, device="meta")  # packed() looks only at the shape
-    made = [model.lm_head, packed(model, "_head", [model.lm_head], x)]
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        made += [packed(a, "_qkv", [a.q_proj, a.k_proj, a.v_proj], x), packed(a, "_o", [a.o_proj], x),
-                 packed(m, "_gate_up", [m.gate_proj, m.up_proj], x), packed(m, "_down", [m.down_proj], x)]
+    owners = [model, *(m for layer in model.model.layers for m in (layer.self_attn, layer.mlp))]
+    made = [model.lm_head] + [packed(o, name, x) for o in owners for name in o.DECODE_LAYOUTS]
     for p in made:  # state a compiled step reads but cannot make (int8's bfloat16 scales)
         prime = getattr(p, "prime", None)
         if prime is not None:
@@ -276,9 +273,9 @@ class _DecodeGraph:
                 if self.state == "ok":  # it compiled and ran before: an error of this step
                     raise
                 self.state = "failed"
-                warnings.warn(f"compile_decode: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); decoding eagerly",
-                              RuntimeWarning, stacklevel=3)
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                warnings.warn(f"compile_decode: torch.compile failed ({type(e).__name__}: {first_line}); "
+                              "decoding eagerly", RuntimeWarning, stacklevel=3)
         return eager(*args)
 
 
@@ -295,6 +292,9 @@ def unpack_all(model: nn.Module, stale_only: bool = False) -> None:
 
 
 class Attention(nn.Module):
+    # decode layouts (see ``packed``): layers that read one input, multiplied as one buffer
+    DECODE_LAYOUTS = {"_qkv": ("q_proj", "k_proj", "v_proj"), "_o": ("o_proj",)}
+
     def __init__(self, cfg: ParScaleConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -311,7 +311,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
-        qkv = packed(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj], x)
+        qkv = packed(self, "_qkv", x)
         if qkv is not None and not self.qk_norm:  # inference: one matmul, one RoPE call for q and k
             qk, v = qkv(x).split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
             qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
@@ -335,11 +335,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv != self.n_heads)
         out = rearrange(out, "r h s d -> r s (h d)")
-        o = packed(self, "_o", [self.o_proj], out)
+        o = packed(self, "_o", out)
         return self.o_proj(out) if o is None else o(out)
 
 
 class MLP(nn.Module):
+    DECODE_LAYOUTS = {"_gate_up": ("gate_proj", "up_proj"), "_down": ("down_proj",)}
+
     def __init__(self, cfg: ParScaleConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -347,12 +349,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate_up = packed(self, "_gate_up", [self.gate_proj, self.up_proj], x)
+        gate_up = packed(self, "_gate_up", x)
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         g, u = gate_up(x).chunk(2, dim=-1)
         h = F.silu(g) * u
-        return packed(self, "_down", [self.down_proj], h)(h)
+        return packed(self, "_down", h)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -504,6 +506,8 @@ def build_mask(key_valid: torch.Tensor | None, q_start: int, q_len: int, n_prefi
 
 class ParScaleForCausalLM(nn.Module):
     """A causal LM with P parallel streams (P = 1: exactly the plain backbone)."""
+
+    DECODE_LAYOUTS = {"_head": ("lm_head",)}
 
     def __init__(self, config: ParScaleConfig):
         super().__init__()
@@ -709,7 +713,7 @@ class ParScaleForCausalLM(nn.Module):
         weights = None
         if sset is not None:
             x, weights = sset(x)  # (p b) s h -> b s h
-        head = packed(self, "_head", [self.lm_head], x)
+        head = packed(self, "_head", x)
         logits = self.lm_head(x) if head is None else head(x)
         return logits, weights
 

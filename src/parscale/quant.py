@@ -77,10 +77,13 @@ def _(x, q, scale):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
-def bf16_scale(owner, scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` in bfloat16, kept on ``owner`` and made again after an in-place change (version
-    counter). In a compiled step the copy made by the last eager call is used as it is
-    (``model.ensure_decode_layouts`` makes one before every compiled step)."""
+def bf16_scale(owner, scale: torch.Tensor) -> torch.Tensor | None:
+    """``scale`` in bfloat16 for the CPU kernel (None off the CPU: no kernel wants it), kept on
+    ``owner`` and made again after an in-place change (version counter). In a compiled step the
+    copy made by the last eager call is used as it is (``model.ensure_decode_layouts`` makes one
+    before every compiled step)."""
+    if scale.device.type != "cpu":
+        return None
     held = owner.__dict__.get("_scale_bf16")
     if torch.compiler.is_compiling():
         return None if held is None else held[1]
@@ -198,12 +201,10 @@ class PackedInt8Linear(PackedLinear):
 
     def prime(self) -> None:
         """Make the bfloat16 scales a compiled decode step reads (see ``bf16_scale``)."""
-        if self.scale.device.type == "cpu":
-            bf16_scale(self, self.scale)
+        bf16_scale(self, self.scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        sb = bf16_scale(self, self.scale) if self.scale.device.type == "cpu" else None
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale, sb)
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale, bf16_scale(self, self.scale))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -239,13 +240,11 @@ class TiedInt8Head(nn.Module):
         return self._embedding[0].weight
 
     def prime(self) -> None:
-        if self._embedding[0].weight_scale.device.type == "cpu":
-            bf16_scale(self, self._embedding[0].weight_scale)
+        bf16_scale(self, self._embedding[0].weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding[0]
-        sb = bf16_scale(self, e.weight_scale) if e.weight_scale.device.type == "cpu" else None
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale, sb)
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), e.weight, e.weight_scale, bf16_scale(self, e.weight_scale))
         return out.view(*x.shape[:-1], e.num_embeddings)
 
 
