@@ -146,7 +146,7 @@ def test_compiled_int8_decode_equals_eager(tiny_config, monkeypatch):
 def test_compile_decode_off_and_from_pretrained(tiny_config, tmp_path):
     make(tiny_config, P=2).save_pretrained(tmp_path)
     m = ParScaleForCausalLM.from_pretrained(tmp_path, compile_decode=True)
-    assert m.__dict__["_compile_decode"] == {}
+    assert m.__dict__["_compile_decode"] == {"freeze": False}
     m.compile_decode(False)
     step_logits(m, PROMPTS, MASK, steps=2)
     assert m.__dict__.get("_decode_graph") is None  # off: nothing compiled
@@ -165,3 +165,41 @@ def test_continuous_batching_through_the_graph_equals_eager(pair):
     with torch.inference_mode():
         assert [t for t, _, _ in _staggered(compiled, reqs)] == [t for t, _, _ in _staggered(eager, reqs)]
     assert graph_state(compiled) == "ok"
+
+
+# ---------------------------------------------------------------- freeze=True (weights as graph constants)
+
+def test_frozen_decode_equals_eager_fp32_and_int8(tiny_config):
+    """A frozen graph (inductor's freezing + GEMM templates) gives the eager logits and tokens, in
+    float32 (P = 2 and 1) and int8 (6 rows: the template's AMX range; 3 rows: padded up to it)."""
+    eager = make(tiny_config, P=2)
+    for m in (eager, quantize_(copy.deepcopy(eager))):
+        frozen = copy.deepcopy(m).compile_decode(freeze=True)
+        for P in (2, 1):
+            m.set_streams(P), frozen.set_streams(P)
+            ref, got = step_logits(m, PROMPTS, MASK), step_logits(frozen, PROMPTS, MASK)
+            assert graph_state(frozen) == "ok"
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_frozen_graph_follows_new_weights_and_is_not_shared(tiny_config):
+    """The frozen constants belong to one model and one set of weights: after ``load_state_dict``
+    (in place) the next step compiles again from the new weights, and a second model of the same
+    class with other weights never picks up the first one's graph."""
+    a, b = make(tiny_config, P=2, seed=0), make(tiny_config, P=2, seed=1)
+    fa = copy.deepcopy(a).compile_decode(freeze=True)
+    fb = copy.deepcopy(b).compile_decode(freeze=True)
+    torch.testing.assert_close(step_logits(fa, PROMPTS, MASK), step_logits(a, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step_logits(fb, PROMPTS, MASK), step_logits(b, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
+    first = fa.__dict__["_decode_graph"]
+    fa.load_state_dict(b.state_dict())  # a's weights become b's, in place
+    torch.testing.assert_close(step_logits(fa, PROMPTS, MASK), step_logits(b, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
+    assert fa.__dict__["_decode_graph"] is not first  # compiled again
+
+
+def test_frozen_with_a_mode_is_refused(tiny_config):
+    from parscale.errors import ParScaleError
+
+    with pytest.raises(ParScaleError, match="freeze=True"):
+        make(tiny_config, P=2).compile_decode(freeze=True, mode="max-autotune")

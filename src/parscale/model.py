@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -196,8 +197,10 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        # float32 up to 2 rows, other devices, or fp64: F.linear is as fast (or the only sane form)
-        if w.device.type != "cpu" or w.dtype == torch.float64 or (w.dtype == torch.float32 and rows <= 2):
+        # float32 up to 2 rows, other devices, fp64, or a frozen graph: F.linear is as fast (or the
+        # only sane form; a frozen graph's GEMM template packs the weight for any row count itself)
+        if (w.device.type != "cpu" or w.dtype == torch.float64 or (w.dtype == torch.float32 and rows <= 2)
+                or frozen_trace()):
             out = F.linear(x2, w, b)
         else:
             if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
@@ -208,6 +211,16 @@ class PackedLinear:
             out = (w @ x2.t()).t()[:rows].contiguous()
             out = out + b if b is not None else out
         return out.view(*lead, out.shape[-1])
+
+
+_FREEZING = [False]  # True while a frozen compiled decode step runs (compile_decode(freeze=True))
+
+
+def frozen_trace() -> bool:
+    """Whether the code being traced is a frozen compiled decode step: its weights become constants
+    that inductor repacks for its own GEMM templates (on CPU: AMX / AVX-512 micro-kernels), which
+    want the plain product (``F.linear``, ``_weight_int8pack_mm``) rather than the eager layouts."""
+    return torch.compiler.is_compiling() and _FREEZING[0]
 
 
 def can_prepack(w: torch.Tensor) -> bool:
@@ -255,10 +268,36 @@ def ensure_decode_layouts(model: nn.Module, rows: int) -> None:
 class _DecodeGraph:
     """A model's compiled decode step (``ParScaleForCausalLM.compile_decode``). If compiling fails
     the first time (no C++ compiler, an op inductor cannot lower), it warns once and the model
-    decodes eagerly through the same static-cache math from then on."""
+    decodes eagerly through the same static-cache math from then on.
 
-    def __init__(self, fn):
-        self.fn, self.state = fn, "new"  # new -> ok | failed
+    ``freeze``: the graph is compiled with inductor's freezing, so the weights are constants of the
+    graph (repacked once for its GEMM templates). Such a graph is only valid for the weights it was
+    made from: it keeps their (data pointer, version) pairs (``stale``), and it is compiled from a
+    code object of its own, because dynamo files graphs under the code object and another model (or
+    this one with new weights) must not pick up these constants."""
+
+    def __init__(self, model: nn.Module, options: dict, freeze: bool):
+        body = type(model)._body
+        self.freeze, self.state = freeze, "new"  # new -> ok | failed
+        self.inductor = {}  # inductor settings for the (re)compiles: as torch.compile(options=) they do not all take
+        if freeze:
+            import torch._inductor.config  # noqa: F401  (patched around each call)
+
+            self.inductor = {"freezing": True, "max_autotune": True}
+            if model.model.norm.weight.device.type == "cpu":
+                self.inductor["max_autotune_gemm_backends"] = "CPP,ATEN"
+            body = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
+                                      body.__defaults__, body.__closure__)
+            self.sources = [*model.parameters(), *model.buffers()]
+            self.key = self._key()
+        self.fn = torch.compile(types.MethodType(body, model), **options)
+
+    def _key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self.sources)
+
+    def stale(self) -> bool:
+        """Whether the weights moved or changed since this (frozen) graph took them."""
+        return self.freeze and self._key() != self.key
 
     def __deepcopy__(self, memo):
         return None  # a copy compiles its own
@@ -266,7 +305,9 @@ class _DecodeGraph:
     def __call__(self, args, eager):
         if self.state != "failed":
             try:
-                out = self.fn(*args)
+                _FREEZING[0] = self.freeze
+                with torch._inductor.config.patch(self.inductor) if self.inductor else contextlib.nullcontext():
+                    out = self.fn(*args)
                 self.state = "ok"
                 return out
             except Exception as e:
@@ -276,6 +317,8 @@ class _DecodeGraph:
                 first_line = (str(e).strip().splitlines() or [""])[0]
                 warnings.warn(f"compile_decode: torch.compile failed ({type(e).__name__}: {first_line}); "
                               "decoding eagerly", RuntimeWarning, stacklevel=3)
+            finally:
+                _FREEZING[0] = False
         return eager(*args)
 
 
@@ -732,11 +775,15 @@ class ParScaleForCausalLM(nn.Module):
         if self.streams > 1 and b > 1:
             mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=self.streams)
         slot = torch.full((1,), cache.n_prefix + cache.length, dtype=torch.long, device=input_ids.device)
-        ensure_decode_layouts(self, self.streams * b)  # eagerly: the compiled graph only reads them
         graph = self.__dict__.get("_decode_graph")
-        if graph is None:  # first step, or a deep copy (which compiles its own)
-            graph = self.__dict__["_decode_graph"] = _DecodeGraph(
-                torch.compile(self._body, **self.__dict__["_compile_decode"]))
+        if graph is None or not graph.freeze or graph.stale():
+            # eagerly: the compiled graph only reads them (a frozen graph's weights did not move)
+            ensure_decode_layouts(self, self.streams * b)
+        if graph is None or graph.stale():  # first step, a deep copy (which compiles its own), new weights
+            options = dict(self.__dict__["_compile_decode"])
+            freeze = options.pop("freeze")
+            graph = self.__dict__["_decode_graph"] = None  # free a stale graph's constants first
+            graph = self.__dict__["_decode_graph"] = _DecodeGraph(self, options, freeze)
         logits, weights = graph((input_ids, positions, (mask, False), StaticSlots(cache.k, cache.v, slot)),
                                 eager=self._body)
         cache.length += 1
@@ -825,7 +872,7 @@ class ParScaleForCausalLM(nn.Module):
             unpack_all(self)
         return self
 
-    def compile_decode(self, enabled: bool = True, **options) -> "ParScaleForCausalLM":
+    def compile_decode(self, enabled: bool = True, *, freeze: bool = False, **options) -> "ParScaleForCausalLM":
         """Opt-in: run every decode step (one new position per row, with a KV cache, no gradients)
         as one ``torch.compile``'d graph: the layers, the norm, the aggregation and the head, with
         the elementwise work fused and no Python between ops. The graph attends over the cache's
@@ -836,6 +883,16 @@ class ParScaleForCausalLM(nn.Module):
         Prefill, training and saving are unchanged. Works with every dtype, int8 and ``prepack``
         (whose blocked copies the graph does not use). ``options`` go to ``torch.compile`` (e.g.
         ``mode="max-autotune-no-cudagraphs"``). If compiling fails it warns and decodes eagerly.
+
+        ``freeze=True``: compile with inductor's freezing and GEMM autotuning. The weights become
+        constants of the graph, repacked once into the layout of inductor's own matmul kernels (on
+        CPU with AMX, its AMX micro-kernels for bfloat16 and int8), which read the weights at close
+        to the memory bandwidth for any row count up to 16: P streams then cost little more than
+        one (docs/benchmarks/decode_frozen.txt). The price: each compiled shape (stream set, batch
+        size, capacity) holds its own packed copy of the weights beside the model's, and the
+        compile takes longer (autotuning). After the weights change (``load_state_dict``, an
+        optimizer step, ``.to()``) the next decode step compiles again.
+
         Returns self; ``compile_decode(False)`` turns it off."""
         import torch._dynamo
 
@@ -844,7 +901,10 @@ class ParScaleForCausalLM(nn.Module):
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
             setattr(cfg, name, max(getattr(cfg, name), 64))
-        self.__dict__["_compile_decode"] = dict(options) if enabled else None
+            if freeze and "mode" in options:
+                raise ParScaleError("compile_decode: freeze=True sets its own inductor options; "
+                                    f"drop mode={options['mode']!r}")
+        self.__dict__["_compile_decode"] = dict(options, freeze=freeze) if enabled else None
         self.__dict__["_decode_graph"] = None
         return self
 

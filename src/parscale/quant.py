@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ParScaleError
-from .model import PackedLinear, ParScaleForCausalLM
+from .model import PackedLinear, ParScaleForCausalLM, frozen_trace
 
 MODES = ("int8",)
 
@@ -53,6 +53,7 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
 
 _PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS rows the two-digit one,
 _TWO_DIGIT_MIN = 1 << 20  # for weights of at least this many elements (below, its ~15 small ops cost more)
+_AMX_MIN_ROWS = 5  # inductor's int8 GEMM template uses AMX (where there is one) from this many rows
 _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
 
 
@@ -61,6 +62,15 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype.
     ``scale_bf16``: the scales already in bfloat16 (exact: see ``quantize_weight``), if the caller
     keeps them (``bf16_scale``), which saves a cast per call and lets a compiled graph trace it."""
+    if (scale_bf16 is not None and frozen_trace() and x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0
+            and q.is_contiguous()):
+        # a frozen graph: inductor replaces this op by its own int8 GEMM on the constant weight
+        # (AMX where the CPU has it), as fast at 16 rows as at 1, so neither of the choices below
+        rows = x.shape[0]
+        if 1 < rows < _AMX_MIN_ROWS:  # inductor leaves AMX out below 5 rows; padded rows cost nothing there
+            x = torch.cat([x, x.new_zeros(_AMX_MIN_ROWS - rows, x.shape[1])])
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16)
+        return out[:rows].to(x.dtype)
     if torch.compiler.is_compiling() and scale_bf16 is None:  # one opaque op in a compiled decode step
         return torch.ops.parscale.int8_matmul(x, q, scale)
     return _int8_matmul(x, q, scale, scale_bf16)
