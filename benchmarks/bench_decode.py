@@ -61,6 +61,15 @@ def load() -> str:
         return "load average unknown"
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux /proc; nan elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def bandwidth(threads: int, mbytes: int = 512, rounds: int = 7) -> tuple[float, dict[str, float]]:
     """Streaming-read bandwidth in bytes/s: the fastest of three read-only kernels over a buffer far
     larger than the caches (min time of ``rounds`` each). No single kernel saturates the memory bus
@@ -101,11 +110,12 @@ def step_bytes(model: ParScaleForCausalLM) -> int:
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
     """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``,
-    float32 only) or ``+compile`` (``ParScaleForCausalLM.compile_decode``)."""
+    float32 only), ``+compile`` (``ParScaleForCausalLM.compile_decode``) or ``+frozen``
+    (``compile_decode(freeze=True)``)."""
     out = {}
     for d in dtypes:
         dtype, _, extra = d.partition("+")
-        if extra not in ("", "prepack", "compile") or (extra == "prepack" and dtype != "float32"):
+        if extra not in ("", "prepack", "compile", "frozen") or (extra == "prepack" and dtype != "float32"):
             raise SystemExit(f"unknown variant {d}")
         if dtype == "float32":
             m = copy.deepcopy(base) if extra else base
@@ -115,7 +125,9 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
             m = quantize_(copy.deepcopy(base)).eval()
         else:
             raise SystemExit(f"unknown variant {d}")
-        out[d] = m.prepack() if extra == "prepack" else m.compile_decode() if extra == "compile" else m
+        if extra in ("compile", "frozen"):
+            m.compile_decode(freeze=extra == "frozen")
+        out[d] = m.prepack() if extra == "prepack" else m
     return out
 
 
@@ -195,7 +207,10 @@ def run_config(name: str, args, bw: float) -> None:
           f"{nonemb / 1e6:.1f}M non-embedding params; {load()}")
     keys = [(d, P) for d in models for P in PS]
     room = args.rounds * (args.steps + 1) + 2
+    rss0 = rss_mb()
     steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room) for d, P in keys}
+    print(f"resident memory: {rss0:.0f} MB with the variants loaded, {rss_mb():.0f} MB after their first "
+          "steps (compiled graphs, frozen weight copies, caches)")
     first = {k: st.first_s for k, st in steppers.items()}
     times = {k: [] for k in keys}
     for _ in range(args.rounds):
@@ -215,7 +230,7 @@ def run_config(name: str, args, bw: float) -> None:
         print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
               f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
     for d in models:
-        if d.endswith("+compile"):
+        if d.endswith(("+compile", "+frozen")):
             graph = models[d].__dict__.get("_decode_graph")
             firsts = ", ".join(f"P={P} {first[(d, P)]:.0f} s" for P in PS)
             print(f"{d:>16}: first step (torch.compile) {firsts}; graph {graph.state if graph else 'none'}")
@@ -224,7 +239,7 @@ def run_config(name: str, args, bw: float) -> None:
                   "of weights (oneDNN blocked layout)")
     if args.ttft and name == args.configs[0]:
         print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
-        for d in [x for x in models if not x.endswith("+compile")]:  # prefill is not compiled
+        for d in [x for x in models if "+" not in x or x.endswith("+prepack")]:  # prefill is not compiled
             row = []
             for P in (1, 8):
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
@@ -234,7 +249,7 @@ def run_config(name: str, args, bw: float) -> None:
               f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
         print(f"{'variant':>16} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
         rounds = max(2, args.rounds // 2)
-        for d in [x for x in models if x != "int8" and not x.endswith("+compile")]:  # a compile per B: minutes
+        for d in [x for x in models if x != "int8" and ("+" not in x or x.endswith("+prepack"))]:  # a compile per B
             for B in args.batches:
                 st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 2) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}
@@ -255,7 +270,8 @@ def main() -> None:
                     default=["float32", "float32+prepack", "bfloat16", "int8"],
                     help="variants: float32 (also float32+prepack: one more copy of the weights), bfloat16, "
                          "int8 (weight-only); any of them +compile (compile_decode: a torch.compile per "
-                         "config and P, tens of seconds each; not in the prefill and batch-sweep parts)")
+                         "config and P, tens of seconds each; not in the prefill and batch-sweep parts) "
+                         "or +frozen (compile_decode(freeze=True): weights as graph constants)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timing")

@@ -328,8 +328,9 @@ def test_int8_only_quantises_projections_and_head(tiny_config):
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("compile_flag,freeze", [(["--compile-decode"], False), (["--compile-decode", "frozen"], True)])
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
-def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypatch, command):
+def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypatch, command, compile_flag, freeze):
     """``--quantize`` / ``--prepack`` / ``--compile-decode`` must change the model the command runs (a greedy output
     alone can coincide: a dropped flag once went unnoticed)."""
     from parscale.quant import is_quantized
@@ -352,10 +353,21 @@ def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypa
         monkeypatch.setattr("parscale.serve.load_tokenizer", lambda *a, **kw: tok)
         (tmp_path / "tokenizer.json").write_text("{}")  # serve checks the file is there first
     with pytest.raises(SystemExit):
-        main([command, "--model", str(tmp_path), *argv, "--quantize", "int8", "--prepack", "--compile-decode"])
+        main([command, "--model", str(tmp_path), *argv, "--quantize", "int8", "--prepack", *compile_flag])
     assert len(seen) == 1 and is_quantized(seen[0])
     assert seen[0].model.layers[0].__dict__.get("_prepack") is True
-    assert seen[0].__dict__.get("_compile_decode") == {}
+    assert seen[0].__dict__.get("_compile_decode") == {"freeze": freeze}
+
+
+def test_bad_compile_decode_values_are_refused(tiny_config, tmp_path, capsys):
+    from parscale.errors import ParScaleError
+
+    make(tiny_config).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path), "--ids", "1 2", "--compile-decode", "fast"])
+    assert e.value.code == 2 and "--compile-decode" in capsys.readouterr().err
+    with pytest.raises(ParScaleError, match="compile_decode='fast'"):
+        ParScaleForCausalLM.from_pretrained(tmp_path, compile_decode="fast")
 
 
 def test_cli_generate_quantize_and_dtype(tiny_config, tmp_path, capsys):

@@ -828,7 +828,7 @@ class ParScaleForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, streams: int | None = None, dtype=None, device=None, torch_dtype=None,
                         quantize: str | None = None, adapter=None, prepack: bool = False,
-                        compile_decode: bool = False):
+                        compile_decode: bool | str = False):
         """Load a checkpoint directory: ours / official ParScale (``qwen2_parscale``) or plain HF
         Qwen2 / Qwen3 / Llama (as P = 1), or a GGUF file (``*.gguf``, as P = 1). ``streams`` picks
         a stored stream set (dynamic P). ``dtype`` (``torch_dtype`` is the Hugging Face name for
@@ -838,9 +838,13 @@ class ParScaleForCausalLM(nn.Module):
         ``generation_config.json`` when the directory has one. ``adapter``: a frozen-backbone run's
         stream sets to load onto this base; ``path`` may also be an adapter directory itself (its
         recorded base is loaded, the base's hash checked). ``prepack=True``: see :meth:`prepack`;
-        ``compile_decode=True``: see :meth:`compile_decode`."""
+        ``compile_decode=True`` (or ``"graph"``), ``"frozen"``: see :meth:`compile_decode` (``freeze``)."""
         from .dtypes import ALIASES
         from .interop import load_pretrained
+
+        if compile_decode not in (False, True, None, "graph", "frozen"):  # before loading anything
+            raise ParScaleError(f"from_pretrained: compile_decode={compile_decode!r}: expected True, False, "
+                                "'graph' or 'frozen'")
 
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
@@ -854,7 +858,7 @@ class ParScaleForCausalLM(nn.Module):
             model.generation_config = GenerationConfig.load(path, model.config)
         model.name_or_path = str(path)  # as in HF: where it came from (its tokenizer, for recycling)
         if compile_decode:
-            model.compile_decode()
+            model.compile_decode(freeze=compile_decode == "frozen")
         return model.prepack() if prepack else model
 
     def prepack(self, enabled: bool = True) -> "ParScaleForCausalLM":

@@ -45,9 +45,11 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepack", action="store_true",
                         help="faster float32 decode on CPU at P*B > 2 rows, for one more copy of the "
                              "weights in memory (ParScaleForCausalLM.prepack)")
-    parser.add_argument("--compile-decode", action="store_true",
+    parser.add_argument("--compile-decode", nargs="?", const="graph", choices=["graph", "frozen"], default=None,
                         help="run decode steps as one torch.compile'd graph: faster per token (SmolLM2 "
-                             "int8 about 1.8x), after a first compile of about a minute on a CPU "
+                             "int8 about 1.3x), after a first compile of about a minute on a CPU; "
+                             "'frozen': weights as graph constants for inductor's own matmul kernels "
+                             "(SmolLM2 int8 about 3x; one more copy of the weights per compiled shape) "
                              "(ParScaleForCausalLM.compile_decode)")
 
 
