@@ -173,9 +173,9 @@ def test_frozen_decode_equals_eager_fp32_and_int8(tiny_config):
     """A frozen graph (inductor's freezing + GEMM templates) gives the eager logits and tokens, in
     float32 (P = 2 and 1) and int8 (6 rows: the template's AMX range; 3 rows: padded up to it)."""
     eager = make(tiny_config, P=2)
-    for m in (eager, quantize_(copy.deepcopy(eager))):
+    for m, streams in ((eager, (2,)), (quantize_(copy.deepcopy(eager)), (2, 1))):  # each P compiles anew
         frozen = copy.deepcopy(m).compile_decode(freeze=True)
-        for P in (2, 1):
+        for P in streams:
             m.set_streams(P), frozen.set_streams(P)
             ref, got = step_logits(m, PROMPTS, MASK), step_logits(frozen, PROMPTS, MASK)
             assert graph_state(frozen) == "ok"
@@ -196,6 +196,14 @@ def test_frozen_graph_follows_new_weights_and_is_not_shared(tiny_config):
     fa.load_state_dict(b.state_dict())  # a's weights become b's, in place
     torch.testing.assert_close(step_logits(fa, PROMPTS, MASK), step_logits(b, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
     assert fa.__dict__["_decode_graph"] is not first  # compiled again
+    # the graph refers back to its model (a cycle): a deleted model must still be freed
+    import gc
+    import weakref
+
+    ref = weakref.ref(fa)
+    del fa, first
+    gc.collect()
+    assert ref() is None
 
 
 def test_frozen_with_a_mode_is_refused(tiny_config):
@@ -203,3 +211,19 @@ def test_frozen_with_a_mode_is_refused(tiny_config):
 
     with pytest.raises(ParScaleError, match="freeze=True"):
         make(tiny_config, P=2).compile_decode(freeze=True, mode="max-autotune")
+
+
+def test_frozen_continuous_batching_equals_eager(tiny_config):
+    """A row joining and one leaving (new batch sizes and capacities: new frozen graphs) still give
+    every request the eager decoder's tokens."""
+    from test_continuous_batching import _staggered
+
+    eager = make(tiny_config, P=2)
+    frozen = copy.deepcopy(eager).compile_decode(freeze=True)
+    g = torch.Generator().manual_seed(11)
+    reqs = [(torch.randint(0, 61, (1, n), generator=g), dict(max_new_tokens=m), at)
+            for n, m, at in [(4, 6, 0), (7, 3, 1)]]  # fewer shapes than above: each compiles
+    with torch.inference_mode():
+        assert [t for t, _, _ in _staggered(frozen, reqs)] == [t for t, _, _ in _staggered(eager, reqs)]
+    assert graph_state(frozen) == "ok"
+

@@ -599,6 +599,9 @@ class ParScaleForCausalLM(nn.Module):
     def _apply(self, *args, **kwargs):
         out = super()._apply(*args, **kwargs)
         unpack_all(self, stale_only=True)  # after .to(...): the old buffers are not kept alive
+        graph = self.__dict__.get("_decode_graph")
+        if graph is not None and graph.freeze:  # nor a frozen graph's copies of the old weights
+            self.__dict__["_decode_graph"] = None
         return out
 
     def reset_parameters(self) -> None:

@@ -24,6 +24,8 @@ examples:
   parscale generate --model runs/demo/model --prompt "import os" --quantize int8
   # long outputs: each decode step as one compiled graph (the first step compiles, ~1 min)
   parscale generate --model runs/demo/model --prompt "import os" --dtype bfloat16 --compile-decode
+  # fastest steps: weights frozen into the graph for inductor's own matmul kernels (+1 weight copy)
+  parscale generate --model runs/demo/model --prompt "import os" --quantize int8 --compile-decode frozen
 
   # no tokenizer.json: pass token ids, get ids back
   parscale generate --model path/to/ckpt --ids "1 2 3" --max-new-tokens 8
