@@ -281,7 +281,7 @@ class _DecodeGraph:
         self.freeze, self.state = freeze, "new"  # new -> ok | failed
         self.inductor = {}  # inductor settings for the (re)compiles: as torch.compile(options=) they do not all take
         if freeze:
-            import torch._inductor.config  # noqa: F401  (patched around each call)
+            import torch._inductor.config as _inductor_config  # noqa: F401  (patched around each call)
 
             self.inductor = {"freezing": True, "max_autotune": True}
             if model.model.norm.weight.device.type == "cpu":
