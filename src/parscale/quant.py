@@ -65,7 +65,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if (scale_bf16 is not None and frozen_trace() and x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0
             and q.is_contiguous()):
         # a frozen graph: inductor replaces this op by its own int8 GEMM on the constant weight
-        # (AMX where the CPU has it), as fast at 16 rows as at 1, so neither of the choices below
+        # (AMX where the CPU has it), nearly as fast at 8 rows as at 1, so neither of the choices below
         rows = x.shape[0]
         if 1 < rows < _AMX_MIN_ROWS:  # inductor leaves AMX out below 5 rows; padded rows cost nothing there
             x = torch.cat([x, x.new_zeros(_AMX_MIN_ROWS - rows, x.shape[1])])
