@@ -131,6 +131,11 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
     return out
 
 
+def compiled(variant: str) -> bool:
+    """Whether a variant name runs compiled decode steps (``+compile`` / ``+frozen``)."""
+    return variant.endswith(("+compile", "+frozen"))
+
+
 def prepacked_mb(model: ParScaleForCausalLM) -> float:
     """MB held by prepacked weight copies (for oneDNN's opaque layout: its logical size)."""
     from parscale.model import PackedLinear
@@ -230,7 +235,7 @@ def run_config(name: str, args, bw: float) -> None:
         print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
               f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
     for d in models:
-        if d.endswith(("+compile", "+frozen")):
+        if compiled(d):
             graph = models[d].__dict__.get("_decode_graph")
             firsts = ", ".join(f"P={P} {first[(d, P)]:.0f} s" for P in PS)
             print(f"{d:>16}: first step (torch.compile) {firsts}; graph {graph.state if graph else 'none'}")
@@ -239,7 +244,7 @@ def run_config(name: str, args, bw: float) -> None:
                   "of weights (oneDNN blocked layout)")
     if args.ttft and name == args.configs[0]:
         print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
-        for d in [x for x in models if "+" not in x or x.endswith("+prepack")]:  # prefill is not compiled
+        for d in [x for x in models if not compiled(x)]:  # prefill is not compiled
             row = []
             for P in (1, 8):
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
@@ -249,7 +254,7 @@ def run_config(name: str, args, bw: float) -> None:
               f"{max(2, args.rounds // 2)} rounds × {args.steps} steps")
         print(f"{'variant':>16} {'B':>3} {'P=1 ms':>8} {'P=8 ms':>8} {'P=8 ÷ P=1':>10}")
         rounds = max(2, args.rounds // 2)
-        for d in [x for x in models if x != "int8" and ("+" not in x or x.endswith("+prepack"))]:  # a compile per B
+        for d in [x for x in models if x != "int8" and not compiled(x)]:  # a compile per B: minutes
             for B in args.batches:
                 st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 2) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}

@@ -25,6 +25,7 @@ Without it, P = 1 is exactly the plain backbone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 import warnings
@@ -279,13 +280,16 @@ class _DecodeGraph:
     def __init__(self, model: nn.Module, options: dict, freeze: bool):
         body = type(model)._body
         self.freeze, self.state = freeze, "new"  # new -> ok | failed
-        self.inductor = {}  # inductor settings for the (re)compiles: as torch.compile(options=) they do not all take
+        # inductor settings patched around each call, where (re)compiles happen: given to
+        # torch.compile(options=...) instead, freezing did not take
+        self.settings = contextlib.nullcontext
         if freeze:
-            import torch._inductor.config as _inductor_config  # noqa: F401  (patched around each call)
+            import torch._inductor.config as inductor_config
 
-            self.inductor = {"freezing": True, "max_autotune": True}
+            inductor = {"freezing": True, "max_autotune": True}
             if model.model.norm.weight.device.type == "cpu":
-                self.inductor["max_autotune_gemm_backends"] = "CPP,ATEN"
+                inductor["max_autotune_gemm_backends"] = "CPP,ATEN"
+            self.settings = functools.partial(inductor_config.patch, inductor)
             body = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
                                       body.__defaults__, body.__closure__)
             self.sources = [*model.parameters(), *model.buffers()]
@@ -306,7 +310,7 @@ class _DecodeGraph:
         if self.state != "failed":
             try:
                 _FREEZING[0] = self.freeze
-                with torch._inductor.config.patch(self.inductor) if self.inductor else contextlib.nullcontext():
+                with self.settings():
                     out = self.fn(*args)
                 self.state = "ok"
                 return out
@@ -779,10 +783,11 @@ class ParScaleForCausalLM(nn.Module):
             mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=self.streams)
         slot = torch.full((1,), cache.n_prefix + cache.length, dtype=torch.long, device=input_ids.device)
         graph = self.__dict__.get("_decode_graph")
-        if graph is None or not graph.freeze or graph.stale():
+        remake = graph is None or graph.stale()  # first step, a deep copy (which compiles its own), new weights
+        if remake or not graph.freeze:
             # eagerly: the compiled graph only reads them (a frozen graph's weights did not move)
             ensure_decode_layouts(self, self.streams * b)
-        if graph is None or graph.stale():  # first step, a deep copy (which compiles its own), new weights
+        if remake:
             options = dict(self.__dict__["_compile_decode"])
             freeze = options.pop("freeze")
             graph = self.__dict__["_decode_graph"] = None  # free a stale graph's constants first

@@ -62,8 +62,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     """``x qᵀ · scale`` for ``x`` (rows k) float, ``q`` (n k) int8, ``scale`` (n): rows n in x's dtype.
     ``scale_bf16``: the scales already in bfloat16 (exact: see ``quantize_weight``), if the caller
     keeps them (``bf16_scale``), which saves a cast per call and lets a compiled graph trace it."""
-    if (scale_bf16 is not None and frozen_trace() and x.shape[0] <= _KERNEL_ROWS and x.shape[-1] % 16 == 0
-            and q.is_contiguous()):
+    if scale_bf16 is not None and frozen_trace() and x.shape[0] <= _KERNEL_ROWS and _pack_kernel_fits(x, q):
         # a frozen graph: inductor replaces this op by its own int8 GEMM on the constant weight
         # (AMX where the CPU has it), nearly as fast at 8 rows as at 1, so neither of the choices below
         rows = x.shape[0]
@@ -103,14 +102,20 @@ def bf16_scale(owner, scale: torch.Tensor) -> torch.Tensor | None:
     return held[1]
 
 
+def _pack_kernel_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``_weight_int8pack_mm`` takes these operands: it mis-computes (or crashes) when k is
+    not a multiple of 16, and wants the weight contiguous."""
+    return x.shape[-1] % 16 == 0 and q.is_contiguous()
+
+
 def _int8_matmul(x, q, scale, scale_bf16=None):
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.shape[0]
     two_digit = _PACK_ROWS < rows <= _KERNEL_ROWS and q.numel() >= _TWO_DIGIT_MIN
-    if rows <= _KERNEL_ROWS and not two_digit and x.shape[-1] % 16 == 0 and q.is_contiguous():
+    if rows <= _KERNEL_ROWS and not two_digit and _pack_kernel_fits(x, q):
         # few rows: the CPU kernel wants bf16 activations and scales (the scales are exact in bf16,
-        # see above); it mis-computes (or crashes) when k is not a multiple of 16, hence the check
+        # see above)
         sb = scale.to(torch.bfloat16) if scale_bf16 is None else scale_bf16
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, sb)
         return out.to(x.dtype)
