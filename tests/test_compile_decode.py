@@ -127,6 +127,58 @@ def test_static_slots_write_one_slot_and_return_whole_buffers():
     assert torch.equal(v[0][:, :, 2:3], new_v)
 
 
+def test_static_slots_with_a_window_return_the_slots_so_far():
+    k, v = [torch.zeros(2, 1, 6, 3)], [torch.zeros(2, 1, 6, 3)]
+    slots = StaticSlots(k, v, torch.tensor([2]), torch.ones(2, 1, 1, 3, dtype=torch.bool))
+    kk, vv = slots.update(0, torch.ones(2, 1, 1, 3), torch.ones(2, 1, 1, 3))
+    assert kk.shape[2] == vv.shape[2] == 3 and kk.data_ptr() == k[0].data_ptr()  # a view, not a copy
+    assert torch.equal(kk[:, :, 2], torch.ones(2, 1, 3)) and k[0][:, :, 3:].abs().sum() == 0
+
+
+def test_one_graph_for_every_length_and_capacity(tiny_config):
+    """Dynamo compiles the decode step once: neither a longer generation nor a cache of another
+    capacity recompiles (a recompile per capacity, and attention over the whole capacity, cost
+    time per token in proportion to ``max_new_tokens``). Counted with a backend that runs the
+    graph as traced, so no inductor compile is needed to see it."""
+    from torch._dynamo.testing import CompileCounter
+
+    m = make(tiny_config, P=2)
+    counter = CompileCounter()
+    c = copy.deepcopy(m).compile_decode(backend=counter)
+    for steps in (3, 12, 30):  # capacities 10, 19, 37; up to 30 lengths
+        torch.testing.assert_close(step_logits(c, PROMPTS, MASK, steps), step_logits(m, PROMPTS, MASK, steps),
+                                   rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_compiled_step_attends_over_the_slots_so_far(tiny_config, monkeypatch):
+    """The step's keys are the prefix and the tokens so far, not the cache's whole capacity (run
+    through the eager fallback of the same math, where the window can be watched)."""
+    m = make(tiny_config, P=2).compile_decode()
+    def no_compile(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("off")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    seen, update = [], StaticSlots.update
+
+    def spy(self, layer, k, v):
+        out = update(self, layer, k, v)
+        seen.append(out[0].shape[2]) if layer == 0 else None
+        return out
+
+    monkeypatch.setattr(StaticSlots, "update", spy)
+    cache = m.new_cache(1, 50)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        m(PROMPTS[:1], cache=cache)
+        for _ in range(3):
+            m(PROMPTS[:1, :1], cache=cache)
+    t = m.config.prefix_tokens + PROMPTS.shape[1]
+    assert seen == [t + 1, t + 2, t + 3]
+
+
 def test_compiled_int8_decode_equals_eager(tiny_config, monkeypatch):
     """Both int8 decode kernels traced into the graph: 6 rows (P = 2, 3 samples) take the
     two-digit product once its size threshold is lifted, P = 1's 3 rows the bf16-activation one."""

@@ -189,13 +189,20 @@ class KVCache:
 class StaticSlots:
     """A decode step's view of a ``KVCache`` for a compiled step (``compile_decode``): ``update``
     writes this step's keys/values at token slot ``slot`` (a 1-element tensor, so the compiled
-    graph does not change from step to step) and returns the whole buffers, prefix and every
-    token slot (the step's attention mask hides the slots not written yet)."""
+    graph does not change from step to step) and returns the buffers' first ``window`` slots:
+    the prefix and every token slot up to this one. ``window`` is read off a tensor's last size
+    (the step's attention mask), which the compiled graph treats as dynamic: one graph serves
+    every length and capacity, and a step attends over the slots written so far, not over the
+    whole capacity."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor):
-        self.k, self.v, self.slot = k, v, slot
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor,
+                 window: torch.Tensor | None = None):
+        self.k, self.v, self.slot, self.window = k, v, slot, window
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer].index_copy_(2, self.slot, k)
         self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]
+        if self.window is None:
+            return self.k[layer], self.v[layer]
+        n = self.window.shape[-1]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]

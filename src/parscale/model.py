@@ -289,6 +289,12 @@ class _DecodeGraph:
             inductor = {"freezing": True, "max_autotune": True}
             if model.model.norm.weight.device.type == "cpu":
                 inductor["max_autotune_gemm_backends"] = "CPP,ATEN"
+            # autotuning prints a table per matmul shape and a deprecation warning of its own:
+            # noise in a user's terminal, not a result
+            quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+            inductor.update({k: v for k, v in quiet.items() if hasattr(inductor_config, k)})
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                                    module=r"torch\._inductor")
             self.settings = functools.partial(inductor_config.patch, inductor)
             body = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
                                       body.__defaults__, body.__closure__)
@@ -770,17 +776,25 @@ class ParScaleForCausalLM(nn.Module):
     def _compiled_step(self, input_ids, attention_mask, cache: KVCache) -> CausalLMOutput:
         """One decode step through the ``torch.compile``'d ``_body`` (see :meth:`compile_decode`).
 
-        Shapes must not change from step to step, so the step attends over the cache's whole buffers
-        (prefix + every token slot) with a mask that hides the slots not written yet, and writes its
-        keys/values at a slot given as a tensor (``StaticSlots``), not as a growing slice."""
+        The graph must not recompile from step to step: the step writes its keys/values at a slot
+        given as a tensor (``StaticSlots``), and attends over the buffers' first slots (prefix +
+        the tokens so far), a window whose size, like the buffers' capacity, the graph takes as
+        dynamic. Attending over the whole capacity instead made a step's cost grow with
+        ``max_new_tokens`` (SmolLM2 int8 P = 4: 16 ms at capacity 64, 49 ms at 2048)."""
         b = input_ids.shape[0]
         positions, _ = cache.advance_positions(attention_mask, 1)
-        valid = cache.key_valid  # b capacity: the real token slots, this step's included
+        valid = cache.key_valid[:, : cache.length + 1]  # b n: the token slots so far, this step's included
         if cache.n_prefix:
             valid = torch.cat([valid.new_ones(b, cache.n_prefix), valid], dim=-1)
-        mask = valid[:, None, None, :]  # b 1 1 (t + capacity)
+        mask = valid[:, None, None, :]  # b 1 1 (t + n)
         if self.streams > 1 and b > 1:
             mask = repeat(mask, "b 1 q k -> (p b) 1 q k", p=self.streams)
+        # the attended window grows every step and caches differ in capacity: both sizes are
+        # dynamic from the first compile on, so no step recompiles (nor copies a frozen graph's
+        # weights again) for a new length or capacity
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
         slot = torch.full((1,), cache.n_prefix + cache.length, dtype=torch.long, device=input_ids.device)
         graph = self.__dict__.get("_decode_graph")
         remake = graph is None or graph.stale()  # first step, a deep copy (which compiles its own), new weights
@@ -792,7 +806,7 @@ class ParScaleForCausalLM(nn.Module):
             freeze = options.pop("freeze")
             graph = self.__dict__["_decode_graph"] = None  # free a stale graph's constants first
             graph = self.__dict__["_decode_graph"] = _DecodeGraph(self, options, freeze)
-        logits, weights = graph((input_ids, positions, (mask, False), StaticSlots(cache.k, cache.v, slot)),
+        logits, weights = graph((input_ids, positions, (mask, False), StaticSlots(cache.k, cache.v, slot, mask)),
                                 eager=self._body)
         cache.length += 1
         return CausalLMOutput(logits=logits, agg_weights=weights, cache=cache)
@@ -887,11 +901,12 @@ class ParScaleForCausalLM(nn.Module):
     def compile_decode(self, enabled: bool = True, *, freeze: bool = False, **options) -> "ParScaleForCausalLM":
         """Opt-in: run every decode step (one new position per row, with a KV cache, no gradients)
         as one ``torch.compile``'d graph: the layers, the norm, the aggregation and the head, with
-        the elementwise work fused and no Python between ops. The graph attends over the cache's
-        whole buffers with a mask (``StaticSlots``), so its shapes stay fixed from step to step.
+        the elementwise work fused and no Python between ops. The graph attends over the slots
+        written so far (``StaticSlots``), with the length and the cache's capacity as dynamic sizes.
 
         The first step compiles (tens of seconds on a CPU; bench_decode reports it), and again for a
-        new stream set, batch size, capacity or dtype (after a second shape torch marks it dynamic).
+        new stream set, batch size or dtype (after a second batch size torch marks it dynamic), not
+        for a new length or capacity.
         Prefill, training and saving are unchanged. Works with every dtype, int8 and ``prepack``
         (whose blocked copies the graph does not use). ``options`` go to ``torch.compile`` (e.g.
         ``mode="max-autotune-no-cudagraphs"``). If compiling fails it warns and decodes eagerly.
@@ -900,8 +915,8 @@ class ParScaleForCausalLM(nn.Module):
         constants of the graph, repacked once into the layout of inductor's own matmul kernels (on
         CPU with AMX, its AMX micro-kernels for bfloat16 and int8), whose cost barely grows with
         the rows: on the 174M benchmark shape bfloat16 P = 8 costs 1.15× its P = 1, and int8 P = 1
-        is 1.8× faster than eager (docs/benchmarks/decode_frozen.txt). The price: each compiled shape (stream set, batch
-        size, capacity) holds its own packed copy of the weights beside the model's, and the
+        is 1.8× faster than eager (docs/benchmarks/decode_frozen.txt). The price: each compiled graph (stream set,
+        batch size) holds its own packed copy of the weights beside the model's, and the
         compile takes longer (autotuning). After the weights change (``load_state_dict``, an
         optimizer step, ``.to()``) the next decode step compiles again.
 
