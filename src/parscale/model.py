@@ -792,9 +792,11 @@ class ParScaleForCausalLM(nn.Module):
         # the attended window grows every step and caches differ in capacity: both sizes are
         # dynamic from the first compile on, so no step recompiles (nor copies a frozen graph's
         # weights again) for a new length or capacity
-        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        from torch._dynamo import maybe_mark_dynamic
+
+        maybe_mark_dynamic(mask, 3)
         for t in (*cache.k, *cache.v):
-            torch._dynamo.maybe_mark_dynamic(t, 2)
+            maybe_mark_dynamic(t, 2)
         slot = torch.full((1,), cache.n_prefix + cache.length, dtype=torch.long, device=input_ids.device)
         graph = self.__dict__.get("_decode_graph")
         remake = graph is None or graph.stale()  # first step, a deep copy (which compiles its own), new weights
@@ -914,8 +916,8 @@ class ParScaleForCausalLM(nn.Module):
         ``freeze=True``: compile with inductor's freezing and GEMM autotuning. The weights become
         constants of the graph, repacked once into the layout of inductor's own matmul kernels (on
         CPU with AMX, its AMX micro-kernels for bfloat16 and int8), whose cost barely grows with
-        the rows: on the 174M benchmark shape bfloat16 P = 8 costs 1.15× its P = 1, and int8 P = 1
-        is 1.8× faster than eager (docs/benchmarks/decode_frozen.txt). The price: each compiled graph (stream set,
+        the rows: on the 174M benchmark shape bfloat16 P = 8 costs 1.15–1.25× its P = 1 (two runs), and
+        int8 P = 1 is 1.8× faster than eager (docs/benchmarks/decode_frozen.txt). The price: each compiled graph (stream set,
         batch size) holds its own packed copy of the weights beside the model's, and the
         compile takes longer (autotuning). After the weights change (``load_state_dict``, an
         optimizer step, ``.to()``) the next decode step compiles again.

@@ -49,7 +49,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run decode steps as one torch.compile'd graph: faster per token (SmolLM2 "
                              "int8 about 1.3x), after a first compile of about a minute on a CPU; "
                              "'frozen': weights as graph constants for inductor's own matmul kernels "
-                             "(SmolLM2 int8 about 2x eager; one more copy of the weights per compiled shape) "
+                             "(SmolLM2 int8 about 2x eager; one more copy of the weights "
+                             "per stream set and batch size) "
                              "(ParScaleForCausalLM.compile_decode)")
 
 
