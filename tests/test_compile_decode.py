@@ -47,6 +47,13 @@ def pair():
     return eager, compiled
 
 
+def no_compile(fn, **kw):
+    """A ``torch.compile`` stand-in whose compiled function fails: the model's eager fallback."""
+    def fail(*a, **k):
+        raise RuntimeError("no compiler here\nsecond line")
+    return fail
+
+
 def graph_state(model):
     g = model.__dict__.get("_decode_graph")
     return None if g is None else g.state
@@ -100,12 +107,6 @@ def test_static_slots_math_equals_the_growing_slice(tiny_config):
     """The compiled step's math, run eagerly (the fallback): the same logits as the usual step."""
     m = make(tiny_config, P=2)
     ref = step_logits(m, PROMPTS, MASK)
-
-    def no_compile(fn, **kw):
-        def fail(*a, **k):
-            raise RuntimeError("no compiler here\nsecond line")
-        return fail
-
     m.compile_decode()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -155,17 +156,13 @@ def test_compiled_step_attends_over_the_slots_so_far(tiny_config, monkeypatch):
     """The step's keys are the prefix and the tokens so far, not the cache's whole capacity (run
     through the eager fallback of the same math, where the window can be watched)."""
     m = make(tiny_config, P=2).compile_decode()
-    def no_compile(fn, **kw):
-        def fail(*a, **k):
-            raise RuntimeError("off")
-        return fail
-
     monkeypatch.setattr(torch, "compile", no_compile)
     seen, update = [], StaticSlots.update
 
     def spy(self, layer, k, v):
         out = update(self, layer, k, v)
-        seen.append(out[0].shape[2]) if layer == 0 else None
+        if layer == 0:
+            seen.append(out[0].shape[2])
         return out
 
     monkeypatch.setattr(StaticSlots, "update", spy)
