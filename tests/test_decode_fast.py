@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import parscale.model
 from parscale import ParScaleForCausalLM
 from parscale.cli import main
 from parscale.model import PackedLinear, can_prepack
@@ -56,9 +57,18 @@ IDS = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
 SHORT = IDS[:1, :5]  # few rows, but several positions: not a decode step
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def fp32_form(request, monkeypatch):
+    """Both float32 decode forms past 2 rows: ``F.linear`` for weights that stay in cache (all
+    of a tiny model's) and ``W @ xᵀ`` for larger ones (forced here by a zero threshold)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(parscale.model, "_CACHED_FP32_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("P", [1, 2, 4])
 @pytest.mark.parametrize("tie,bias", [(True, True), (False, False)])
-def test_packed_decode_equals_plain_layers_and_full_forward_is_exact(tiny_config, P, tie, bias):
+def test_packed_decode_equals_plain_layers_and_full_forward_is_exact(tiny_config, P, tie, bias, fp32_form):
     m = make(tiny_config, P=2, tie_word_embeddings=tie, attention_bias=bias).set_streams(P)
     ref = plain_logits(m, IDS)
     torch.testing.assert_close(incremental_logits(m, IDS), ref, rtol=1e-5, atol=1e-5)
@@ -73,7 +83,7 @@ def test_packed_decode_equals_plain_layers_and_full_forward_is_exact(tiny_config
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
-def test_packed_output_is_row_major(dtype, bias, rows):
+def test_packed_output_is_row_major(dtype, bias, rows, fp32_form):
     """A decode step's projections feed attention: a transposed (or ``view + bias``) result has a
     last-dim stride != 1 and sends SDPA down its slow math path."""
     torch.manual_seed(0)

@@ -111,6 +111,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 #   float32  W @ xᵀ                   0.82 / 1.57 / 1.61 ms   (flat from 2 rows on)
 #   bfloat16 F.linear                 0.76 / 0.82 / 0.81 ms
 #   bfloat16 W @ xᵀ                   0.77 / 0.54 / 0.54 ms   (one row padded to two: 0.56 ms)
+# That holds for weights streamed from memory. A float32 weight that fits in the L2 caches (≤ 4 MiB:
+# 2 MiB per core here) is cheap to re-read, and F.linear is the faster form at any row count:
+# 1536×512, 2 threads, 8 rows: 68 µs against W @ xᵀ's 135 µs (33M at P = 8: 22.5 → 20.0 ms/step).
 # So decode steps (one position, ≤ _SKINNY_ROWS rows) take the faster form per dtype and rows,
 # and projections that read the same input (q/k/v, gate/up) share one n×k buffer: one matmul
 # instead of two or three. The parameters become contiguous row slices of that buffer (no extra
@@ -120,6 +123,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # blocked layout, whose cost grows less with the rows than W @ xᵀ's: 2816×1024, 2 threads,
 # 8 rows: 0.46 ms against F.linear's 0.72 ms (1 row: 0.29 ms).
 _SKINNY_ROWS = 16
+_CACHED_FP32_BYTES = 4 * 2 ** 20  # float32 weights up to this size take F.linear at any row count
 
 
 class PackedLinear:
@@ -198,10 +202,10 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        # float32 up to 2 rows, other devices, fp64, or a frozen graph: F.linear is as fast (or the
-        # only sane form; a frozen graph's GEMM template packs the weight for any row count itself)
-        if (w.device.type != "cpu" or w.dtype == torch.float64 or (w.dtype == torch.float32 and rows <= 2)
-                or frozen_trace()):
+        # float32 up to 2 rows or cache-sized, other devices, fp64, or a frozen graph: F.linear is as
+        # fast (or the only sane form; a frozen graph's GEMM template packs the weight itself)
+        if (w.device.type != "cpu" or w.dtype == torch.float64 or frozen_trace()
+                or (w.dtype == torch.float32 and (rows <= 2 or w.numel() * 4 <= _CACHED_FP32_BYTES))):
             out = F.linear(x2, w, b)
         else:
             if rows == 1:  # MKL's two-column product beats its one-column (gemv) path
