@@ -152,6 +152,27 @@ def test_one_graph_for_every_length_and_capacity(tiny_config):
     assert counter.frame_count == 1
 
 
+def test_warm_up_compiles_batches_of_one_and_two(tiny_config):
+    """After ``warm_up`` a batch of 1 or 2 compiles nothing more, whatever its prompt lengths,
+    padding or rows leaving: a server's first requests do not wait for a compile. Counted as
+    above; the tokens equal eager ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    from parscale.generation import decode, warm_up
+
+    m = make(tiny_config, P=2)
+    counter = CompileCounter()
+    c = copy.deepcopy(m).compile_decode(backend=counter)
+    assert sorted(warm_up(c, streams=2)) == [1, 2]
+    warmed = counter.frame_count
+    assert warmed == 2  # a batch of 1 has a graph of its own
+    for rows, budgets in ((slice(1, 3), [2, 9]), (slice(0, 1), [6]), (slice(0, 2), [5, 5])):
+        ids, mask = PROMPTS[rows], MASK[rows]  # left-padded pairs; the first pair drops to one row
+        got, want = (decode(x, ids, mask, max_new_tokens=budgets).tokens for x in (c, m))
+        assert got == want
+    assert counter.frame_count == warmed
+
+
 def test_compiled_step_attends_over_the_slots_so_far(tiny_config, monkeypatch):
     """The step's keys are the prefix and the tokens so far, not the cache's whole capacity (run
     through the eager fallback of the same math, where the window can be watched)."""

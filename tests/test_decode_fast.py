@@ -369,6 +369,32 @@ def test_cli_kernel_flags_reach_the_loaded_model(tiny_config, tmp_path, monkeypa
     assert seen[0].__dict__.get("_compile_decode") == {"freeze": freeze}
 
 
+@pytest.mark.parametrize("flags,warmed", [([], False), (["--compile-decode"], True),
+                                          (["--compile-decode", "frozen", "--no-warm-up"], False)])
+def test_serve_compiles_the_decode_steps_before_it_listens(tiny_config, tmp_path, monkeypatch, capsys, flags, warmed):
+    """``serve --compile-decode`` compiles (``generation.warm_up``) before uvicorn takes requests,
+    unless ``--no-warm-up``; without ``--compile-decode`` there is nothing to compile."""
+    import uvicorn
+
+    from types import SimpleNamespace
+
+    import parscale.generation
+
+    make(tiny_config).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # serve checks the file is there first
+    stub = SimpleNamespace(chat_template=None, eos_token_id=None, apply_chat_template=lambda *a, **kw: [1])
+    monkeypatch.setattr("parscale.serve.load_tokenizer", lambda *a, **kw: stub)
+    events = []
+    monkeypatch.setattr(parscale.generation, "warm_up", lambda model, **kw: events.append("warm") or {1: 0.0, 2: 0.0})
+
+    def listen(self, *a, **kw):
+        events.append("listen")
+    monkeypatch.setattr(uvicorn.Server, "run", listen)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--threads", "1", "--device", "cpu", *flags]) == 0
+    assert events == (["warm", "listen"] if warmed else ["listen"])
+    assert ("compiling the decode steps" in capsys.readouterr().out) == warmed
+
+
 def test_bad_compile_decode_values_are_refused(tiny_config, tmp_path, capsys):
     from parscale.errors import ParScaleError
 

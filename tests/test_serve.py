@@ -460,7 +460,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serves_and_sigterm_drains_running_requests(model_dir):
+def test_engine_loop_runs_in_the_calling_thread(model_dir, ref):
+    """``Engine.host`` + ``run``: the loop (every forward) runs in the thread that calls ``run``
+    (``parscale serve``: the one that loaded the model; a second thread's OpenMP pool halved the
+    decode speed), the app's start-up starts no thread, and ``shutdown`` from another thread
+    drains and ends ``run``. The text equals the reference decode."""
+    import asyncio
+
+    from parscale.serve import build_app
+    from parscale.serve.engine import Done, Finish, Job
+
+    model, tok = ParScaleForCausalLM.from_pretrained(model_dir), load_tokenizer(model_dir)
+    _, engine = build_app(model, tok, model_id="tiny")
+    threads = set()
+    model.register_forward_pre_hook(lambda mod, args: threads.add(threading.current_thread()))
+    ids = tok.encode("def add(a, b):")
+    got = {}
+
+    def client():
+        async def go():
+            job = Job(prompts=[ids], max_tokens=12, temperature=0.0, loop=asyncio.get_running_loop(),
+                      events=asyncio.Queue())
+            engine.start()  # the app's start-up: a no-op for a hosted engine
+            engine.submit(job)
+            while not isinstance(ev := await job.events.get(), Done):
+                if isinstance(ev, Finish):
+                    got["text"] = ev.text
+        try:
+            asyncio.run(go())
+        finally:
+            got["drained"] = engine.shutdown(timeout=30)
+
+    engine.host()
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run()  # returns once the client's shutdown has drained it
+    t.join(30)
+    assert threads == {threading.current_thread()} and engine._thread is None
+    assert got == {"text": ref(ids, 12)[1], "drained": True}
+    with pytest.raises(Exception, match="shutting down"):
+        engine.submit(Job(prompts=[ids], max_tokens=1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_and_a_signal_drains_running_requests(model_dir, sig):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "parscale.cli", "serve", "--model", str(model_dir), "--port",
@@ -481,7 +524,7 @@ def test_cli_serves_and_sigterm_drains_running_requests(model_dir):
         streams = [client.completions.create(model="tiny", prompt=f"drain {i}", max_tokens=100, temperature=0,
                                              stream=True) for i in range(4)]
         firsts = [next(iter(s)) for s in streams]  # every request is running
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         for first, s in zip(firsts, streams):
             chunks = [first, *s]
             assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1

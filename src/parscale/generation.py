@@ -464,6 +464,30 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                         finish_time=[r.finish_time for r in rows])
 
 
+def warm_up(model, *, streams: int | None = None, batches: Sequence[int] = (1, 2), steps: int = 3) -> dict[int, float]:
+    """Decode ``steps`` tokens from a 2-token prompt at each batch size in ``batches`` (rows of
+    the stream set ``streams``, default the active one) and return the seconds each took.
+
+    With ``compile_decode`` on, this is where the decode step compiles, instead of in the first
+    request: the first size gets a graph of its own (torch specialises a batch of 1) and the second
+    makes the batch dimension dynamic, so after ``(1, 2)`` no batch size compiles again. A server
+    calls it before it takes requests. The prompt is token 0 repeated; nothing is kept."""
+    times = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            t0 = time.perf_counter()
+            dec = Decoder(model, streams=streams)
+            dec.add(torch.zeros(b, 2, dtype=torch.long, device=dec.device), max_new_tokens=steps)
+            while dec.live:
+                dec.step()
+            times[b] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return times
+
+
 class RepetitionPenalty:
     """Hugging Face's repetition penalty: a logit of a token already in the row (prompt or new
     tokens) is divided by ``penalty`` when positive, multiplied by it when negative."""

@@ -911,8 +911,11 @@ class ParScaleForCausalLM(nn.Module):
         written so far (``StaticSlots``), with the length and the cache's capacity as dynamic sizes.
 
         The first step compiles (tens of seconds on a CPU; bench_decode reports it), and again for a
-        new stream set, batch size or dtype (after a second batch size torch marks it dynamic), not
-        for a new length or capacity.
+        new stream set, batch size or dtype, not for a new length or capacity. Batch sizes: a batch
+        of 1 has its own graph; from the second size on torch makes the size dynamic, but the
+        matmul form chosen by the row count (``PackedLinear``) splits the sizes into a few ranges,
+        2 to 4 graphs in all (counted for P = 1, 2, 4 up to 16 rows, float32, bfloat16, int8).
+        ``parscale.generation.warm_up`` compiles the sizes 1 and 2 up front (``parscale serve`` does).
         Prefill, training and saving are unchanged. Works with every dtype, int8 and ``prepack``
         (whose blocked copies the graph does not use). ``options`` go to ``torch.compile`` (e.g.
         ``mode="max-autotune-no-cudagraphs"``). If compiling fails it warns and decodes eagerly.

@@ -22,6 +22,9 @@ examples:
   # a dynamic-P checkpoint, 32 rows per batch, at most 256 new tokens per request
   parscale serve --model runs/frozen/model --streams 2 --max-batch 32 --max-tokens-per-request 256
 
+  # int8, each decode step one frozen compiled graph (compiled at start-up, before it listens)
+  parscale serve --model runs/smollm2 --quantize int8 --compile-decode frozen
+
 SIGTERM or Ctrl-C stops accepting connections, finishes the running requests, then exits.
 """
 
@@ -50,6 +53,9 @@ def register(sub) -> None:
                    help="requests waiting for rows (admitted at the next step); beyond it: HTTP 429")
     add_threads_argument(p)
     add_kernel_arguments(p)
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="with --compile-decode: do not compile the decode steps (batches of 1 and 2 at the "
+                        "default P) before taking requests; the first requests compile them instead")
     p.set_defaults(func=run)
 
 
@@ -69,6 +75,41 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ParScaleError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     return sock
+
+
+def _serve(server, sock: socket.socket, engine) -> None:
+    """uvicorn in a thread, the engine's loop in this one (the thread that loaded the model: see
+    ``Engine.host``) until the server has stopped and the engine has drained. SIGTERM or Ctrl-C
+    stops the server taking connections (a second Ctrl-C: without waiting for open ones)."""
+    import threading
+
+    ended: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:  # uvicorn's sys.exit on a failed start-up included
+            ended.append(e)
+        finally:  # however uvicorn ends, the engine drains and returns
+            engine.shutdown(timeout=0)
+
+    def stop(signum, frame) -> None:
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="uvicorn")
+    try:
+        engine.host()
+        thread.start()
+        engine.run()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if ended:
+        e = ended[0]
+        raise ParScaleError(f"the HTTP server stopped: {e if not isinstance(e, SystemExit) else 'start-up failed'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,19 +154,21 @@ def run(args: argparse.Namespace) -> int:
         model = ParScaleForCausalLM.from_pretrained(model_dir, streams=args.streams, dtype=args.dtype,
                                                     device=device, **kernel_kwargs(args))
         name = args.served_model_name or model_dir.resolve().name
-        app, _ = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
-                           max_tokens_per_request=args.max_tokens_per_request)
+        if args.compile_decode and args.warm_up:
+            from .. import generation
+
+            print(f"parscale serve: compiling the decode steps (P={model.streams}, batches of 1 and 2) before "
+                  "taking requests ...", flush=True)
+            times = generation.warm_up(model)
+            print(f"parscale serve: compiled in {sum(times.values()):.0f} s", flush=True)
+        app, engine = build_app(model, tokenizer, model_id=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                                max_tokens_per_request=args.max_tokens_per_request)
         port = sock.getsockname()[1]  # --port 0: the one the system chose
         print(f"parscale serve: {name} (P={model.streams}, stream sets {sorted({1, *model.config.stream_sets})}, "
               f"{device}, torch threads: {torch.get_num_threads()}) on http://{args.host}:{port}/v1", flush=True)
-        # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a normal exit
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                                timeout_graceful_shutdown=None))
-        try:
-            server.run(sockets=[sock])
-        except KeyboardInterrupt:
-            pass
+        _serve(server, sock, engine)
     finally:
         sock.close()
     print("parscale serve: drained, exiting", flush=True)

@@ -184,23 +184,42 @@ class Engine:
         self._decoders: dict[int, Decoder] = {}
         self._owner: dict[tuple[int, int], tuple[Job, Choice]] = {}  # (P, row) -> job, choice
         self._thread: threading.Thread | None = None
+        self._hosted = False  # the loop runs in a caller's thread (run), not in _thread
+        self._stopped = threading.Event()  # the loop has returned
         self._rng = random.Random()
         self.steps = 0  # batch steps so far (all P)
         self.error: BaseException | None = None  # what stopped the thread, if anything did
 
     # ------------------------------------------------------------------ asyncio side
     def start(self) -> "Engine":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="parscale-engine", daemon=True)
+        """Run the loop in a thread of its own (unless :meth:`host` gave it the caller's)."""
+        if self._thread is None and not self._hosted:
+            self._thread = threading.Thread(target=self._loop, name="parscale-engine", daemon=True)
             self._thread.start()
         return self
+
+    def host(self) -> "Engine":
+        """Say that :meth:`run` will run the loop in the calling thread: :meth:`start` (the app's
+        start-up) then starts nothing. ``parscale serve`` runs the loop in the thread that loaded
+        the model and the HTTP server beside it. A model driven from a second thread, after the
+        first has run torch's OpenMP work, gets a second OpenMP thread pool; with more pool threads
+        than cores libgomp throttles its spin-waits, and every op pays a wake-up (SmolLM2 int8 on
+        2 cores: 26 ms per token from the loading thread, 48 ms from another)."""
+        self._hosted = True
+        return self
+
+    def run(self) -> None:
+        """The loop, in the calling thread, until :meth:`shutdown` has been called and every
+        admitted and queued job is done (see :meth:`host`)."""
+        self._hosted = True
+        self._loop()
 
     def submit(self, job: Job) -> None:
         """Queue a job (its ``loop``/``events`` set); QueueFull / ShuttingDown when refused."""
         if job.rows > self.max_batch:
             raise ParScaleError(f"{job.rows} rows exceed the batch size {self.max_batch}")
         with self._cond:
-            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            if self._stopping or self._stopped.is_set():
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"too many requests waiting ({len(self._queue)}); retry later")
@@ -220,14 +239,13 @@ class Engine:
             self._cond.notify()
 
     def shutdown(self, timeout: float | None = None) -> bool:
-        """Drain: take no new jobs, finish the admitted and queued ones, stop the thread.
-        Returns whether the thread has stopped (False: still draining after ``timeout`` s)."""
+        """Drain: take no new jobs, finish the admitted and queued ones, stop the loop.
+        Returns whether the loop has stopped (False: still draining after ``timeout`` s)."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
+            self._cond.notify_all()
+        if self._thread is not None or self._hosted:
+            return self._stopped.wait(timeout)
         return True
 
     def stats(self) -> dict:
@@ -241,6 +259,12 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
     def _busy(self) -> bool:
         return any(len(d) for d in self._decoders.values())
+
+    def _loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._stopped.set()
 
     def _run(self) -> None:
         try:
