@@ -394,6 +394,13 @@ def test_serve_compiles_the_decode_steps_before_it_listens(tiny_config, tmp_path
     assert events == (["warm", "listen"] if warmed else ["listen"])
     assert ("compiling the decode steps" in capsys.readouterr().out) == warmed
 
+    def fail(self, *a, **kw):  # uvicorn's own exit when its start-up fails
+        raise SystemExit(3)
+    monkeypatch.setattr(uvicorn.Server, "run", fail)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--threads", "1", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "the HTTP server stopped: start-up failed" in err and "Traceback" not in err
+
 
 def test_bad_compile_decode_values_are_refused(tiny_config, tmp_path, capsys):
     from parscale.errors import ParScaleError

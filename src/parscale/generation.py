@@ -469,9 +469,11 @@ def warm_up(model, *, streams: int | None = None, batches: Sequence[int] = (1, 2
     the stream set ``streams``, default the active one) and return the seconds each took.
 
     With ``compile_decode`` on, this is where the decode step compiles, instead of in the first
-    request: the first size gets a graph of its own (torch specialises a batch of 1) and the second
-    makes the batch dimension dynamic, so after ``(1, 2)`` no batch size compiles again. A server
-    calls it before it takes requests. The prompt is token 0 repeated; nothing is kept."""
+    request: after ``(1, 2)`` batches of 1 and 2 compile nothing more, whatever their lengths,
+    padding or rows leaving. Larger batches may still add a graph or two on first use (torch makes
+    the batch size dynamic, but the matmul form chosen by the row count splits it into ranges).
+    ``parscale serve`` calls it before it takes requests. The prompt is token 0 repeated; nothing
+    is kept."""
     times = {}
     was_training = model.training
     model.eval()

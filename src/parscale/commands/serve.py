@@ -103,6 +103,7 @@ def _serve(server, sock: socket.socket, engine) -> None:
         engine.host()
         thread.start()
         engine.run()
+        server.should_exit = True  # the loop ended on its own (an engine bug): stop taking requests too
         thread.join()
     finally:
         for sig, handler in previous.items():
