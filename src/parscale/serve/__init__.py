@@ -1,6 +1,6 @@
 """``parscale serve``: an OpenAI-compatible HTTP server with continuous batching and streaming.
 
-``engine`` (the thread that owns the model and steps the running batches), ``protocol`` (OpenAI's
+``engine`` (the loop that owns the model and steps the running batches), ``protocol`` (OpenAI's
 request/response schemas, validated), ``app`` (starlette routes). ``build_app`` wires them for a
 loaded model; ``load_tokenizer`` reads the model directory's tokenizer and chat template.
 """
@@ -19,7 +19,8 @@ def load_tokenizer(path):
 
 def build_app(model, tokenizer, *, model_id: str, max_batch: int = 16, max_queue: int = 64,
               max_tokens_per_request: int = 1024):
-    """The ASGI app and its engine for a loaded model (the engine starts with the app)."""
+    """The ASGI app and its engine for a loaded model (the engine starts with the app, in a thread
+    of its own unless ``engine.host()`` was called: then ``engine.run()`` runs it)."""
     from .app import create_app
     from .engine import Engine
     from .protocol import Limits

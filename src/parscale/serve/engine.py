@@ -1,17 +1,19 @@
-"""The serving engine: one background thread owns the model and drives continuous batching.
+"""The serving engine: one loop owns the model and drives continuous batching.
 
 HTTP handlers (asyncio, the server's event loop) turn requests into ``Job``s and ``submit`` them
-to a bounded admission queue (full: ``QueueFull``, HTTP 429). The engine thread loops: it admits
-waiting jobs while the running batch has room (``max_batch`` rows; each prompt is prefilled once
-and shared by its ``n`` rows), steps every active batch once, and hands each job its new text,
-log-probs and finish through the job's asyncio queue (``loop.call_soon_threadsafe``: the thread
-never touches the event loop's objects directly). Rows with different P cannot share a forward,
-so there is one :class:`parscale.generation.Decoder` per P, stepped in turn.
+to a bounded admission queue (full: ``QueueFull``, HTTP 429). The engine loop runs in a thread
+of its own (``start``) or in the caller's (``host`` + ``run``: ``parscale serve`` uses the thread
+that loaded the model, see ``Engine.host``). It admits waiting jobs while the running batch has
+room (``max_batch`` rows; each prompt is prefilled once and shared by its ``n`` rows), steps
+every active batch once, and hands each job its new text, log-probs and finish through the job's
+asyncio queue (``loop.call_soon_threadsafe``: the loop never touches the event loop's objects
+directly). Rows with different P cannot share a forward, so there is one
+:class:`parscale.generation.Decoder` per P, stepped in turn.
 
 Faults stay local: a job whose prefill raises fails alone; if a batch step raises, the jobs of
 that batch fail and the engine serves on. ``cancel`` (the client went away) ends the job's rows;
 they leave the batch at the next step. ``shutdown(drain=True)`` refuses new jobs, finishes the
-admitted and queued ones, then stops the thread.
+admitted and queued ones, then stops the loop.
 """
 
 from __future__ import annotations
