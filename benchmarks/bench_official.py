@@ -127,22 +127,6 @@ class Official:
         self.proc.wait()
 
 
-def _ours_timed(model, P: int, ids: list[int], steps: int) -> dict:
-    import torch
-
-    with torch.inference_mode():
-        model.set_streams(P)
-        cache = model.new_cache(1, len(ids) + steps + 1)
-        x = torch.tensor([ids])
-        t0 = time.perf_counter()
-        model(x, cache=cache)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            model(x[:, -1:], cache=cache)
-        t2 = time.perf_counter()
-    return {"prefill_ms": (t1 - t0) * 1e3, "ms": (t2 - t1) / steps * 1e3}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official-dir", help="a folder holding modeling_qwen2_parscale.py and "
@@ -212,6 +196,7 @@ def _run_config(name: str, args, off: Official) -> None:
 
     import torch
     from bench_decode import CONFIGS, load, variants
+    from bench_llamacpp import Parscale, timed
 
     from parscale import ParScaleConfig, ParScaleForCausalLM
 
@@ -234,7 +219,9 @@ def _run_config(name: str, args, off: Official) -> None:
                             lambda n, k=key: off.ask(op="greedy", key=k, ids=ids, n=n)["tokens"]))
             for v, m in variants(base, args.variants).items():
                 keep.append(m)
-                engines.append((f"parscale {v}", P, lambda m=m, P=P: _ours_timed(m, P, ids, args.steps),
+                ours = Parscale(m, v, P)
+                engines.append((f"parscale {v}", P,
+                                lambda e=ours: dict(zip(("prefill_ms", "ms"), timed(e, ids, args.steps))),
                                 lambda n, m=m: m.generate(torch.tensor([ids]), max_new_tokens=n,
                                                           min_new_tokens=n, do_sample=False)[0, len(ids):].tolist()))
             del model, base

@@ -475,18 +475,12 @@ def warm_up(model, *, streams: int | None = None, batches: Sequence[int] = (1, 2
     ``parscale serve`` calls it before it takes requests. The prompt is token 0 repeated; nothing
     is kept."""
     times = {}
-    was_training = model.training
-    model.eval()
-    try:
+    device = model.model.embed_tokens.weight.device
+    with _StreamsAs(model, model.streams if streams is None else streams):
         for b in batches:
             t0 = time.perf_counter()
-            dec = Decoder(model, streams=streams)
-            dec.add(torch.zeros(b, 2, dtype=torch.long, device=dec.device), max_new_tokens=steps)
-            while dec.live:
-                dec.step()
+            decode(model, torch.zeros(b, 2, dtype=torch.long, device=device), max_new_tokens=steps)
             times[b] = time.perf_counter() - t0
-    finally:
-        model.train(was_training)
     return times
 
 

@@ -196,7 +196,7 @@ class Engine:
     def start(self) -> "Engine":
         """Run the loop in a thread of its own (unless :meth:`host` gave it the caller's)."""
         if self._thread is None and not self._hosted:
-            self._thread = threading.Thread(target=self._loop, name="parscale-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="parscale-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -214,7 +214,7 @@ class Engine:
         """The loop, in the calling thread, until :meth:`shutdown` has been called and every
         admitted and queued job is done (see :meth:`host`)."""
         self._hosted = True
-        self._loop()
+        self._run()
 
     def submit(self, job: Job) -> None:
         """Queue a job (its ``loop``/``events`` set); QueueFull / ShuttingDown when refused."""
@@ -262,12 +262,6 @@ class Engine:
     def _busy(self) -> bool:
         return any(len(d) for d in self._decoders.values())
 
-    def _loop(self) -> None:
-        try:
-            self._run()
-        finally:
-            self._stopped.set()
-
     def _run(self) -> None:
         try:
             while True:
@@ -299,6 +293,8 @@ class Engine:
                 self._queue.clear()
             for job in jobs:
                 self._fail(job, f"internal error: {e}")
+        finally:
+            self._stopped.set()
 
     def _emit(self, job: Job, event) -> None:
         if job.loop is not None and not job.cancelled:
