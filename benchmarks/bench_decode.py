@@ -31,6 +31,7 @@ before and after. Ratios within one run are the numbers to compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -39,7 +40,7 @@ import time
 
 import torch
 
-from parscale import ParScaleConfig, ParScaleForCausalLM
+from parscale import ParScaleConfig, ParScaleForCausalLM, kernels
 from parscale.quant import quantize_
 
 CONFIGS = {
@@ -110,12 +111,14 @@ def step_bytes(model: ParScaleForCausalLM) -> int:
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
     """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``,
-    float32 only), ``+compile`` (``ParScaleForCausalLM.compile_decode``) or ``+frozen``
-    (``compile_decode(freeze=True)``)."""
+    float32 only), ``+torchmm`` (float32 through torch's matmuls only, the native kernel of
+    ``parscale.kernels`` switched off: its A/B), ``+compile`` (``ParScaleForCausalLM.compile_decode``)
+    or ``+frozen`` (``compile_decode(freeze=True)``)."""
     out = {}
     for d in dtypes:
         dtype, _, extra = d.partition("+")
-        if extra not in ("", "prepack", "compile", "frozen") or (extra == "prepack" and dtype != "float32"):
+        if (extra not in ("", "prepack", "torchmm", "compile", "frozen")
+                or (extra in ("prepack", "torchmm") and dtype != "float32")):
             raise SystemExit(f"unknown variant {d}")
         if dtype == "float32":
             m = copy.deepcopy(base) if extra else base
@@ -129,6 +132,11 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
             m.compile_decode(freeze=extra == "frozen")
         out[d] = m.prepack() if extra == "prepack" else m
     return out
+
+
+def matmuls(variant: str):
+    """The context a variant's steps run in: ``+torchmm`` switches the native kernel off."""
+    return kernels.disabled() if variant.endswith("+torchmm") else contextlib.nullcontext()
 
 
 def compiled(variant: str) -> bool:
@@ -151,17 +159,18 @@ def prepacked_mb(model: ParScaleForCausalLM) -> float:
 
 class Stepper:
     """One variant's decode state: a KV cache holding ``filled`` token slots (zeros: their values
-    do not change the time), kept across rounds so nothing is prefilled between timings."""
+    do not change the time), kept across rounds so nothing is prefilled between timings. ``variant``
+    names the context its steps run in (``matmuls``)."""
 
-    def __init__(self, model, P: int, batch: int, filled: int, capacity: int):
-        self.model, self.P = model, P
+    def __init__(self, model, P: int, batch: int, filled: int, capacity: int, variant: str = ""):
+        self.model, self.P, self.variant = model, P, variant
         model.set_streams(P)
         self.cache = model.new_cache(batch, filled + capacity)
         self.cache.advance_positions(None, filled)  # a prompt's worth of slots, as the model would
         self.cache.length += filled
         self.tok = torch.zeros(batch, 1, dtype=torch.long)
         t0 = time.perf_counter()
-        with torch.inference_mode():  # the first step: for a compiled variant, its compile
+        with torch.inference_mode(), matmuls(variant):  # the first step: for a compiled variant, its compile
             model(self.tok, cache=self.cache)
         self.first_s = time.perf_counter() - t0
 
@@ -169,11 +178,12 @@ class Stepper:
     def ms(self, steps: int) -> float:
         """ms per decode step over ``steps`` steps (after one untimed step)."""
         self.model.set_streams(self.P)
-        self.model(self.tok, cache=self.cache)
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        with matmuls(self.variant):
             self.model(self.tok, cache=self.cache)
-        return (time.perf_counter() - t0) / steps * 1e3
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.model(self.tok, cache=self.cache)
+            return (time.perf_counter() - t0) / steps * 1e3
 
 
 @torch.inference_mode()
@@ -213,7 +223,7 @@ def run_config(name: str, args, bw: float) -> None:
     keys = [(d, P) for d in models for P in PS]
     room = args.rounds * (args.steps + 1) + 2
     rss0 = rss_mb()
-    steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room) for d, P in keys}
+    steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room, d) for d, P in keys}
     print(f"resident memory: {rss0:.0f} MB with the variants loaded, {rss_mb():.0f} MB after their first "
           "steps (compiled graphs, frozen weight copies, caches)")
     first = {k: st.first_s for k, st in steppers.items()}
@@ -244,7 +254,7 @@ def run_config(name: str, args, bw: float) -> None:
                   "of weights (oneDNN blocked layout)")
     if args.ttft and name == args.configs[0]:
         print(f"2. time to first token (prefill), batch 1, {args.ttft}-token prompt, min of 2")
-        for d in [x for x in models if not compiled(x)]:  # prefill is not compiled
+        for d in [x for x in models if not compiled(x) and not x.endswith("+torchmm")]:  # prefill: not compiled, no native kernel
             row = []
             for P in (1, 8):
                 row.append(min(prefill_ms(models[d], P, args.ttft) for _ in range(2)))
@@ -256,7 +266,7 @@ def run_config(name: str, args, bw: float) -> None:
         rounds = max(2, args.rounds // 2)
         for d in [x for x in models if x != "int8" and not compiled(x)]:  # a compile per B: minutes
             for B in args.batches:
-                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 2) for P in (1, 8)}
+                st = {P: Stepper(models[d], P, B, args.prompt, rounds * (args.steps + 1) + 2, d) for P in (1, 8)}
                 r = {P: [] for P in (1, 8)}
                 for _ in range(rounds):
                     for P in (1, 8):
@@ -272,8 +282,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--dtypes", nargs="+",
-                    default=["float32", "float32+prepack", "bfloat16", "int8"],
-                    help="variants: float32 (also float32+prepack: one more copy of the weights), bfloat16, "
+                    default=["float32", "float32+torchmm", "bfloat16", "int8"],
+                    help="variants: float32 (also float32+prepack: one more copy of the weights; "
+                         "float32+torchmm: torch's matmuls only, without parscale's native kernel), bfloat16, "
                          "int8 (weight-only); any of them +compile (compile_decode: a torch.compile per "
                          "config and P, tens of seconds each; not in the prefill and batch-sweep parts) "
                          "or +frozen (compile_decode(freeze=True): weights as graph constants)")

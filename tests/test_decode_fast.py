@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import parscale.model
-from parscale import ParScaleForCausalLM
+from parscale import ParScaleForCausalLM, kernels
 from parscale.cli import main
 from parscale.model import PackedLinear, can_prepack
 from parscale.quant import Int8Linear, int8_matmul, quantize_, quantize_weight
@@ -57,10 +57,17 @@ IDS = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
 SHORT = IDS[:1, :5]  # few rows, but several positions: not a decode step
 
 
-@pytest.fixture(params=["cached", "streamed"])
+@pytest.fixture(params=["native", "cached", "streamed"])
 def fp32_form(request, monkeypatch):
-    """Both float32 decode forms past 2 rows: ``F.linear`` for weights that stay in cache (all
-    of a tiny model's) and ``W @ xᵀ`` for larger ones (forced here by a zero threshold)."""
+    """Every float32 decode form: the native kernel (``parscale.kernels``, where it builds), and
+    without it ``F.linear`` for weights that stay in cache (all of a tiny model's) and ``W @ xᵀ``
+    past 2 rows for larger ones (forced here by a zero threshold)."""
+    if request.param == "native":
+        if not (kernels._supported() and kernels._compiler()):
+            pytest.skip("no AVX-512 CPU or C++ compiler here")
+        assert kernels.available()
+    else:
+        monkeypatch.setitem(kernels._state, "off", True)
     if request.param == "streamed":
         monkeypatch.setattr(parscale.model, "_CACHED_FP32_BYTES", 0)
     return request.param

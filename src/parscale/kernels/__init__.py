@@ -1,0 +1,187 @@
+"""Native CPU kernels for batch-1 decode, built on first use with the machine's C++ compiler.
+
+``skinny_linear(x, w, b)``: float32 ``x Wᵀ + b`` for 1..16 rows of ``x`` (``skinny.cpp``). A
+decode step multiplies P·B rows by every weight; on a CPU that should cost one read of the
+weights whatever the rows, and torch's float32 paths do not get there (174M shape, 2 threads,
+all 64 weights of a step, streamed from memory: 8 rows take 2.4× one row's time through
+``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
+
+The source ships with the package and is compiled once per machine (about 2 s: one file, no torch
+headers) into ``$PARSCALE_KERNEL_CACHE`` or ``~/.cache/parscale/kernels``, under a name that hashes
+the source and the flags; it is loaded with ``ctypes`` and uses the OpenMP runtime torch already
+loaded (the same thread pool). It is used only where it can run: Linux on x86-64 with AVX-512
+(``torch.backends.cpu.get_cpu_capability()``), a C++ compiler (``$CXX``, else ``c++`` or ``g++``),
+and ``$PARSCALE_NATIVE`` not ``0``. Anywhere else, or if the build or its self-check fails (with
+one warning), ``skinny_linear`` returns None and the caller uses torch's own matmuls.
+
+Inside ``torch.compile`` the kernel is the custom op ``parscale::skinny_linear`` (one opaque call
+in the graph); eager calls go to the library directly (the dispatcher's overhead would be about a
+tenth of a narrow layer's product).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
+_SOURCE = Path(__file__).with_name("skinny.cpp")
+# explicit ISA flags rather than -march=native: a cache directory may be shared between machines
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+          "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
+
+_lock = threading.Lock()
+_state: dict = {"off": False}  # "fn": the loaded function, or None once it is known not to be available
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx)
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("PARSCALE_KERNEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "parscale" / "kernels"
+
+
+def _supported() -> bool:
+    return (os.environ.get("PARSCALE_NATIVE", "1") != "0" and sys.platform == "linux"
+            and platform.machine() in ("x86_64", "AMD64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
+
+
+def _build(cxx: str) -> Path:
+    """The compiled library, from the cache or compiled now (written under a temporary name and
+    renamed, so another process never loads half a file)."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + "\0".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
+    for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"parscale-kernels-{os.getuid()}"):
+        lib = root / f"skinny-{key}.so"
+        if lib.is_file():
+            return lib
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=".skinny-", suffix=".so")
+            os.close(fd)
+        except OSError:
+            continue  # an unwritable cache: the next place
+        try:
+            done = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, lib)
+            return lib
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"no writable directory for the compiled kernel (tried {_cache_dir()})")
+
+
+def _load():
+    cxx = _compiler()
+    if not _supported() or cxx is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+        fn = lib.parscale_skinny_linear
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _self_check(fn)
+        return fn
+    except Exception as e:  # a broken compiler or library must not break decoding: torch's matmuls remain
+        warnings.warn(f"parscale: the native float32 decode kernel is not used ({e}); "
+                      "decode steps use torch's matmuls", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _self_check(fn) -> None:
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 37, 45), (5, 70, 64), (16, 19, 131)):
+        x, w, b = (torch.randn(*s, generator=g) for s in ((m, k), (n, k), (n,)))
+        got = _call(fn, x, w, b)
+        want = F.linear(x.double(), w.double(), b.double())
+        if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4):
+            raise RuntimeError(f"self-check failed at {m}x{n}x{k}")
+
+
+def _function():
+    fn = _state.get("fn", False)
+    if fn is False:
+        with _lock:
+            if "fn" not in _state:
+                _state["fn"] = _load()
+            fn = _state["fn"]
+    return fn
+
+
+def available() -> bool:
+    """Whether ``skinny_linear`` runs here (builds the kernel on the first call)."""
+    return _function() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside the block ``skinny_linear`` returns None: torch's own matmuls (A/B benchmarks, tests).
+    A compiled decode step keeps what it was compiled with."""
+    before, _state["off"] = _state["off"], True
+    try:
+        yield
+    finally:
+        _state["off"] = before
+
+
+def usable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the kernel takes this product: float32 on CPU, 1..MAX_ROWS rows, last dimensions
+    contiguous. Does not build it (see ``available``)."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS
+            and x.shape[1] == w.shape[1] and x.stride(1) == 1 and w.stride(1) == 1
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == (w.shape[0],))))
+
+
+def _call(fn, x, w, b):
+    m, n = x.shape[0], w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = fn(m, n, w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+            None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"skinny_linear: shapes out of range: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    return y
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``F.linear(x, w, b)`` (x: rows k, w: n k) through the native kernel, or None where it does
+    not run (see the module docstring and ``usable``)."""
+    if _state["off"] or not usable(x, w, b):
+        return None
+    if torch.compiler.is_compiling():  # built by an eager step before (ensure_decode_layouts), or not used
+        return torch.ops.parscale.skinny_linear(x, w, b) if _state.get("fn") is not None else None
+    fn = _function()
+    return None if fn is None else _call(fn, x, w, b)
+
+
+@torch.library.custom_op("parscale::skinny_linear", mutates_args=())
+def _skinny_linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _call(_function(), x, w, b)
+
+
+@_skinny_linear_op.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -1,0 +1,151 @@
+"""The native float32 decode kernel (``parscale.kernels``): its products against a float64
+reference over every row count, ragged shapes, strides and thread counts; where it is and is not
+used; its build cache; and the fallbacks (no compiler, a failed build or self-check, switched off),
+which must leave torch's matmuls in charge rather than break decoding."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parscale import kernels
+
+# where it can build (Linux, x86-64 with AVX-512, a C++ compiler) it must: a broken kernel or build
+# would otherwise only show as skipped tests
+CAN_BUILD = kernels._supported() and kernels._compiler() is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 CPU or C++ compiler here")
+
+
+@needs_kernel
+def test_the_kernel_builds_and_passes_its_self_check_where_it_can():
+    assert kernels.available()
+
+
+def reference(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, 17))
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 15), (33, 17), (70, 64), (130, 300)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_match_a_float64_reference(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = kernels.skinny_linear(x, w, b)
+    assert got.shape == (rows, n) and got.dtype == torch.float32 and got.is_contiguous()
+    # float32 sums of k terms in another order than F.linear: rounding of order k·eps·|terms|
+    torch.testing.assert_close(got.double(), reference(x, w, b), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_strides_and_thread_counts(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        xs = torch.randn(5, 200, generator=g)[:, 3:131]  # rows 200 apart, last dim contiguous
+        ws = torch.randn(50, 160, generator=g)[:, 16:144]
+        b = torch.randn(50, generator=g)
+        assert not xs.is_contiguous() and xs.stride(1) == 1
+        torch.testing.assert_close(kernels.skinny_linear(xs, ws, b).double(), reference(xs, ws, b),
+                                   rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_a_row_alone_gives_the_same_bits_as_in_a_batch():
+    """Each output is one row of x against one row of W: the other rows cannot change it (a
+    request batched with others equals it alone)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 96, generator=g), torch.randn(40, 96, generator=g)
+    batch = kernels.skinny_linear(x, w)
+    for i in range(8):
+        assert torch.equal(kernels.skinny_linear(x[i:i + 1], w), batch[i:i + 1])
+
+
+def test_products_it_does_not_take_return_none():
+    x, w = torch.randn(4, 32), torch.randn(8, 32)
+    for args in [(torch.randn(17, 32), w, None),                 # more rows than MAX_ROWS
+                 (torch.randn(0, 32), w, None),                  # no rows
+                 (x.double(), w.double(), None),                 # not float32
+                 (x.bfloat16(), w.bfloat16(), None),
+                 (torch.randn(32, 4).t(), w, None),              # last dim not contiguous
+                 (x, torch.randn(32, 8).t(), None),
+                 (x, w, torch.randn(16)[::2]),                   # bias not contiguous
+                 (x, w, torch.randn(7)),                         # bias of the wrong size
+                 (torch.randn(4, 31), w, None),                  # k mismatch
+                 (x.reshape(2, 2, 32), w, None)]:                # not 2-D
+        assert kernels.skinny_linear(*args) is None
+
+
+@needs_kernel
+def test_disabled_hands_back_to_torch_and_restores():
+    x, w = torch.randn(3, 32), torch.randn(8, 32)
+    with kernels.disabled():
+        assert kernels.skinny_linear(x, w) is None
+    assert kernels.skinny_linear(x, w) is not None
+
+
+@needs_kernel
+def test_build_is_cached_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(tmp_path / "cache"))
+    lib = kernels._build(kernels._compiler())
+    assert lib.parent == tmp_path / "cache" and lib.name.startswith("skinny-") and lib.suffix == ".so"
+    stamp = lib.stat().st_mtime_ns
+    assert kernels._build(kernels._compiler()) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name]
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    lib = kernels._build(kernels._compiler())
+    assert lib.is_file() and str(lib).startswith(str(tmp_path / "tmp"))
+    assert blocker.read_text() == "not a directory"
+
+
+def test_no_compiler_or_switched_off_means_torch_quietly(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels._load() is None
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PARSCALE_NATIVE", "0")
+    assert not kernels._supported()
+
+
+@needs_kernel
+def test_a_failing_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
+    with pytest.warns(RuntimeWarning, match="native float32 decode kernel is not used"):
+        assert kernels._load() is None
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+@needs_kernel
+def test_a_failing_self_check_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_call", lambda fn, x, w, b: torch.zeros(x.shape[0], w.shape[0]))
+    with pytest.warns(RuntimeWarning, match="self-check failed"):
+        assert kernels._load() is None
+
+
+@needs_kernel
+def test_the_compiled_op_matches_the_direct_call():
+    x, w, b = torch.randn(6, 48), torch.randn(20, 48), torch.randn(20)
+    op = torch.ops.parscale.skinny_linear(x, w, b)
+    assert torch.equal(op, kernels.skinny_linear(x, w, b))
+    f = torch.compile(lambda x: kernels.skinny_linear(x, w, b) * 2, backend="eager", fullgraph=True)
+    assert torch.equal(f(x), op * 2)
