@@ -1,7 +1,8 @@
-"""The native float32 decode kernel (``parscale.kernels``): its products against a float64
-reference over every row count, ragged shapes, strides and thread counts; where it is and is not
-used; its build cache; and the fallbacks (no compiler, a failed build or self-check, switched off),
-which must leave torch's matmuls in charge rather than break decoding."""
+"""The native decode kernels (``parscale.kernels``): the float32 skinny product and the
+single-query attention against float64 references over every row count, ragged shapes, head
+groupings, masks, strides, dtypes and thread counts; where they are and are not used; the build
+cache; and the fallbacks (no compiler, a failed build or self-check, switched off), which must
+leave torch's kernels in charge rather than break decoding."""
 
 import os
 import warnings
@@ -130,7 +131,7 @@ def test_no_compiler_or_switched_off_means_torch_quietly(monkeypatch):
 def test_a_failing_build_warns_once_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
-    with pytest.warns(RuntimeWarning, match="native float32 decode kernel is not used"):
+    with pytest.warns(RuntimeWarning, match="native decode kernels are not used"):
         assert kernels._load() is None
     assert os.listdir(tmp_path) == []  # nothing half-written
 
@@ -149,3 +150,59 @@ def test_the_compiled_op_matches_the_direct_call():
     assert torch.equal(op, kernels.skinny_linear(x, w, b))
     f = torch.compile(lambda x: kernels.skinny_linear(x, w, b) * 2, backend="eager", fullgraph=True)
     assert torch.equal(f(x), op * 2)
+
+
+# --------------------------------------------------------------------------- decode attention
+def sdpa64(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hq,hkv,d", [(1, 1, 1, 16), (3, 4, 2, 64), (8, 8, 2, 128), (2, 9, 3, 64),
+                                           (2, 8, 1, 32), (1, 6, 6, 256), (4, 14, 2, 48)])
+@pytest.mark.parametrize("length", [1, 15, 17, 130])
+@pytest.mark.parametrize("masking", ["none", "per row", "broadcast"])
+def test_attention_matches_a_float64_reference(dtype, rows, hq, hkv, d, length, masking):
+    g = torch.Generator().manual_seed(rows * 7 + hq + length)
+    q = torch.randn(rows, hq, 1, d, generator=g).to(dtype)
+    # a window of a larger cache, as decode steps attend: position stride d, head stride capacity·d
+    k = torch.randn(rows, hkv, length + 5, d, generator=g).to(dtype)[:, :, :length]
+    v = torch.randn(rows, hkv, length + 5, d, generator=g).to(dtype)[:, :, :length]
+    mask = None
+    if masking != "none":
+        mask = torch.rand(rows if masking == "per row" else 1, 1, 1, length, generator=g) > 0.4
+        mask[..., -1] = True  # a query sees at least its own key
+    got = kernels.decode_attention(q, k, v, mask)
+    assert got.shape == q.shape and got.dtype == dtype and got.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    torch.testing.assert_close(got.double(), sdpa64(q, k, v, mask), **tol)
+
+
+@needs_kernel
+def test_attention_rows_alone_equal_rows_batched_and_hidden_rows_give_zeros():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 4, 1, 32, generator=g), torch.randn(4, 2, 9, 32, generator=g), torch.randn(4, 2, 9, 32, generator=g)
+    batch = kernels.decode_attention(q, k, v)
+    for i in range(4):
+        assert torch.equal(kernels.decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1]), batch[i:i + 1])
+    mask = torch.ones(4, 1, 1, 9, dtype=torch.bool)
+    mask[2] = False
+    out = kernels.decode_attention(q, k, v, mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(out[[0, 1, 3]], batch[[0, 1, 3]])
+
+
+def test_attention_it_does_not_take_returns_none():
+    q, k = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 5, 32)
+    for args in [(torch.randn(2, 4, 2, 32), k, k, None),          # two queries per row (prefill)
+                 (torch.randn(2, 18, 1, 32), k, k, None),         # 9 query heads per KV head
+                 (torch.randn(2, 4, 1, 24), torch.randn(2, 2, 5, 24), torch.randn(2, 2, 5, 24), None),  # d % 16
+                 (q.double(), k.double(), k.double(), None),      # float64
+                 (q, k.bfloat16(), k.bfloat16(), None),           # mixed dtypes
+                 (q, k, torch.randn(2, 2, 6, 32), None),          # k and v differ
+                 (q, k, k, torch.ones(2, 1, 1, 5)),               # a float mask
+                 (q, k, k, torch.ones(3, 1, 1, 5, dtype=torch.bool)),  # mask rows neither 1 nor r
+                 (q, torch.randn(2, 2, 32, 5).transpose(2, 3), k, None),  # features not contiguous
+                 (torch.randn(2, 3, 1, 32), k, k, None)]:         # heads not a multiple
+        assert kernels.decode_attention(*args) is None

@@ -129,7 +129,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # 8 rows: 0.46 ms against F.linear's 0.72 ms (1 row: 0.29 ms).
 _SKINNY_ROWS = 16
 _CACHED_FP32_BYTES = 4 * 2 ** 20  # float32 weights up to this size take F.linear at any row count
-_NATIVE_IN_FROZEN = False
 
 
 class PackedLinear:
@@ -208,7 +207,7 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        if w.dtype == torch.float32 and (_NATIVE_IN_FROZEN or not frozen_trace()):
+        if w.dtype == torch.float32:  # frozen graphs too: faster than inductor's templates, no autotuning
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])
@@ -399,8 +398,12 @@ class Attention(nn.Module):
             k = torch.cat([prefix[0], k], dim=2)
             v = torch.cat([prefix[1], v], dim=2)
         attn_mask, is_causal = mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        out = None
+        if cache is not None and s == 1 and not torch.is_grad_enabled():  # a decode step: one query per row
+            out = kernels.decode_attention(q, k, v, attn_mask)  # None where the native kernel does not run
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         out = rearrange(out, "r h s d -> r s (h d)")
         o = packed(self, "_o", out)
         return self.o_proj(out) if o is None else o(out)

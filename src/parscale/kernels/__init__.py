@@ -1,12 +1,14 @@
 """Native CPU kernels for batch-1 decode, built on first use with the machine's C++ compiler.
 
-``skinny_linear(x, w, b)``: float32 ``x Wᵀ + b`` for 1..16 rows of ``x`` (``skinny.cpp``). A
-decode step multiplies P·B rows by every weight; on a CPU that should cost one read of the
-weights whatever the rows, and torch's float32 paths do not get there (174M shape, 2 threads,
-all 64 weights of a step, streamed from memory: 8 rows take 2.4× one row's time through
-``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
+* ``skinny_linear(x, w, b)``: float32 ``x Wᵀ + b`` for 1..16 rows of ``x`` (``skinny.cpp``). A
+  decode step multiplies P·B rows by every weight; on a CPU that should cost one read of the
+  weights whatever the rows, and torch's float32 paths do not get there (174M shape, 2 threads,
+  all 64 weights of a step, streamed from memory: 8 rows take 2.4× one row's time through
+  ``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
+* ``decode_attention(q, k, v, mask)``: one query per row and head against the cache, float32 or
+  bfloat16 (``attention.cpp``), where torch's fused CPU attention spends most of a call setting up.
 
-The source ships with the package and is compiled once per machine (about 2 s: one file, no torch
+The sources ship with the package and are compiled once per machine (a few seconds: no torch
 headers) into ``$PARSCALE_KERNEL_CACHE`` or ``~/.cache/parscale/kernels``, under a name that hashes
 the source and the flags; it is loaded with ``ctypes`` and uses the OpenMP runtime torch already
 loaded (the same thread pool). It is used only where it can run: Linux on x86-64 with AVX-512
@@ -38,13 +40,13 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
-_SOURCE = Path(__file__).with_name("skinny.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp")]
 # explicit ISA flags rather than -march=native: a cache directory may be shared between machines
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
 
 _lock = threading.Lock()
-_state: dict = {"off": False}  # "fn": the loaded function, or None once it is known not to be available
+_state: dict = {"off": False}  # "lib": the loaded _Library, or None once it is known not to load
 
 
 def _compiler() -> str | None:
@@ -68,7 +70,7 @@ def _supported() -> bool:
 def _build(cxx: str) -> Path:
     """The compiled library, from the cache or compiled now (written under a temporary name and
     renamed, so another process never loads half a file)."""
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(source + "\0".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
     for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"parscale-kernels-{os.getuid()}"):
         lib = root / f"skinny-{key}.so"
@@ -81,7 +83,7 @@ def _build(cxx: str) -> Path:
         except OSError:
             continue  # an unwritable cache: the next place
         try:
-            done = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True,
+            done = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
@@ -93,47 +95,63 @@ def _build(cxx: str) -> Path:
     raise RuntimeError(f"no writable directory for the compiled kernel (tried {_cache_dir()})")
 
 
+class _Library:
+    """The loaded library's two entry points."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self.linear = lib.parscale_skinny_linear
+        self.linear.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i32]
+        self.linear.restype = i32
+        self.attention = lib.parscale_decode_attention
+        self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
+        self.attention.restype = i32
+
+
 def _load():
     cxx = _compiler()
     if not _supported() or cxx is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-        fn = lib.parscale_skinny_linear
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        _self_check(fn)
-        return fn
-    except Exception as e:  # a broken compiler or library must not break decoding: torch's matmuls remain
-        warnings.warn(f"parscale: the native float32 decode kernel is not used ({e}); "
-                      "decode steps use torch's matmuls", RuntimeWarning, stacklevel=3)
+        lib = _Library(_build(cxx))
+        _self_check(lib)
+        return lib
+    except Exception as e:  # a broken compiler or library must not break decoding: torch's kernels remain
+        warnings.warn(f"parscale: the native decode kernels are not used ({e}); "
+                      "decode steps use torch's own", RuntimeWarning, stacklevel=3)
         return None
 
 
-def _self_check(fn) -> None:
+def _self_check(lib) -> None:
     g = torch.Generator().manual_seed(0)
     for m, n, k in ((1, 37, 45), (5, 70, 64), (16, 19, 131)):
         x, w, b = (torch.randn(*s, generator=g) for s in ((m, k), (n, k), (n,)))
-        got = _call(fn, x, w, b)
+        got = _call(lib, x, w, b)
         want = F.linear(x.double(), w.double(), b.double())
         if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4):
-            raise RuntimeError(f"self-check failed at {m}x{n}x{k}")
+            raise RuntimeError(f"self-check failed: linear {m}x{n}x{k}")
+    q, k, v = torch.randn(3, 4, 1, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g)
+    mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
+    mask[..., -1] = True
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    if not torch.allclose(_attend(lib, q, k, v, mask).double(), want, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("self-check failed: attention")
 
 
-def _function():
-    fn = _state.get("fn", False)
-    if fn is False:
+def _library():
+    lib = _state.get("lib", False)
+    if lib is False:
         with _lock:
-            if "fn" not in _state:
-                _state["fn"] = _load()
-            fn = _state["fn"]
-    return fn
+            if "lib" not in _state:
+                _state["lib"] = _load()
+            lib = _state["lib"]
+    return lib
 
 
 def available() -> bool:
     """Whether ``skinny_linear`` runs here (builds the kernel on the first call)."""
-    return _function() is not None
+    return _library() is not None
 
 
 @contextlib.contextmanager
@@ -156,11 +174,11 @@ def usable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
             and (b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == (w.shape[0],))))
 
 
-def _call(fn, x, w, b):
+def _call(lib, x, w, b):
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    rc = fn(m, n, w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-            None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+    rc = lib.linear(m, n, w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+                    None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"skinny_linear: shapes out of range: x {tuple(x.shape)}, w {tuple(w.shape)}")
     return y
@@ -172,16 +190,81 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     if _state["off"] or not usable(x, w, b):
         return None
     if torch.compiler.is_compiling():  # built by an eager step before (ensure_decode_layouts), or not used
-        return torch.ops.parscale.skinny_linear(x, w, b) if _state.get("fn") is not None else None
-    fn = _function()
-    return None if fn is None else _call(fn, x, w, b)
+        return torch.ops.parscale.skinny_linear(x, w, b) if _state.get("lib") is not None else None
+    lib = _library()
+    return None if lib is None else _call(lib, x, w, b)
 
 
 @torch.library.custom_op("parscale::skinny_linear", mutates_args=())
 def _skinny_linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _call(_function(), x, w, b)
+    return _call(_library(), x, w, b)
 
 
 @_skinny_linear_op.register_fake
 def _(x, w, b):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+# --------------------------------------------------------------------------- decode attention
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``decode_attention`` takes these: CPU, float32 or bfloat16 alike, one query per row
+    (q ``r hq 1 d``, k / v ``r hkv l d`` sharing the position stride, hq a multiple of hkv up to
+    8×), d a multiple of 16 up to 256, last dimensions contiguous; mask None or bool ``(r|1) 1 1 l``."""
+    if not (q.device.type == k.device.type == v.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and q.dim() == k.dim() == v.dim() == 4):
+        return False
+    r, hq, s, d = q.shape
+    if s != 1 or k.shape != v.shape or k.shape[0] != r or k.shape[3] != d or k.shape[2] < 1:
+        return False
+    hkv = k.shape[1]
+    if hq % hkv or hq // hkv > 8 or d % 16 or d > 256 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return False
+    if k.stride(2) != v.stride(2):
+        return False
+    if mask is not None:
+        if (mask.dtype != torch.bool or mask.device.type != "cpu" or mask.dim() != 4
+                or mask.shape[0] not in (1, r) or mask.shape[1:] != (1, 1, k.shape[2])):
+            return False
+    return True
+
+
+def _attend(lib, q, k, v, mask):
+    r, hq, _, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    out = torch.empty(r, hq, 1, d, dtype=q.dtype)
+    arr = ctypes.c_int64 * 3
+    qs, ks, vs = arr(q.stride(0), q.stride(1), 0), arr(*k.stride()[:3]), arr(*v.stride()[:3])
+    if mask is not None:
+        ms = arr(mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3), 0)
+        mptr = mask.data_ptr()
+    else:
+        ms, mptr = arr(0, 0, 0), None
+    rc = lib.attention(r, hq, hkv, length, d, q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
+                       mptr, ms, d ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16),
+                       torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"decode_attention: shapes out of range: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for one query per
+    row (a decode step), through the native kernel, or None where it does not run (see
+    ``attention_usable``). Rows whose keys are all hidden give zeros."""
+    if _state["off"] or not attention_usable(q, k, v, mask):
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.parscale.decode_attention(q, k, v, mask) if _state.get("lib") is not None else None
+    lib = _library()
+    return None if lib is None else _attend(lib, q, k, v, mask)
+
+
+@torch.library.custom_op("parscale::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _attend(_library(), q, k, v, mask)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
