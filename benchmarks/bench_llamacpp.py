@@ -79,30 +79,36 @@ class LlamaCpp:
 
 class Parscale:
     """One parscale variant at one P. The variants come from ``bench_decode.variants`` (one model
-    per variant, shared by its P values: each P keeps its own cache, and, compiled, its own graph)."""
+    per variant, shared by its P values: each P keeps its own cache, and, compiled, its own graph);
+    each call runs in the variant's context (``bench_decode.matmuls``)."""
 
     def __init__(self, model, variant: str, P: int):
         import torch
+        from bench_decode import matmuls
 
         self.torch, self.model, self.P = torch, model, P
         self.name = f"parscale {variant} P={P}"
+        self.context = lambda: matmuls(variant)
         self.cache = None
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch
-        with torch.inference_mode():
+        with torch.inference_mode(), self.context():
             self.model.set_streams(self.P)
             self.cache = self.model.new_cache(1, len(ids) + 512)
             self.model(torch.tensor([ids]), cache=self.cache)
 
     def step(self, tok: int) -> None:
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.context():
             self.model.set_streams(self.P)
             self.model(self.torch.tensor([[tok]]), cache=self.cache)
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
+    def greedy(self, ids: list[int], n: int, exact: bool = False) -> list[int]:
+        """``n`` greedy tokens (fewer at an end-of-sequence token unless ``exact``)."""
         torch = self.torch
-        out = self.model.set_streams(self.P).generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        with self.context():
+            out = self.model.set_streams(self.P).generate(torch.tensor([ids]), max_new_tokens=n,
+                                                          min_new_tokens=n if exact else 0, do_sample=False)
         return out[0, len(ids):].tolist()
 
 

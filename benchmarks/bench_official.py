@@ -222,8 +222,7 @@ def _run_config(name: str, args, off: Official) -> None:
                 ours = Parscale(m, v, P)
                 engines.append((f"parscale {v}", P,
                                 lambda e=ours: dict(zip(("prefill_ms", "ms"), timed(e, ids, args.steps))),
-                                lambda n, m=m: m.generate(torch.tensor([ids]), max_new_tokens=n,
-                                                          min_new_tokens=n, do_sample=False)[0, len(ids):].tolist()))
+                                lambda n, e=ours: e.greedy(ids, n, exact=True)))
             del model, base
     nonemb = keep[0].num_parameters(non_embedding=True) if keep else float("nan")
     print(f"\n== {name}: {nonemb / 1e6:.1f}M non-embedding params, float32 weights, batch 1, "

@@ -206,3 +206,55 @@ def test_attention_it_does_not_take_returns_none():
                  (q, torch.randn(2, 2, 32, 5).transpose(2, 3), k, None),  # features not contiguous
                  (torch.randn(2, 3, 1, 32), k, k, None)]:         # heads not a multiple
         assert kernels.decode_attention(*args) is None
+
+
+# --------------------------------------------------------------------------- weight-only int8
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, 17))
+@pytest.mark.parametrize("n,k", [(1, 1), (33, 17), (70, 64), (130, 300)])
+def test_int8_products_match_the_exact_dequantised_product(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 100 + n + k)
+    x = torch.randn(rows, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 100
+    got = kernels.skinny_linear_int8(x, q, scale)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    want = F.linear(x.double(), q.double()) * scale.double()  # float32 activations: no rounding of x
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (k ** 0.5) * float(scale.max()) * 127)
+
+
+def test_int8_products_it_does_not_take_return_none():
+    x, q, s = torch.randn(3, 32), torch.zeros(8, 32, dtype=torch.int8), torch.ones(8)
+    for args in [(x.bfloat16(), q, s), (x, q.float(), s), (x, q, s.double()), (torch.randn(17, 32), q, s),
+                 (x, q, torch.ones(7)), (torch.randn(32, 3).t(), q, s)]:
+        assert kernels.skinny_linear_int8(*args) is None
+
+
+@needs_kernel
+def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_batched(tiny_config):
+    """int8 decode rows (1..8) go through the native kernel: float32 activations, each output one
+    row against one weight row, so a sample decoded alone gives the same logits as in a batch."""
+    from parscale import ParScaleForCausalLM
+    from parscale.quant import quantize_
+
+    torch.manual_seed(0)
+    cfg = tiny_config(P=2, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3)
+    m = quantize_(ParScaleForCausalLM(cfg).eval())
+    ids = torch.randint(0, 61, (3, 6))
+    calls = []
+    real = kernels.skinny_linear_int8
+    with torch.inference_mode():
+        kernels_spy = lambda *a: calls.append(a[0].shape[0]) or real(*a)  # noqa: E731
+        try:
+            kernels.skinny_linear_int8 = kernels_spy
+            batch = [m(ids, cache=(c := m.new_cache(3, 8))).logits[:, -1], m(ids[:, -1:], cache=c).logits[:, -1]]
+        finally:
+            kernels.skinny_linear_int8 = real
+        assert calls and set(calls) <= {6, 3}  # decode only: 3 samples × 2 streams, and the head (prefill: 36 rows)
+        for i in range(3):  # the same cache rows (prefill is a GEMM whose sums may depend on the batch)
+            c = m.new_cache(3, 8)
+            m(ids, cache=c)
+            c.select([i])
+            alone = m(ids[i:i + 1, -1:], cache=c).logits[:, -1]
+            assert torch.equal(alone, batch[1][i:i + 1])

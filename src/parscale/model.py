@@ -207,7 +207,10 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        if w.dtype == torch.float32:  # frozen graphs too: faster than inductor's templates, no autotuning
+        if w.dtype == torch.float32 and rows >= 2:
+            # the native kernel (frozen graphs too: faster than inductor's templates there, and no
+            # autotuning); one row stays with MKL's matrix-vector product, 1-2 ms a step faster in
+            # the model (174M, 33M) though not in isolation
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])
@@ -399,8 +402,10 @@ class Attention(nn.Module):
             v = torch.cat([prefix[1], v], dim=2)
         attn_mask, is_causal = mask
         out = None
-        if cache is not None and s == 1 and not torch.is_grad_enabled():  # a decode step: one query per row
-            out = kernels.decode_attention(q, k, v, attn_mask)  # None where the native kernel does not run
+        if cache is not None and s == 1 and rows > 1 and not torch.is_grad_enabled():
+            # a decode step of several rows (P·B): the native kernel (None where it does not run);
+            # at one row torch's fused kernel is as fast
+            out = kernels.decode_attention(q, k, v, attn_mask)
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  enable_gqa=self.n_kv != self.n_heads)

@@ -7,11 +7,14 @@ so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (on
 scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
-Kernels: on CPU, up to 4 rows, ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations,
-float32 accumulation; about as fast as reading the int8 bytes, but its cost grows with the rows);
-5 to 16 rows (decode at P·B > 4): each activation row as two int8 digits and one int8 × int8
-product (``torch._int_mm``, flat in the rows; ``_int8x2_matmul``); more rows (prefill): the
-weight dequantised to bfloat16 and one GEMM. Elsewhere (CUDA): dequantise-then-matmul in the
+Kernels: on CPU, 2 to 16 rows (decode at P·B > 1), where ``parscale.kernels`` builds (x86-64
+with AVX-512 and a C++ compiler): its int8 kernel, the weight read once for all rows and widened
+to float32 in registers, float32 activations and sums. Otherwise, and at one row: up to 4 rows
+``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, float32 accumulation; about as fast
+as reading the int8 bytes, but its cost grows with the rows); 5 to 16 rows: each activation row as
+two int8 digits and one int8 × int8 product (``torch._int_mm``, flat in the rows;
+``_int8x2_matmul``). More rows (prefill): the weight dequantised to bfloat16 and one GEMM. A frozen
+compiled step hands every decode product to inductor's int8 template instead (see ``int8_matmul``). Elsewhere (CUDA): dequantise-then-matmul in the
 input's dtype. Activations are rounded to bfloat16 on CPU (to two int8 digits at 5-16 rows);
 scales are chosen exactly representable in bfloat16 so that rounding costs nothing extra.
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import ParScaleError
 from .model import PackedLinear, ParScaleForCausalLM, frozen_trace
 
@@ -55,6 +59,7 @@ _PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS 
 _TWO_DIGIT_MIN = 1 << 20  # for weights of at least this many elements (below, its ~15 small ops cost more)
 _AMX_MIN_ROWS = 5  # inductor's int8 GEMM template uses AMX (where there is one) from this many rows
 _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
+_NATIVE_ROWS = (1, 8)  # decode rows for parscale.kernels' int8 kernel where it builds (past 8: _int_mm is faster)
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -70,6 +75,12 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             x = torch.cat([x, x.new_zeros(_AMX_MIN_ROWS - rows, x.shape[1])])
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16)
         return out[:rows].to(x.dtype)
+    if x.device.type == "cpu" and _NATIVE_ROWS[0] <= x.shape[0] <= _NATIVE_ROWS[1]:
+        # parscale's own kernel (parscale.kernels): the weight read once for all rows, float32
+        # activations; None where it does not run
+        out = kernels.skinny_linear_int8(x.float(), q, scale.float())
+        if out is not None:
+            return out.to(x.dtype)
     if torch.compiler.is_compiling() and scale_bf16 is None:  # one opaque op in a compiled decode step
         return torch.ops.parscale.int8_matmul(x, q, scale)
     return _int8_matmul(x, q, scale, scale_bf16)

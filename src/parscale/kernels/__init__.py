@@ -5,20 +5,23 @@
   weights whatever the rows, and torch's float32 paths do not get there (174M shape, 2 threads,
   all 64 weights of a step, streamed from memory: 8 rows take 2.4× one row's time through
   ``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
+* ``skinny_linear_int8(x, q, scale)``: the same for weight-only int8 weights (widened to float32
+  in registers; float32 activations), a quarter of the bytes to read.
 * ``decode_attention(q, k, v, mask)``: one query per row and head against the cache, float32 or
   bfloat16 (``attention.cpp``), where torch's fused CPU attention spends most of a call setting up.
 
 The sources ship with the package and are compiled once per machine (a few seconds: no torch
 headers) into ``$PARSCALE_KERNEL_CACHE`` or ``~/.cache/parscale/kernels``, under a name that hashes
-the source and the flags; it is loaded with ``ctypes`` and uses the OpenMP runtime torch already
-loaded (the same thread pool). It is used only where it can run: Linux on x86-64 with AVX-512
-(``torch.backends.cpu.get_cpu_capability()``), a C++ compiler (``$CXX``, else ``c++`` or ``g++``),
-and ``$PARSCALE_NATIVE`` not ``0``. Anywhere else, or if the build or its self-check fails (with
-one warning), ``skinny_linear`` returns None and the caller uses torch's own matmuls.
+the sources and the flags; the library is loaded with ``ctypes`` and uses the OpenMP runtime torch
+already loaded (the same thread pool, ``torch.get_num_threads()`` threads). It is used only where it
+can run: Linux on x86-64 with AVX-512 (``torch.backends.cpu.get_cpu_capability()``), a C++ compiler
+(``$CXX``, else ``c++`` or ``g++``), and ``$PARSCALE_NATIVE`` not ``0``. Anywhere else (CUDA
+tensors included), or if the build or its self-check fails (with one warning), both functions
+return None and the caller uses torch's own kernels; ``disabled()`` does the same for a block.
 
-Inside ``torch.compile`` the kernel is the custom op ``parscale::skinny_linear`` (one opaque call
-in the graph); eager calls go to the library directly (the dispatcher's overhead would be about a
-tenth of a narrow layer's product).
+Inside ``torch.compile`` the kernels are the custom ops ``parscale::skinny_linear`` and
+``parscale::decode_attention`` (one opaque call each in the graph); eager calls go to the library
+directly, since the dispatcher adds about 13 µs per call, and a narrow layer's product takes tens.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _build(cxx: str) -> Path:
 
 
 class _Library:
-    """The loaded library's two entry points."""
+    """The loaded library's entry points."""
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
@@ -104,6 +107,9 @@ class _Library:
         self.linear = lib.parscale_skinny_linear
         self.linear.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i32]
         self.linear.restype = i32
+        self.linear_int8 = lib.parscale_skinny_linear_int8
+        self.linear_int8.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32]
+        self.linear_int8.restype = i32
         self.attention = lib.parscale_decode_attention
         self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
         self.attention.restype = i32
@@ -131,6 +137,10 @@ def _self_check(lib) -> None:
         want = F.linear(x.double(), w.double(), b.double())
         if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4):
             raise RuntimeError(f"self-check failed: linear {m}x{n}x{k}")
+    x, q8, sc = torch.randn(6, 40, generator=g), torch.randint(-127, 128, (21, 40), generator=g, dtype=torch.int8), torch.rand(21, generator=g)
+    want = F.linear(x.double(), q8.double()) * sc.double()
+    if not torch.allclose(_call_int8(lib, x, q8, sc, None).double(), want, rtol=1e-5, atol=1e-4):
+        raise RuntimeError("self-check failed: int8 linear")
     q, k, v = torch.randn(3, 4, 1, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g)
     mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
     mask[..., -1] = True
@@ -193,6 +203,47 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         return torch.ops.parscale.skinny_linear(x, w, b) if _state.get("lib") is not None else None
     lib = _library()
     return None if lib is None else _call(lib, x, w, b)
+
+
+def _call_int8(lib, x, q, scale, b):
+    m, n = x.shape[0], q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.linear_int8(m, n, q.shape[1], x.data_ptr(), x.stride(0), q.data_ptr(), q.stride(0), scale.data_ptr(),
+                         None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"skinny_linear_int8: shapes out of range: x {tuple(x.shape)}, q {tuple(q.shape)}")
+    return y
+
+
+def int8_usable(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether ``skinny_linear_int8`` takes these: float32 ``x`` (rows k, 1..MAX_ROWS rows), int8
+    ``q`` (n k), float32 ``scale`` (n), on CPU, last dimensions contiguous."""
+    return (x.device.type == q.device.type == scale.device.type == "cpu" and x.dtype == torch.float32
+            and q.dtype == torch.int8 and scale.dtype == torch.float32 and x.dim() == 2 and q.dim() == 2
+            and 1 <= x.shape[0] <= MAX_ROWS and x.shape[1] == q.shape[1] and x.stride(1) == 1
+            and q.stride(1) == 1 and scale.is_contiguous() and scale.shape == (q.shape[0],))
+
+
+def skinny_linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``(x qᵀ) · scale`` for weight-only int8 (``parscale.quant``): the int8 weights widened to
+    float32 in registers, float32 activations and sums (no activation rounding), or None where the
+    kernel does not run (``int8_usable``)."""
+    if _state["off"] or not int8_usable(x, q, scale):
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.parscale.skinny_linear_int8(x, q, scale) if _state.get("lib") is not None else None
+    lib = _library()
+    return None if lib is None else _call_int8(lib, x, q, scale, None)
+
+
+@torch.library.custom_op("parscale::skinny_linear_int8", mutates_args=())
+def _skinny_linear_int8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _call_int8(_library(), x, q, scale, None)
+
+
+@_skinny_linear_int8_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0])
 
 
 @torch.library.custom_op("parscale::skinny_linear", mutates_args=())
