@@ -146,7 +146,8 @@ def blocked_copies(model) -> int:
 
 
 @pytest.mark.parametrize("P", [1, 2, 4])
-def test_prepacked_decode_equals_plain_and_prefill_is_untouched(tiny_config, P):
+def test_prepacked_decode_equals_plain_and_prefill_is_untouched(tiny_config, P, monkeypatch):
+    monkeypatch.setitem(kernels._state, "off", True)  # prepacking is the fallback where the native kernels do not run
     m = make(tiny_config).set_streams(P)
     ref = plain_logits(m, IDS)
     greedy = copy.deepcopy(m).generate(IDS[:1, :4], max_new_tokens=6)
@@ -163,7 +164,8 @@ def test_prepacked_decode_equals_plain_and_prefill_is_untouched(tiny_config, P):
         assert torch.equal(v, before[key]), key
 
 
-def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config):
+def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config, monkeypatch):
+    monkeypatch.setitem(kernels._state, "off", True)
     m = make(tiny_config).set_streams(4).prepack()
     incremental_logits(m, IDS)
     other = make(tiny_config, seed=1).set_streams(4)
@@ -180,6 +182,7 @@ def test_prepacked_copy_follows_in_place_changes_and_can_be_released(tiny_config
 
 
 def test_prepack_is_a_no_op_without_a_kernel(tiny_config, monkeypatch):
+    monkeypatch.setitem(kernels._state, "off", True)
     m = make(tiny_config).set_streams(4)
     ref = incremental_logits(m, IDS)
     b = copy.deepcopy(m).to(torch.bfloat16)
@@ -432,3 +435,11 @@ def test_cli_generate_quantize_and_dtype(tiny_config, tmp_path, capsys):
     assert capsys.readouterr().out.split() == list(map(str, expect))
     assert main(["generate", "--model", str(tmp_path), "--ids", "1 2", "--max-new-tokens", "2",
                  "--dtype", "bfloat16"]) == 0
+
+
+def test_prepack_makes_no_copy_where_the_native_kernels_run(tiny_config):
+    if not kernels.available():
+        pytest.skip("no native kernels here")
+    m = make(tiny_config).set_streams(4).prepack()
+    torch.testing.assert_close(incremental_logits(m, IDS), plain_logits(m, IDS), rtol=1e-5, atol=1e-5)
+    assert blocked_copies(m) == 0  # the native kernel is faster without the extra weight memory

@@ -258,3 +258,48 @@ def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_bat
             c.select([i])
             alone = m(ids[i:i + 1, -1:], cache=c).logits[:, -1]
             assert torch.equal(alone, batch[1][i:i + 1])
+
+
+# --------------------------------------------------------------------------- in the model
+@needs_kernel
+def test_float32_decode_steps_take_the_kernels_and_prefill_never_does(tiny_config, monkeypatch):
+    from parscale import ParScaleForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(P=2, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3)
+    m = ParScaleForCausalLM(cfg).eval()
+    ids = torch.randint(0, 61, (2, 5))
+    seen = []
+    for name in ("skinny_linear", "decode_attention"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real: seen.append((_n, a[0].shape[0])) or _f(*a))
+    with torch.inference_mode():
+        cache = m.new_cache(2, 8)
+        m(ids, cache=cache)
+        assert seen == []  # prefill: the plain layers and SDPA, as in training
+        step = m(ids[:, -1:], cache=cache).logits
+        # 2 samples × 2 streams = 4 rows per layer product and attention; the head sees 2 rows
+        assert {n for n, _ in seen} == {"skinny_linear", "decode_attention"}
+        assert {r for n, r in seen if n == "decode_attention"} == {4} and {r for n, r in seen if n == "skinny_linear"} == {4, 2}
+        cache = m.new_cache(2, 8)
+        m(ids, cache=cache)
+        with kernels.disabled():
+            seen.clear()
+            plain = m(ids[:, -1:], cache=cache).logits
+    torch.testing.assert_close(step, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_compiled_step_loads_the_kernels_before_it_traces(tiny_config, monkeypatch):
+    """Compiled code only reads whether the library loaded; the eager preparation of every
+    compiled step (``ensure_decode_layouts``) must load it, or a fresh process's graph would
+    silently leave the kernels out."""
+    from parscale import ParScaleForCausalLM
+    from parscale.model import ensure_decode_layouts
+
+    m = ParScaleForCausalLM(tiny_config(P=2)).eval()
+    kernels.available()
+    monkeypatch.delitem(kernels._state, "lib")  # as in a fresh process (restored afterwards)
+    ensure_decode_layouts(m, 2)
+    assert kernels._state.get("lib") is not None

@@ -160,8 +160,13 @@ def _library():
 
 
 def available() -> bool:
-    """Whether ``skinny_linear`` runs here (builds the kernel on the first call)."""
+    """Whether the kernels run here (builds them on the first call)."""
     return _library() is not None
+
+
+def enabled() -> bool:
+    """Whether they run here and are not switched off (``disabled``)."""
+    return not _state["off"] and available()
 
 
 @contextlib.contextmanager
