@@ -111,7 +111,7 @@ def step_bytes(model: ParScaleForCausalLM) -> int:
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
     """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``,
-    float32 only), ``+torchmm`` (float32 through torch's matmuls only, the native kernel of
+    float32 only), ``+torchmm`` (float32 through torch's kernels only, the native kernels of
     ``parscale.kernels`` switched off: its A/B), ``+compile`` (``ParScaleForCausalLM.compile_decode``)
     or ``+frozen`` (``compile_decode(freeze=True)``)."""
     out = {}
@@ -135,7 +135,7 @@ def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScale
 
 
 def matmuls(variant: str):
-    """The context a variant's steps run in: ``+torchmm`` switches the native kernel off."""
+    """The context a variant's steps run in: ``+torchmm`` switches the native kernels off."""
     return kernels.disabled() if variant.endswith("+torchmm") else contextlib.nullcontext()
 
 

@@ -243,8 +243,9 @@ def frozen_trace() -> bool:
 def can_prepack(w: torch.Tensor) -> bool:
     """Whether ``ParScaleForCausalLM.prepack`` does anything for weights like ``w`` here: float32
     on CPU with oneDNN, where the native kernels (``parscale.kernels``) do not run: they are faster
-    without a copy (174M P = 8: 50.1 ms, against 60.0 prepacked in an earlier run). (bfloat16's decode product, ``W @ xᵀ``, is
-    already flat in the rows: a blocked bf16 copy measured the same, so it is not made.)"""
+    without a copy (174M P = 8: 50.1 ms, against 60.0 prepacked in an earlier run). (bfloat16's
+    decode product, ``W @ xᵀ``, is already flat in the rows: a blocked bf16 copy measured the
+    same, so it is not made.)"""
     return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and not kernels.enabled())
 

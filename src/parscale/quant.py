@@ -7,15 +7,16 @@ so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (on
 scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
-Kernels: on CPU, 2 to 16 rows (decode at P·B > 1), where ``parscale.kernels`` builds (x86-64
+Kernels: on CPU, 1 to 8 rows (decode at P·B ≤ 8), where ``parscale.kernels`` builds (x86-64
 with AVX-512 and a C++ compiler): its int8 kernel, the weight read once for all rows and widened
-to float32 in registers, float32 activations and sums. Otherwise, and at one row: up to 4 rows
+to float32 in registers, float32 activations and sums. Otherwise: up to 4 rows
 ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, float32 accumulation; about as fast
 as reading the int8 bytes, but its cost grows with the rows); 5 to 16 rows: each activation row as
 two int8 digits and one int8 × int8 product (``torch._int_mm``, flat in the rows;
 ``_int8x2_matmul``). More rows (prefill): the weight dequantised to bfloat16 and one GEMM. A frozen
-compiled step hands every decode product to inductor's int8 template instead (see ``int8_matmul``). Elsewhere (CUDA): dequantise-then-matmul in the
-input's dtype. Activations are rounded to bfloat16 on CPU (to two int8 digits at 5-16 rows);
+compiled step hands every decode product to inductor's int8 template instead (see
+``int8_matmul``). Elsewhere (CUDA): dequantise-then-matmul in the input's dtype. torch's CPU
+kernels round activations to bfloat16 (to two int8 digits at 5-16 rows);
 scales are chosen exactly representable in bfloat16 so that rounding costs nothing extra.
 
 Checkpoints: ``*.weight`` holds the int8 tensor and ``*.weight_scale`` the scales, under the
