@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+",
                     default=["float32", "float32+torchmm", "bfloat16", "int8"],
                     help="variants: float32 (also float32+prepack: one more copy of the weights; "
-                         "float32+torchmm: torch's matmuls only, without parscale's native kernel), bfloat16, "
+                         "float32+torchmm: torch's kernels only, without parscale's native ones), bfloat16, "
                          "int8 (weight-only); any of them +compile (compile_decode: a torch.compile per "
                          "config and P, tens of seconds each; not in the prefill and batch-sweep parts) "
                          "or +frozen (compile_decode(freeze=True): weights as graph constants)")

@@ -137,7 +137,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--variants", nargs="+", default=["float32", "float32+frozen"],
                     help="parscale variants (bench_decode's names: float32 / bfloat16 / int8, optionally "
-                         "+prepack, +compile or +frozen); the official engine runs float32")
+                         "+prepack, +torchmm, +compile or +frozen); the official engine runs float32")
     ap.add_argument("--threads", type=int, default=0, help="threads for both engines (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timing")

@@ -16,11 +16,13 @@ the sources and the flags; the library is loaded with ``ctypes`` and uses the Op
 already loaded (the same thread pool, ``torch.get_num_threads()`` threads). It is used only where it
 can run: Linux on x86-64 with AVX-512 (``torch.backends.cpu.get_cpu_capability()``), a C++ compiler
 (``$CXX``, else ``c++`` or ``g++``), and ``$PARSCALE_NATIVE`` not ``0``. Anywhere else (CUDA
-tensors included), or if the build or its self-check fails (with one warning), both functions
-return None and the caller uses torch's own kernels; ``disabled()`` does the same for a block.
+tensors included), or if the build or its self-check fails (with one warning), the three
+functions return None and the caller uses torch's own kernels; ``disabled()`` does the same for a
+block.
 
-Inside ``torch.compile`` the kernels are the custom ops ``parscale::skinny_linear`` and
-``parscale::decode_attention`` (one opaque call each in the graph); eager calls go to the library
+Inside ``torch.compile`` the kernels are the custom ops ``parscale::skinny_linear``,
+``parscale::skinny_linear_int8`` and ``parscale::decode_attention`` (one opaque call each in the
+graph); eager calls go to the library
 directly, since the dispatcher adds about 13 µs per call, and a narrow layer's product takes tens.
 """
 
@@ -139,7 +141,7 @@ def _self_check(lib) -> None:
             raise RuntimeError(f"self-check failed: linear {m}x{n}x{k}")
     x, q8, sc = torch.randn(6, 40, generator=g), torch.randint(-127, 128, (21, 40), generator=g, dtype=torch.int8), torch.rand(21, generator=g)
     want = F.linear(x.double(), q8.double()) * sc.double()
-    if not torch.allclose(_call_int8(lib, x, q8, sc, None).double(), want, rtol=1e-5, atol=1e-4):
+    if not torch.allclose(_call_int8(lib, x, q8, sc).double(), want, rtol=1e-5, atol=1e-4):
         raise RuntimeError("self-check failed: int8 linear")
     q, k, v = torch.randn(3, 4, 1, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g), torch.randn(3, 2, 21, 32, generator=g)
     mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
@@ -171,7 +173,7 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Inside the block ``skinny_linear`` returns None: torch's own matmuls (A/B benchmarks, tests).
+    """Inside the block every entry point returns None: torch's own kernels (A/B benchmarks, tests).
     A compiled decode step keeps what it was compiled with."""
     before, _state["off"] = _state["off"], True
     try:
@@ -199,22 +201,29 @@ def _call(lib, x, w, b):
     return y
 
 
+def _dispatch(takes: bool, op: str, call, *args) -> torch.Tensor | None:
+    """The path every entry point shares: None where the kernel does not take these operands
+    (``takes``) or is switched off; inside ``torch.compile`` the custom op ``parscale::<op>``, if
+    an eager step loaded the library before (``ensure_decode_layouts`` does); else the library."""
+    if _state["off"] or not takes:
+        return None
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.parscale, op)(*args) if _state.get("lib") is not None else None
+    lib = _library()
+    return None if lib is None else call(lib, *args)
+
+
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, w, b)`` (x: rows k, w: n k) through the native kernel, or None where it does
     not run (see the module docstring and ``usable``)."""
-    if _state["off"] or not usable(x, w, b):
-        return None
-    if torch.compiler.is_compiling():  # built by an eager step before (ensure_decode_layouts), or not used
-        return torch.ops.parscale.skinny_linear(x, w, b) if _state.get("lib") is not None else None
-    lib = _library()
-    return None if lib is None else _call(lib, x, w, b)
+    return _dispatch(usable(x, w, b), "skinny_linear", _call, x, w, b)
 
 
-def _call_int8(lib, x, q, scale, b):
+def _call_int8(lib, x, q, scale):
     m, n = x.shape[0], q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.linear_int8(m, n, q.shape[1], x.data_ptr(), x.stride(0), q.data_ptr(), q.stride(0), scale.data_ptr(),
-                         None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+                         None, y.data_ptr(), n, torch.get_num_threads())  # no bias: Int8Linear adds its own
     if rc != 0:
         raise ValueError(f"skinny_linear_int8: shapes out of range: x {tuple(x.shape)}, q {tuple(q.shape)}")
     return y
@@ -233,17 +242,12 @@ def skinny_linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     """``(x qᵀ) · scale`` for weight-only int8 (``parscale.quant``): the int8 weights widened to
     float32 in registers, float32 activations and sums (no activation rounding), or None where the
     kernel does not run (``int8_usable``)."""
-    if _state["off"] or not int8_usable(x, q, scale):
-        return None
-    if torch.compiler.is_compiling():
-        return torch.ops.parscale.skinny_linear_int8(x, q, scale) if _state.get("lib") is not None else None
-    lib = _library()
-    return None if lib is None else _call_int8(lib, x, q, scale, None)
+    return _dispatch(int8_usable(x, q, scale), "skinny_linear_int8", _call_int8, x, q, scale)
 
 
 @torch.library.custom_op("parscale::skinny_linear_int8", mutates_args=())
 def _skinny_linear_int8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _call_int8(_library(), x, q, scale, None)
+    return _call_int8(_library(), x, q, scale)
 
 
 @_skinny_linear_int8_op.register_fake
@@ -308,12 +312,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for one query per
     row (a decode step), through the native kernel, or None where it does not run (see
     ``attention_usable``). Rows whose keys are all hidden give zeros."""
-    if _state["off"] or not attention_usable(q, k, v, mask):
-        return None
-    if torch.compiler.is_compiling():
-        return torch.ops.parscale.decode_attention(q, k, v, mask) if _state.get("lib") is not None else None
-    lib = _library()
-    return None if lib is None else _attend(lib, q, k, v, mask)
+    return _dispatch(attention_usable(q, k, v, mask), "decode_attention", _attend, q, k, v, mask)
 
 
 @torch.library.custom_op("parscale::decode_attention", mutates_args=())
