@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr int64_t kPrefetch = 1024;  // elements ahead in each row of W (4 KB of float32)
+constexpr int64_t kPrefetch = 4096;  // elements ahead in W (16 KB of float32; 4 KB was 8-10% slower at 8 rows)
 
 // 16 weights as float32: float32 as stored, int8 widened (exact; its scale comes at the end)
 inline __m512 loadw(const float* p) { return _mm512_loadu_ps(p); }
