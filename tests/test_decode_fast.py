@@ -63,8 +63,8 @@ def fp32_form(request, monkeypatch):
     without it ``F.linear`` for weights that stay in cache (all of a tiny model's) and ``W @ xᵀ``
     past 2 rows for larger ones (forced here by a zero threshold)."""
     if request.param == "native":
-        if not (kernels._supported() and kernels._compiler()):
-            pytest.skip("no AVX-512 CPU or C++ compiler here")
+        if not (kernels._isa() and kernels._compiler()):
+            pytest.skip("no AVX-512 or AVX2 CPU, or no C++ compiler here")
         assert kernels.available()
     else:
         monkeypatch.setitem(kernels._state, "off", True)

@@ -13,15 +13,42 @@ import torch.nn.functional as F
 
 from parscale import kernels
 
-# where it can build (Linux, x86-64 with AVX-512, a C++ compiler) it must: a broken kernel or build
-# would otherwise only show as skipped tests
-CAN_BUILD = kernels._supported() and kernels._compiler() is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 CPU or C++ compiler here")
+# where it can build (Linux, x86-64 with AVX-512 or AVX2, a C++ compiler) it must: a broken kernel or
+# build would otherwise only show as skipped tests
+CAN_BUILD = kernels._isa() is not None and kernels._compiler() is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 or AVX2 CPU, or no C++ compiler here")
+# every build this CPU can run: an AVX-512 machine also checks the AVX2 build that laptops get
+ISAS_HERE = {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(kernels._isa(), []) if CAN_BUILD else []
 
 
 @needs_kernel
 def test_the_kernel_builds_and_passes_its_self_check_where_it_can():
-    assert kernels.available()
+    assert kernels.available() and kernels.isa() == kernels._isa()
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_every_build_this_cpu_runs_matches_float64_references(isa):
+    """Each instruction set's build (16 or 8 lanes, ``simd.h``) directly, whichever the loader
+    picked: every row count, ragged k (the lane tails), int8 and both attention dtypes."""
+    lib = kernels._Library(kernels._build(kernels._compiler(), isa), isa)
+    kernels._self_check(lib)
+    g = torch.Generator().manual_seed(7)
+    for rows in range(1, 17):
+        for n, k in ((5, 3), (37, 45), (64, 131)):
+            x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+            torch.testing.assert_close(kernels._call(lib, x, w, b).double(), reference(x, w, b),
+                                       rtol=1e-5, atol=1e-5 * k ** 0.5)
+            q8, sc = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g)
+            torch.testing.assert_close(kernels._call_int8(lib, x, q8, sc).double(),
+                                       F.linear(x.double(), q8.double()) * sc.double(), rtol=1e-5, atol=1e-4 * k ** 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, hq, hkv, d, length in ((1, 1, 1, 16, 1), (3, 8, 2, 64, 29), (2, 6, 6, 256, 130)):
+            q = torch.randn(rows, hq, 1, d, generator=g).to(dtype)
+            k, v = (torch.randn(rows, hkv, length, d, generator=g).to(dtype) for _ in range(2))
+            mask = torch.rand(rows, 1, 1, length, generator=g) > 0.3
+            mask[..., -1] = True
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(kernels._attend(lib, q, k, v, mask).double(), sdpa64(q, k, v, mask), **tol)
 
 
 def reference(x, w, b):
@@ -40,6 +67,20 @@ def test_products_match_a_float64_reference(rows, n, k, bias):
     assert got.shape == (rows, n) and got.dtype == torch.float32 and got.is_contiguous()
     # float32 sums of k terms in another order than F.linear: rounding of order k·eps·|terms|
     torch.testing.assert_close(got.double(), reference(x, w, b), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 16])
+@pytest.mark.parametrize("n,k", [(3, 15), (70, 64), (130, 300)])
+def test_bfloat16_products_round_the_float32_sums_once(rows, n, k):
+    """bfloat16 x, W and b, float32 sums, one rounding at the end: within half a bfloat16 step
+    (2^-8 relative) of the exact product of the bfloat16 values, and a row alone equals it batched."""
+    g = torch.Generator().manual_seed(rows * 31 + n + k)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((rows, k), (n, k), (n,)))
+    got = kernels.skinny_linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    torch.testing.assert_close(got.double(), reference(x, w, b), rtol=2 ** -8, atol=1e-5 * k ** 0.5)
+    assert torch.equal(kernels.skinny_linear(x[-1:], w, b), got[-1:])
 
 
 @needs_kernel
@@ -75,7 +116,9 @@ def test_products_it_does_not_take_return_none():
     for args in [(torch.randn(17, 32), w, None),                 # more rows than MAX_ROWS
                  (torch.randn(0, 32), w, None),                  # no rows
                  (x.double(), w.double(), None),                 # not float32
-                 (x.bfloat16(), w.bfloat16(), None),
+                 (x.bfloat16(), w, None),                        # mixed dtypes
+                 (x.bfloat16(), w.bfloat16(), torch.randn(8)),   # a float32 bias on bfloat16
+                 (x.half(), w.half(), None),                     # float16
                  (torch.randn(32, 4).t(), w, None),              # last dim not contiguous
                  (x, torch.randn(32, 8).t(), None),
                  (x, w, torch.randn(16)[::2]),                   # bias not contiguous
@@ -96,10 +139,10 @@ def test_disabled_hands_back_to_torch_and_restores():
 @needs_kernel
 def test_build_is_cached_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(tmp_path / "cache"))
-    lib = kernels._build(kernels._compiler())
+    lib = kernels._build(kernels._compiler(), kernels._isa())
     assert lib.parent == tmp_path / "cache" and lib.name.startswith("skinny-") and lib.suffix == ".so"
     stamp = lib.stat().st_mtime_ns
-    assert kernels._build(kernels._compiler()) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert kernels._build(kernels._compiler(), kernels._isa()) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
     assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name]
 
 
@@ -112,7 +155,7 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, mon
     (tmp_path / "tmp").mkdir()
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    lib = kernels._build(kernels._compiler())
+    lib = kernels._build(kernels._compiler(), kernels._isa())
     assert lib.is_file() and str(lib).startswith(str(tmp_path / "tmp"))
     assert blocker.read_text() == "not a directory"
 
@@ -124,7 +167,7 @@ def test_no_compiler_or_switched_off_means_torch_quietly(monkeypatch):
         assert kernels._load() is None
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("PARSCALE_NATIVE", "0")
-    assert not kernels._supported()
+    assert kernels._isa() is None
 
 
 @needs_kernel

@@ -207,10 +207,11 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        if w.dtype == torch.float32 and rows >= 2:
-            # the native kernel (frozen graphs too: faster than inductor's templates there, and no
-            # autotuning); one row stays with MKL's matrix-vector product, 1-2 ms a step faster in
-            # the model (174M, 33M) though not in isolation
+        if (w.dtype == torch.float32 and rows >= 2) or (w.dtype == torch.bfloat16 and not frozen_trace()):
+            # the native kernel (float32 frozen graphs too: faster than inductor's templates there,
+            # and no autotuning); one float32 row stays with MKL's matrix-vector product, 1-2 ms a
+            # step faster in the model (174M, 33M) though not in isolation. bfloat16 at every row
+            # count: torch's bfloat16 products read the weights at well under the memory's speed
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])

@@ -6,7 +6,8 @@
   all 64 weights of a step, streamed from memory: 8 rows take 2.4× one row's time through
   ``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
 * ``skinny_linear_int8(x, q, scale)``: the same for weight-only int8 weights (widened to float32
-  in registers; float32 activations), a quarter of the bytes to read.
+  in registers; float32 activations), a quarter of the bytes to read; ``skinny_linear`` takes
+  bfloat16 too (weights widened the same way, float32 sums), half the bytes.
 * ``decode_attention(q, k, v, mask)``: one query per row and head against the cache, float32 or
   bfloat16 (``attention.cpp``), where torch's fused CPU attention spends most of a call setting up.
 
@@ -14,7 +15,8 @@ The sources ship with the package and are compiled once per machine (a few secon
 headers) into ``$PARSCALE_KERNEL_CACHE`` or ``~/.cache/parscale/kernels``, under a name that hashes
 the sources and the flags; the library is loaded with ``ctypes`` and uses the OpenMP runtime torch
 already loaded (the same thread pool, ``torch.get_num_threads()`` threads). It is used only where it
-can run: Linux on x86-64 with AVX-512 (``torch.backends.cpu.get_cpu_capability()``), a C++ compiler
+can run: Linux on x86-64 with AVX-512 or AVX2 + FMA (``torch.backends.cpu.get_cpu_capability()``;
+the same sources built for 16 or 8 float lanes, ``simd.h``), a C++ compiler
 (``$CXX``, else ``c++`` or ``g++``), and ``$PARSCALE_NATIVE`` not ``0``. Anywhere else (CUDA
 tensors included), or if the build or its self-check fails (with one warning), the three
 functions return None and the caller uses torch's own kernels; ``disabled()`` does the same for a
@@ -46,9 +48,12 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
 _SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp")]
-# explicit ISA flags rather than -march=native: a cache directory may be shared between machines
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-          "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
+_HEADERS = [Path(__file__).with_name("simd.h")]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+# one build per instruction set (simd.h picks 16 or 8 lanes from these); explicit flags rather
+# than -march=native, since a cache directory may be shared between machines
+_ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
+              "avx2": ["-mavx2", "-mfma", "-mf16c"]}
 
 _lock = threading.Lock()
 _state: dict = {"off": False}  # "lib": the loaded _Library, or None once it is known not to load
@@ -66,19 +71,23 @@ def _cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "parscale" / "kernels"
 
 
-def _supported() -> bool:
-    return (os.environ.get("PARSCALE_NATIVE", "1") != "0" and sys.platform == "linux"
-            and platform.machine() in ("x86_64", "AMD64")
-            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
+def _isa() -> str | None:
+    """The instruction set the kernels are built for here ("avx512", "avx2"), or None where they
+    do not run. torch's own CPU capability check decides (AVX2 there includes FMA)."""
+    if (os.environ.get("PARSCALE_NATIVE", "1") == "0" or sys.platform != "linux"
+            or platform.machine() not in ("x86_64", "AMD64")):
+        return None
+    return {"AVX512": "avx512", "AMX": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: str, isa: str) -> Path:
     """The compiled library, from the cache or compiled now (written under a temporary name and
     renamed, so another process never loads half a file)."""
-    source = b"\0".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(source + "\0".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *_ISA_FLAGS[isa]]
+    source = b"\0".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
+    key = hashlib.sha256(source + "\0".join([cxx, *flags]).encode()).hexdigest()[:16]
     for root in (_cache_dir(), Path(tempfile.gettempdir()) / f"parscale-kernels-{os.getuid()}"):
-        lib = root / f"skinny-{key}.so"
+        lib = root / f"skinny-{isa}-{key}.so"
         if lib.is_file():
             return lib
         try:
@@ -88,7 +97,7 @@ def _build(cxx: str) -> Path:
         except OSError:
             continue  # an unwritable cache: the next place
         try:
-            done = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True,
+            done = subprocess.run([cxx, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
@@ -103,7 +112,8 @@ def _build(cxx: str) -> Path:
 class _Library:
     """The loaded library's entry points."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, isa: str):
+        self.isa = isa
         lib = ctypes.CDLL(str(path))
         i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.linear = lib.parscale_skinny_linear
@@ -112,17 +122,20 @@ class _Library:
         self.linear_int8 = lib.parscale_skinny_linear_int8
         self.linear_int8.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32]
         self.linear_int8.restype = i32
+        self.linear_bf16 = lib.parscale_skinny_linear_bf16
+        self.linear_bf16.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i32]
+        self.linear_bf16.restype = i32
         self.attention = lib.parscale_decode_attention
         self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
         self.attention.restype = i32
 
 
 def _load():
-    cxx = _compiler()
-    if not _supported() or cxx is None:
+    cxx, isa = _compiler(), _isa()
+    if isa is None or cxx is None:
         return None
     try:
-        lib = _Library(_build(cxx))
+        lib = _Library(_build(cxx, isa), isa)
         _self_check(lib)
         return lib
     except Exception as e:  # a broken compiler or library must not break decoding: torch's kernels remain
@@ -139,6 +152,10 @@ def _self_check(lib) -> None:
         want = F.linear(x.double(), w.double(), b.double())
         if not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4):
             raise RuntimeError(f"self-check failed: linear {m}x{n}x{k}")
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        want = F.linear(xb.double(), wb.double(), bb.double())
+        if not torch.allclose(_call(lib, xb, wb, bb).double(), want, rtol=1e-2, atol=1e-2):
+            raise RuntimeError(f"self-check failed: bfloat16 linear {m}x{n}x{k}")
     x, q8, sc = torch.randn(6, 40, generator=g), torch.randint(-127, 128, (21, 40), generator=g, dtype=torch.int8), torch.rand(21, generator=g)
     want = F.linear(x.double(), q8.double()) * sc.double()
     if not torch.allclose(_call_int8(lib, x, q8, sc).double(), want, rtol=1e-5, atol=1e-4):
@@ -166,6 +183,13 @@ def available() -> bool:
     return _library() is not None
 
 
+def isa() -> str | None:
+    """The instruction set of the loaded kernels ("avx512" or "avx2"), or None where they do not
+    run (builds them on the first call)."""
+    lib = _library()
+    return None if lib is None else lib.isa
+
+
 def enabled() -> bool:
     """Whether they run here and are not switched off (``disabled``)."""
     return not _state["off"] and available()
@@ -183,19 +207,21 @@ def disabled():
 
 
 def usable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """Whether the kernel takes this product: float32 on CPU, 1..MAX_ROWS rows, last dimensions
-    contiguous. Does not build it (see ``available``)."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    """Whether the kernel takes this product: float32 or bfloat16 alike on CPU, 1..MAX_ROWS rows,
+    last dimensions contiguous. Does not build it (see ``available``)."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
             and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS
             and x.shape[1] == w.shape[1] and x.stride(1) == 1 and w.stride(1) == 1
-            and (b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == (w.shape[0],))))
+            and (b is None or (b.dtype == x.dtype and b.is_contiguous() and b.shape == (w.shape[0],))))
 
 
 def _call(lib, x, w, b):
     m, n = x.shape[0], w.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.linear(m, n, w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                    None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x.dtype)
+    fn = lib.linear_bf16 if x.dtype == torch.bfloat16 else lib.linear
+    rc = fn(m, n, w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+            None if b is None else b.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"skinny_linear: shapes out of range: x {tuple(x.shape)}, w {tuple(w.shape)}")
     return y
@@ -215,7 +241,8 @@ def _dispatch(takes: bool, op: str, call, *args) -> torch.Tensor | None:
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, w, b)`` (x: rows k, w: n k) through the native kernel, or None where it does
-    not run (see the module docstring and ``usable``)."""
+    not run (see the module docstring and ``usable``). bfloat16 sums in float32 and rounds once,
+    as torch's bfloat16 ``F.linear``."""
     return _dispatch(usable(x, w, b), "skinny_linear", _call, x, w, b)
 
 

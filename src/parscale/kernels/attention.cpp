@@ -9,113 +9,89 @@
 //
 // Layout (strides in elements, the last dimension contiguous): q (R, Hq, D), k and v (R, Hkv, L, D),
 // mask (Rm, L) bytes with Rm = 1 (broadcast over rows) or R, 0 = hidden; out (R, Hq, D) contiguous.
-#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bfloat16 is float32's top half
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) {  // round to nearest even (the values are finite)
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
+using simd::vf;
+using simd::kLanes;
+constexpr int kMaxChunks = 256 / kLanes;  // head_dim / lanes
 
-// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) = 2^n · 2^f, f in [-0.5, 0.5],
-// 2^f by its Taylor series to degree 7 (relative error < 2e-8, below float32's rounding).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is 0 in float32; keeps n finite
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // ln 2 · frac
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-constexpr int kMaxChunks = 16;  // head_dim / 16
-
-// One (row, KV head) task: G query heads, L keys of D = 16·C features. G is a template argument
+// One (row, KV head) task: G query heads, n keys of D = kLanes·C features (see simd.h). G is a template argument
 // so that the G accumulators live in registers.
 template <typename T, int G>
-void task(int C, int64_t L, const T* q, int64_t q_head, const T* k, const T* v, int64_t kv_pos,
+void task(int C, int64_t n, const T* q, int64_t q_head, const T* k, const T* v, int64_t kv_pos,
           const uint8_t* mask, int64_t mask_pos, float scale, T* out, std::vector<float>& scores) {
-  __m512 qv[G][kMaxChunks];  // the scaled queries, float32
+  vf qv[G][kMaxChunks];  // the scaled queries, float32
   for (int h = 0; h < G; ++h)
-    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_mul_ps(load16(q + h * q_head + 16 * c), _mm512_set1_ps(scale));
-  scores.resize(static_cast<size_t>(G) * L);
-  float* s = scores.data();  // (G, L)
+    for (int c = 0; c < C; ++c) qv[h][c] = simd::mul(simd::load(q + h * q_head + kLanes * c), simd::set1(scale));
+  scores.resize(static_cast<size_t>(G) * n);
+  float* s = scores.data();  // (G, n)
   float mx[G];
   for (int h = 0; h < G; ++h) mx[h] = -__builtin_inff();
-  for (int64_t j = 0; j < L; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     if (mask && !mask[j * mask_pos]) {
-      for (int h = 0; h < G; ++h) s[h * L + j] = -__builtin_inff();
+      for (int h = 0; h < G; ++h) s[h * n + j] = -__builtin_inff();
       continue;
     }
     const T* kj = k + j * kv_pos;
-    __m512 acc[G];
-    for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
+    vf acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = simd::zero();
     for (int c = 0; c < C; ++c) {
-      const __m512 kc = load16(kj + 16 * c);
-      for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(qv[h][c], kc, acc[h]);
+      const vf kc = simd::load(kj + kLanes * c);
+      for (int h = 0; h < G; ++h) acc[h] = simd::fma(qv[h][c], kc, acc[h]);
     }
     for (int h = 0; h < G; ++h) {
-      const float d = _mm512_reduce_add_ps(acc[h]);
-      s[h * L + j] = d;
+      const float d = simd::reduce(acc[h]);
+      s[h * n + j] = d;
       mx[h] = d > mx[h] ? d : mx[h];
     }
   }
   // softmax per head
   float inv[G];
   for (int h = 0; h < G; ++h) {
-    float* sh = s + h * L;
+    float* sh = s + h * n;
     if (mx[h] == -__builtin_inff()) {  // every key hidden: zeros, not NaN
-      memset(sh, 0, sizeof(float) * L);
+      memset(sh, 0, sizeof(float) * n);
       inv[h] = 0.f;
       continue;
     }
-    const __m512 m = _mm512_set1_ps(mx[h]);
-    __m512 sum = _mm512_setzero_ps();
+    const vf m = simd::set1(mx[h]);
+    vf sum = simd::zero();
     int64_t j = 0;
-    for (; j + 16 <= L; j += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + j), m));
-      _mm512_storeu_ps(sh + j, e);
-      sum = _mm512_add_ps(sum, e);
+    for (; j + kLanes <= n; j += kLanes) {
+      const vf e = simd::exp_neg(simd::sub(simd::load(sh + j), m));
+      simd::store(sh + j, e);
+      sum = simd::add(sum, e);
     }
-    if (j < L) {
-      const __mmask16 t = static_cast<__mmask16>((1u << (L - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(t, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, sh + j), m)));
-      _mm512_mask_storeu_ps(sh + j, t, e);
-      sum = _mm512_add_ps(sum, e);
+    float total = simd::reduce(sum);
+    if (j < n) {  // the last n % lanes scores
+      const int t = static_cast<int>(n - j);
+      float e[kLanes];
+      simd::store(e, simd::exp_neg(simd::sub(simd::load_part(sh + j, t), m)));
+      for (int i = 0; i < t; ++i) {
+        sh[j + i] = e[i];
+        total += e[i];
+      }
     }
-    inv[h] = 1.f / _mm512_reduce_add_ps(sum);
+    inv[h] = 1.f / total;
   }
-  // out[h] = sum_j p[h, j] v_j, one 16-feature chunk at a time (G accumulators)
+  // out[h] = sum_j p[h, j] v_j, one kLanes-feature chunk at a time (G accumulators)
   for (int c = 0; c < C; ++c) {
-    __m512 acc[G];
-    for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; ++j) {
+    vf acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = simd::zero();
+    for (int64_t j = 0; j < n; ++j) {
       if (mask && !mask[j * mask_pos]) continue;
-      const __m512 vc = load16(v + j * kv_pos + 16 * c);
-      for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + j]), vc, acc[h]);
+      const vf vc = simd::load(v + j * kv_pos + kLanes * c);
+      for (int h = 0; h < G; ++h) acc[h] = simd::fma(simd::set1(s[h * n + j]), vc, acc[h]);
     }
-    for (int h = 0; h < G; ++h) store16(out + h * C * 16 + 16 * c, _mm512_mul_ps(acc[h], _mm512_set1_ps(inv[h])));
+    for (int h = 0; h < G; ++h) simd::store(out + h * C * kLanes + kLanes * c, simd::mul(acc[h], simd::set1(inv[h])));
   }
 }
 
@@ -123,7 +99,7 @@ template <typename T, int G>
 void run(int64_t R, int64_t Hkv, int64_t L, int64_t D, const T* q, const int64_t* qs, const T* k,
          const int64_t* ks, const T* v, const int64_t* vs, const uint8_t* mask, const int64_t* ms,
          float scale, T* out, int threads) {
-  const int C = static_cast<int>(D / 16);
+  const int C = static_cast<int>(D / kLanes);
   const int64_t tasks = R * Hkv, Hq = G * Hkv;
 #pragma omp parallel num_threads(threads)
   {
@@ -163,7 +139,7 @@ extern "C" int parscale_decode_attention(int64_t R, int64_t Hq, int64_t Hkv, int
                                          const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                                          const void* v, const int64_t* vs, const uint8_t* mask,
                                          const int64_t* ms, float scale, void* out, int bf16, int threads) {
-  if (R < 1 || Hkv < 1 || Hq % Hkv || L < 1 || D % 16 || D < 16 || D / 16 > kMaxChunks ||
+  if (R < 1 || Hkv < 1 || Hq % Hkv || L < 1 || D % 16 || D < 16 || D > 256 ||
       ks[2] != vs[2] || threads < 1)
     return 1;
   if (threads > R * Hkv) threads = static_cast<int>(R * Hkv);
