@@ -14,7 +14,11 @@ all with 48 prefix tokens, it prints
 
 1. ms per new token (model forward with the KV cache holding 64 tokens plus the prefix) for each
    dtype and P, the ratio to float32 P = 1 and to the same dtype's P = 1, and the share of the
-   roofline reached;
+   roofline reached; beside it the step's arithmetic (2 FLOP per weight element and row) over a
+   float32 matmul peak measured in the same run (``torch.mm``, 1024²: the native kernels widen
+   int8 and bfloat16 weights to float32, so one peak serves all three), and the share of the
+   larger of the two bounds (``% bound``): where P·B rows cost more arithmetic than the memory
+   reads hide, the step is compute-bound, and no kernel makes P free there;
 2. time to first token (the prefill forward) for a 512-token prompt, P = 1 and P = 8;
 3. a batch sweep B = 1, 2, 4, 8, 16 at P = 8 vs P = 1 (174M): where P stops being nearly free.
 
@@ -92,33 +96,48 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def step_bytes(model: ParScaleForCausalLM) -> int:
-    """Bytes a batch-1 decode step reads: every weight except the embedding table (one row), plus
-    the active stream set (prefixes are read from the cache, counted with it)."""
-    total = 0
-    seen = set()
+def step_tensors(model: ParScaleForCausalLM) -> list[torch.Tensor]:
+    """The tensors a batch-1 decode step reads: every weight except the embedding table (one row),
+    plus the active stream set's aggregation (prefixes are read from the cache, counted with it)."""
+    out, seen = [], set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or name.startswith("stream_sets.") or "rotary" in name:
             continue
         seen.add(id(t))
         if name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings:
             continue
-        total += t.numel() * t.element_size()
+        out.append(t)
     if model.stream_set is not None:
-        total += sum(t.numel() * t.element_size() for t in model.stream_set.aggregate_layer.parameters())
-    return total
+        out += list(model.stream_set.aggregate_layer.parameters())
+    return out
+
+
+def step_bytes(model: ParScaleForCausalLM) -> int:
+    return sum(t.numel() * t.element_size() for t in step_tensors(model))
+
+
+def step_flops(model: ParScaleForCausalLM, rows: int) -> int:
+    """Multiply-adds × 2 of a decode step's products: every weight element once per row (P·B)."""
+    return 2 * rows * sum(t.numel() for t in step_tensors(model))
+
+
+def matmul_peak(rounds: int = 5) -> float:
+    """float32 FLOP/s of a cache-friendly square product (torch.mm, 1024²): the arithmetic bound."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    return 2 * 1024 ** 3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(rounds))
 
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
     """One model per variant: a dtype, optionally ``+prepack`` (``ParScaleForCausalLM.prepack``,
-    float32 only), ``+torchmm`` (float32 through torch's kernels only, the native kernels of
-    ``parscale.kernels`` switched off: its A/B), ``+compile`` (``ParScaleForCausalLM.compile_decode``)
+    float32 only), ``+torchmm`` (torch's kernels only, the native kernels of ``parscale.kernels``
+    switched off: its A/B), ``+compile`` (``ParScaleForCausalLM.compile_decode``)
     or ``+frozen`` (``compile_decode(freeze=True)``)."""
     out = {}
     for d in dtypes:
         dtype, _, extra = d.partition("+")
         if (extra not in ("", "prepack", "torchmm", "compile", "frozen")
-                or (extra in ("prepack", "torchmm") and dtype != "float32")):
+                or (extra == "prepack" and dtype != "float32")):
             raise SystemExit(f"unknown variant {d}")
         if dtype == "float32":
             m = copy.deepcopy(base) if extra else base
@@ -211,7 +230,7 @@ def build(name: str, weights: str | None = None) -> ParScaleForCausalLM:
     return ParScaleForCausalLM(cfg).eval()
 
 
-def run_config(name: str, args, bw: float) -> None:
+def run_config(name: str, args, bw: float, peak: float) -> None:
     base = build(name, args.smollm2 if name == "smollm2-135m" else None)
     nonemb = base.set_streams(1).num_parameters(non_embedding=True)
     models = variants(base, args.dtypes)
@@ -236,14 +255,17 @@ def run_config(name: str, args, bw: float) -> None:
     ref = best.get(("float32", 1))
     print(f"1. decode, batch 1, {args.prompt} tokens in the cache, min of {args.rounds} rounds × {args.steps} steps")
     print(f"{'variant':>16} {'P':>2} {'ms/token':>9} {'÷ fp32 P=1':>11} {'÷ own P=1':>10} "
-          f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11}")
+          f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11} {'GFLOP':>6} {'compute ms':>11} {'% bound':>8}")
     for d, P in keys:
         m = models[d].set_streams(P)
         nbytes = step_bytes(m)
         roof = nbytes / bw * 1e3
+        flops = step_flops(m, P)
+        arith = flops / peak * 1e3
         t = best[(d, P)]
         print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
-              f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}%")
+              f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}% "
+              f"{flops / 1e9:>6.2f} {arith:>11.2f} {100 * max(roof, arith) / t:>7.0f}%")
     for d in models:
         if compiled(d):
             graph = models[d].__dict__.get("_decode_graph")
@@ -284,7 +306,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+",
                     default=["float32", "float32+torchmm", "bfloat16", "int8"],
                     help="variants: float32 (also float32+prepack: one more copy of the weights; "
-                         "float32+torchmm: torch's kernels only, without parscale's native ones), bfloat16, "
+                         "any dtype +torchmm: torch's kernels only, without parscale's native ones), bfloat16, "
                          "int8 (weight-only); any of them +compile (compile_decode: a torch.compile per "
                          "config and P, tens of seconds each; not in the prefill and batch-sweep parts) "
                          "or +frozen (compile_decode(freeze=True): weights as graph constants)")
@@ -310,8 +332,11 @@ def main() -> None:
     each = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
     print(f"streaming-read bandwidth (512 MB buffer, best of sum / dot / gemv, min of 7): {bw / 1e9:.1f} GB/s "
           f"({each} GB/s)")
+    peak = matmul_peak()
+    print(f"float32 matmul peak (torch.mm 1024², best of 5): {peak / 1e9:.1f} GFLOP/s; native kernels: "
+          f"{kernels.isa() or 'none (torch only)'}")
     for name in args.configs:
-        run_config(name, args, bw)
+        run_config(name, args, bw, peak)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; {load()}")
 
 

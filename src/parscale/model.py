@@ -207,11 +207,14 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        if (w.dtype == torch.float32 and rows >= 2) or (w.dtype == torch.bfloat16 and not frozen_trace()):
+        if ((w.dtype == torch.float32 and (rows >= 2 or kernels.isa() != "avx512"))
+                or (w.dtype == torch.bfloat16 and not frozen_trace())):
             # the native kernel (float32 frozen graphs too: faster than inductor's templates there,
-            # and no autotuning); one float32 row stays with MKL's matrix-vector product, 1-2 ms a
-            # step faster in the model (174M, 33M) though not in isolation. bfloat16 at every row
-            # count: torch's bfloat16 products read the weights at well under the memory's speed
+            # and no autotuning). One float32 row stays with MKL's matrix-vector product on AVX-512
+            # machines, 1-2 ms a step faster in the model (174M, 33M) though not in isolation; on
+            # an AVX2 one (Zen 1) MKL's took 99 ms a step against the kernel's two rows' 80.
+            # bfloat16 at every row count: torch's bfloat16 products read the weights at well
+            # under the memory's speed (174M, AVX2: 136 ms at P = 1 against the kernel's 55)
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])

@@ -186,7 +186,8 @@ def available() -> bool:
 def isa() -> str | None:
     """The instruction set of the loaded kernels ("avx512" or "avx2"), or None where they do not
     run (builds them on the first call)."""
-    lib = _library()
+    # a compiled step reads what the eager preparation loaded (as ``_dispatch`` does)
+    lib = _state.get("lib") if torch.compiler.is_compiling() else _library()
     return None if lib is None else lib.isa
 
 
