@@ -7,7 +7,6 @@ decodes eagerly with the same result; the static-slot math itself (eager) equals
 growing-slice math. Each compile costs seconds, so the cases share a few compiled models.
 """
 
-import contextlib
 import copy
 import warnings
 
@@ -240,33 +239,35 @@ def test_continuous_batching_through_the_graph_equals_eager(pair):
 
 # ---------------------------------------------------------------- freeze=True (weights as graph constants)
 
-def test_frozen_decode_equals_eager_fp32_and_int8(tiny_config):
-    """A frozen graph (inductor's freezing + GEMM templates) gives the eager logits and tokens, in
-    float32 (P = 2 and 1) and int8 (6 rows: the template's AMX range; 3 rows: padded up to it)."""
-    eager = make(tiny_config, P=2)
-    for m, streams in ((eager, (2,)), (quantize_(copy.deepcopy(eager)), (2, 1))):  # each P compiles anew
-        frozen = copy.deepcopy(m).compile_decode(freeze=True)
-        # int8: the frozen graph keeps inductor's int8 template (bf16 activations), so the eager
+def test_frozen_int8_decode_equals_eager(tiny_config):
+    """A frozen graph (inductor's freezing + GEMM templates) gives the eager logits and tokens in
+    int8 (6 rows: the template's AMX range; 3 rows: padded up to it). float32: the next test."""
+    m = quantize_(make(tiny_config, P=2))
+    frozen = copy.deepcopy(m).compile_decode(freeze=True)
+    for P in (2, 1):  # each P compiles anew
+        m.set_streams(P), frozen.set_streams(P)
+        # the frozen graph keeps inductor's int8 template (bf16 activations), so the eager
         # reference is torch's bf16-activation kernel, not the native float32-activation one
-        int8 = m is not eager
-        for P in streams:
-            m.set_streams(P), frozen.set_streams(P)
-            with kernels.disabled() if int8 else contextlib.nullcontext():
-                ref = step_logits(m, PROMPTS, MASK)
-            got = step_logits(frozen, PROMPTS, MASK)
-            assert graph_state(frozen) == "ok"
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        with kernels.disabled():
+            ref = step_logits(m, PROMPTS, MASK)
+        got = step_logits(frozen, PROMPTS, MASK)
+        assert graph_state(frozen) == "ok"
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 def test_frozen_graph_follows_new_weights_and_is_not_shared(tiny_config):
-    """The frozen constants belong to one model and one set of weights: after ``load_state_dict``
-    (in place) the next step compiles again from the new weights, and a second model of the same
-    class with other weights never picks up the first one's graph."""
+    """A float32 frozen graph gives the eager logits and tokens (left padding, P = 2); its constants
+    belong to one model and one set of weights: after ``load_state_dict`` (in place) the next step
+    compiles again from the new weights, and a second model of the same class with other weights
+    never picks up the first one's graph."""
     a, b = make(tiny_config, P=2, seed=0), make(tiny_config, P=2, seed=1)
     fa = copy.deepcopy(a).compile_decode(freeze=True)
     fb = copy.deepcopy(b).compile_decode(freeze=True)
-    torch.testing.assert_close(step_logits(fa, PROMPTS, MASK), step_logits(a, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
+    got, ref = step_logits(fa, PROMPTS, MASK), step_logits(a, PROMPTS, MASK)
+    assert graph_state(fa) == "ok"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(step_logits(fb, PROMPTS, MASK), step_logits(b, PROMPTS, MASK), rtol=1e-4, atol=1e-4)
     first = fa.__dict__["_decode_graph"]
     fa.load_state_dict(b.state_dict())  # a's weights become b's, in place

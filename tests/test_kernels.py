@@ -334,6 +334,35 @@ def test_float32_decode_steps_take_the_kernels_and_prefill_never_does(tiny_confi
 
 
 @needs_kernel
+@pytest.mark.parametrize("P", [1, 2])
+def test_bfloat16_decode_steps_take_the_kernel_at_every_row_count(tiny_config, monkeypatch, P):
+    """A bfloat16 model's decode products go through the native bfloat16 kernel from one row on
+    (where the CPU has no bfloat16 dot products), and its logits stay within bfloat16 rounding of
+    torch's own bfloat16 kernels."""
+    from parscale import ParScaleForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(P=2, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3)
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: False)  # as on an AVX2 CPU
+    m = ParScaleForCausalLM(cfg).to(torch.bfloat16).eval().set_streams(P)
+    ids = torch.randint(0, 61, (1, 5))
+    rows = []
+    real = kernels.skinny_linear
+    monkeypatch.setattr(kernels, "skinny_linear", lambda x, w, b=None: rows.append((x.shape[0], x.dtype)) or real(x, w, b))
+    with torch.inference_mode():
+        cache = m.new_cache(1, 8)
+        m(ids, cache=cache)
+        step = m(ids[:, -1:], cache=cache).logits.float()
+        assert rows and {r for r, _ in rows} == ({1} if P == 1 else {P, 1}) and {d for _, d in rows} == {torch.bfloat16}
+        cache = m.new_cache(1, 8)
+        m(ids, cache=cache)
+        with kernels.disabled():
+            plain = m(ids[:, -1:], cache=cache).logits.float()
+    torch.testing.assert_close(step, plain, rtol=0.02, atol=0.02 * float(plain.abs().max()))
+
+
+@needs_kernel
 def test_a_compiled_step_loads_the_kernels_before_it_traces(tiny_config, monkeypatch):
     """Compiled code only reads whether the library loaded; the eager preparation of every
     compiled step (``ensure_decode_layouts``) must load it, or a fresh process's graph would

@@ -106,7 +106,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --------------------------------------------------------------------------- inference matmuls
 # Batch-1 decode multiplies a few rows (M = P·B) by each weight, so the BLAS path chosen for
-# skinny products, not the FLOPs, sets the speed. Measured on this machine's MKL (AVX-512),
+# skinny products, not the FLOPs, sets the speed. Measured on an AVX-512 machine's MKL,
 # weights n×k as stored, 1 thread, M = 1 / 2 / 8 rows:
 #   float32  F.linear, 5632×1024      0.82 / 0.82 / 2.45 ms   (about M× the M = 1 time past 2 rows)
 #   float32  W @ xᵀ                   0.82 / 1.57 / 1.61 ms   (flat from 2 rows on)
@@ -115,7 +115,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # That holds for weights streamed from memory. A float32 weight that fits in the L2 caches (≤ 4 MiB:
 # 2 MiB per core here) is cheap to re-read, and F.linear is the faster form at any row count:
 # 1536×512, 2 threads, 8 rows: 68 µs against W @ xᵀ's 135 µs (33M at P = 8: 22.5 → 20.0 ms/step).
-# Where it builds (x86-64 with AVX-512 and a C++ compiler), float32 takes neither: parscale's own
+# Where it builds (x86-64 with AVX-512 or AVX2 and a C++ compiler), float32 takes neither: parscale's own
 # kernel (``parscale.kernels``) reads each weight once for all rows and keeps the arithmetic
 # behind the reads (174M's 64 weights, 2 threads, 8 rows: 1.25× the one-row time; F.linear 2.4×,
 # W @ xᵀ 2.0×), in eager and compiled steps alike. The forms below are its fallback.
@@ -208,13 +208,17 @@ class PackedLinear:
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
         if ((w.dtype == torch.float32 and (rows >= 2 or kernels.isa() != "avx512"))
-                or (w.dtype == torch.bfloat16 and not frozen_trace())):
+                or (w.dtype == torch.bfloat16 and not frozen_trace()
+                    and (rows == 1 or not kernels.cpu_has_bf16_dot()))):
             # the native kernel (float32 frozen graphs too: faster than inductor's templates there,
             # and no autotuning). One float32 row stays with MKL's matrix-vector product on AVX-512
             # machines, 1-2 ms a step faster in the model (174M, 33M) though not in isolation; on
             # an AVX2 one (Zen 1) MKL's took 99 ms a step against the kernel's two rows' 80.
-            # bfloat16 at every row count: torch's bfloat16 products read the weights at well
-            # under the memory's speed (174M, AVX2: 136 ms at P = 1 against the kernel's 55)
+            # bfloat16: torch's products read the weights well under the memory's speed (174M P = 1:
+            # 136 ms against the kernel's 55 on Zen 1; 42.6 ms at 39% of the roofline on an AMX
+            # machine). Where the CPU has bfloat16 dot products, torch's W @ xᵀ was flat in the
+            # rows (P = 8 at 1.11× P = 1), which a kernel that widens to float32 is not: rows ≥ 2
+            # stay with torch there
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])

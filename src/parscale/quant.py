@@ -8,7 +8,7 @@ scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores th
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
 Kernels: on CPU, 1 to 8 rows (decode at P·B ≤ 8), where ``parscale.kernels`` builds (x86-64
-with AVX-512 and a C++ compiler): its int8 kernel, the weight read once for all rows and widened
+with AVX-512 or AVX2 and a C++ compiler): its int8 kernel, the weight read once for all rows and widened
 to float32 in registers, float32 activations and sums. Otherwise: up to 4 rows
 ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, float32 accumulation; about as fast
 as reading the int8 bytes, but its cost grows with the rows); 5 to 16 rows: each activation row as
