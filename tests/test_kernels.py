@@ -375,3 +375,15 @@ def test_a_compiled_step_loads_the_kernels_before_it_traces(tiny_config, monkeyp
     monkeypatch.delitem(kernels._state, "lib")  # as in a fresh process (restored afterwards)
     ensure_decode_layouts(m, 2)
     assert kernels._state.get("lib") is not None
+
+
+def test_a_compiled_step_finds_the_cpu_flags_read(tiny_config, monkeypatch):
+    """bfloat16 decode asks whether the CPU has bfloat16 dot products; a compiled step cannot open
+    /proc/cpuinfo while tracing, so the eager preparation reads it first."""
+    from parscale import ParScaleForCausalLM
+    from parscale.model import ensure_decode_layouts
+
+    m = ParScaleForCausalLM(tiny_config(P=2)).eval()
+    monkeypatch.delitem(kernels._state, "cpu_flags", raising=False)  # as in a fresh process
+    ensure_decode_layouts(m, 2)
+    assert isinstance(kernels._state.get("cpu_flags"), set)

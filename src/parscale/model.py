@@ -285,6 +285,7 @@ def ensure_decode_layouts(model: nn.Module, rows: int) -> None:
     layers for a decode step of ``rows`` rows, and what they keep beside (``prime``). A compiled
     decode step reads them as they are: it cannot check data pointers or version counters."""
     kernels.available()  # builds / loads the native kernels now: a compiled step only reads whether they loaded
+    kernels.cpu_has_bf16_dot()  # and the CPU's flags, read from /proc
     x = torch.empty(rows, 1, 1, device="meta")  # packed() looks only at the shape
     owners = [model, *(m for layer in model.model.layers for m in (layer.self_attn, layer.mlp))]
     made = [model.lm_head] + [packed(o, name, x) for o in owners for name in o.DECODE_LAYOUTS]

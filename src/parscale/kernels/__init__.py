@@ -195,6 +195,8 @@ def cpu_has_bf16_dot() -> bool:
     """Whether the CPU multiplies bfloat16 natively (``avx512_bf16`` or ``amx_bf16`` in
     /proc/cpuinfo): there torch's own bfloat16 products are fast past one row."""
     flags = _state.get("cpu_flags")
+    if flags is None and torch.compiler.is_compiling():  # read by an eager step first (ensure_decode_layouts)
+        return False
     if flags is None:
         try:
             with open("/proc/cpuinfo") as f:
