@@ -28,13 +28,14 @@ using simd::vf;
 using simd::kLanes;
 constexpr int64_t kPrefetch = 4096;  // elements ahead in W (16 KB of float32; 4 KB was 8-10% slower at 8 rows)
 
-// Rows n .. n+R-1 of W against M rows of x (at most kChunk); `scale` (per row of W, or null)
-// multiplies each sum before the bias.
+// one bias or output element as float32, and back (y and b are float32, or bfloat16 bits)
 inline float get(float v) { return v; }
 inline float get(uint16_t v) { return simd::bf16_to_float(v); }
 inline void put(float* p, float v) { *p = v; }
 inline void put(uint16_t* p, float v) { *p = simd::float_to_bf16(v); }
 
+// Rows n .. n+R-1 of W against M rows of x (at most kChunk); `scale` (per row of W, or null)
+// multiplies each sum before the bias.
 template <typename W, typename Y, int M, int R>
 inline void block(int64_t K, const float* x, int64_t ldx, const W* w, int64_t ldw, const float* scale,
                   const Y* bias, Y* y, int64_t ldy, int64_t n) {
