@@ -18,7 +18,8 @@ from parscale import kernels
 CAN_BUILD = kernels._isa() is not None and kernels._compiler() is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 or AVX2 CPU, or no C++ compiler here")
 # every build this CPU can run: an AVX-512 machine also checks the AVX2 build that laptops get
-ISAS_HERE = {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(kernels._isa(), []) if CAN_BUILD else []
+_ORDER = ["avx512bf16", "avx512vnni", "avx512", "avx2"]  # each CPU that runs one runs those after it
+ISAS_HERE = _ORDER[_ORDER.index(kernels._isa()):] if CAN_BUILD else []
 
 
 @needs_kernel
@@ -39,8 +40,11 @@ def test_every_build_this_cpu_runs_matches_float64_references(isa):
             torch.testing.assert_close(kernels._call(lib, x, w, b).double(), reference(x, w, b),
                                        rtol=1e-5, atol=1e-5 * k ** 0.5)
             q8, sc = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g)
-            torch.testing.assert_close(kernels._call_int8(lib, x, q8, sc).double(),
-                                       F.linear(x.double(), q8.double()) * sc.double(), rtol=1e-5, atol=1e-4 * k ** 0.5)
+            torch.testing.assert_close(kernels._call_int8(lib, x, q8, sc).double(), fixed_point_reference(x, q8, sc),
+                                       rtol=1e-5, atol=1e-4 * k ** 0.5)
+            xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+            torch.testing.assert_close(kernels._call(lib, xb, wb, bb).double(), reference(xb, wb, bb),
+                                       rtol=1e-2, atol=1e-2 * k ** 0.5)
     for dtype in (torch.float32, torch.bfloat16):
         for rows, hq, hkv, d, length in ((1, 1, 1, 16, 1), (3, 8, 2, 64, 29), (2, 6, 6, 256, 130)):
             q = torch.randn(rows, hq, 1, d, generator=g).to(dtype)
@@ -53,6 +57,15 @@ def test_every_build_this_cpu_runs_matches_float64_references(isa):
 
 def reference(x, w, b):
     return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def fixed_point_reference(x, q, scale):
+    """The int8 kernel's product computed independently in float64: each row of x rounded to
+    16-bit fixed point (d = round(x / s), s = max|x_row| / 32767), then exact products."""
+    amax = x.float().abs().amax(dim=1, keepdim=True)  # float32 steps, as the kernel's
+    inv = torch.full_like(amax, 32767) / amax  # a float32 division (the scalar form multiplies by a reciprocal)
+    d = torch.round(x.float() * inv).clamp(-32767, 32767)  # to nearest, ties to even
+    return (d.double() @ q.double().t()) * (amax / 32767).double() * scale.double()
 
 
 @needs_kernel
@@ -262,8 +275,34 @@ def test_int8_products_match_the_exact_dequantised_product(rows, n, k):
     scale = torch.rand(n, generator=g) / 100
     got = kernels.skinny_linear_int8(x, q, scale)
     assert got.shape == (rows, n) and got.dtype == torch.float32
-    want = F.linear(x.double(), q.double()) * scale.double()  # float32 activations: no rounding of x
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (k ** 0.5) * float(scale.max()) * 127)
+    # x as 16-bit fixed point per row: the independent emulation to float32's rounding, and the
+    # exact product within the documented bound
+    torch.testing.assert_close(got.double(), fixed_point_reference(x, q, scale), rtol=1e-5,
+                               atol=1e-6 * (k ** 0.5) * float(scale.max()) * 127)
+    exact = F.linear(x.double(), q.double()) * scale.double()
+    assert ((got.double() - exact).abs() <= kernels.int8_error_bound(x, q, scale)).all()
+
+
+@needs_kernel
+def test_int8_rows_with_nan_or_inf_give_nan_and_zero_rows_zero():
+    q, s = torch.randint(-127, 128, (20, 40), dtype=torch.int8), torch.rand(20)
+    x = torch.randn(4, 40)
+    x[1, 5], x[2, 7], x[3] = float("nan"), float("inf"), 0.0
+    got = kernels.skinny_linear_int8(x, q, s)
+    assert torch.isfinite(got[0]).all() and got[1].isnan().all() and got[2].isnan().all() and (got[3] == 0).all()
+
+
+@needs_kernel
+def test_int8_sums_past_the_int32_flush_length_stay_exact():
+    """k beyond 4096 (the kernel adds its int32 lanes into float32 every 4096 elements): all
+    weights and activations at the extremes, where one int32 sum over k would overflow."""
+    k = 3 * 4096 + 40
+    x = torch.full((2, k), 1.0)
+    x[1] = -1.0
+    q = torch.full((5, k), 127, dtype=torch.int8)
+    got = kernels.skinny_linear_int8(x, q, torch.ones(5))
+    torch.testing.assert_close(got.double(), torch.tensor([[127.0 * k] * 5, [-127.0 * k] * 5], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
 
 
 def test_int8_products_it_does_not_take_return_none():

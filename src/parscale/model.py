@@ -207,18 +207,16 @@ class PackedLinear:
             # 82.8 -> 70.1 ms per step (docs/benchmarks/decode.txt)
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
-        if ((w.dtype == torch.float32 and (rows >= 2 or kernels.isa() != "avx512"))
-                or (w.dtype == torch.bfloat16 and not frozen_trace()
-                    and (rows == 1 or not kernels.cpu_has_bf16_dot()))):
-            # the native kernel (float32 frozen graphs too: faster than inductor's templates there,
-            # and no autotuning). One float32 row stays with MKL's matrix-vector product on AVX-512
-            # machines, 1-2 ms a step faster in the model (174M, 33M) though not in isolation; on
-            # an AVX2 one (Zen 1) MKL's took 99 ms a step against the kernel's two rows' 80.
+        if (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not frozen_trace()
+                                         and (rows == 1 or kernels.bf16_dot() or not kernels.cpu_has_bf16_dot()))):
+            # the native kernel, at every row count (float32 frozen graphs too: faster than
+            # inductor's templates there, and no autotuning). MKL's one-row product ran at half the
+            # memory's speed on a Zen 4 (174M P = 1: 62.8 ms against the kernel's 2 rows' 43.2).
             # bfloat16: torch's products read the weights well under the memory's speed (174M P = 1:
             # 136 ms against the kernel's 55 on Zen 1; 42.6 ms at 39% of the roofline on an AMX
-            # machine). Where the CPU has bfloat16 dot products, torch's W @ xᵀ was flat in the
-            # rows (P = 8 at 1.11× P = 1), which a kernel that widens to float32 is not: rows ≥ 2
-            # stay with torch there
+            # machine). Where the CPU has bfloat16 dot products but the kernels were built without
+            # them (an older compiler), torch's W @ xᵀ was flat in the rows (P = 8 at 1.11× P = 1),
+            # which a kernel that widens to float32 is not: rows ≥ 2 stay with torch there
             out = kernels.skinny_linear(x2, w, b)  # None where the native kernel does not run
             if out is not None:
                 return out.view(*lead, out.shape[-1])

@@ -7,9 +7,11 @@ so ``x Wᵀ ≈ (x Qᵀ) · s``. A tied embedding is quantised with the head (on
 scaled by the same per-row scales: ``Int8Embedding``), so a tied model stores the table once.
 Norms, biases, the ParScale prefixes and the aggregator stay in floating point (they are small).
 
-Kernels: on CPU, 1 to 8 rows (decode at P·B ≤ 8), where ``parscale.kernels`` builds (x86-64
-with AVX-512 or AVX2 and a C++ compiler): its int8 kernel, the weight read once for all rows and widened
-to float32 in registers, float32 activations and sums. Otherwise: up to 4 rows
+Kernels: on CPU, 1 to 16 rows (decode at P·B ≤ 16), where ``parscale.kernels`` builds (x86-64
+with AVX-512 or AVX2 and a C++ compiler): its int8 kernel, the weight read once for all rows and
+widened to int16 in registers against activations as 16-bit fixed point per row (one scale per
+row, error at most ``max|x_row| / 65534`` per element), exact integer products (VNNI where the CPU
+has it). Otherwise: up to 4 rows
 ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, float32 accumulation; about as fast
 as reading the int8 bytes, but its cost grows with the rows); 5 to 16 rows: each activation row as
 two int8 digits and one int8 × int8 product (``torch._int_mm``, flat in the rows;
@@ -60,7 +62,7 @@ _PACK_ROWS = 4  # up to here the bf16-activation kernel; from 5 to _KERNEL_ROWS 
 _TWO_DIGIT_MIN = 1 << 20  # for weights of at least this many elements (below, its ~15 small ops cost more)
 _AMX_MIN_ROWS = 5  # inductor's int8 GEMM template uses AMX (where there is one) from this many rows
 _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight is faster
-_NATIVE_ROWS = (1, 8)  # decode rows for parscale.kernels' int8 kernel where it builds (past 8: _int_mm is faster)
+_NATIVE_ROWS = (1, 16)  # decode rows for parscale.kernels' int8 kernel where it builds
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -77,8 +79,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16)
         return out[:rows].to(x.dtype)
     if x.device.type == "cpu" and _NATIVE_ROWS[0] <= x.shape[0] <= _NATIVE_ROWS[1]:
-        # parscale's own kernel (parscale.kernels): the weight read once for all rows, float32
-        # activations; None where it does not run
+        # parscale's own kernel (parscale.kernels): the weight read once for all rows, activations
+        # as 16-bit fixed point per row; None where it does not run
         out = kernels.skinny_linear_int8(x.float(), q, scale.float())
         if out is not None:
             return out.to(x.dtype)

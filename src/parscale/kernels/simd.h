@@ -30,6 +30,33 @@ inline vf load(const uint16_t* p) {  // bfloat16 is float32's top half
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+// int16 pairs (weight-only int8 against 16-bit activations): a register holds 2·kLanes int16;
+// dot2 adds each lane's two products to the int32 lane of acc (one instruction with VNNI)
+using vi = __m512i;
+inline vi izero() { return _mm512_setzero_si512(); }
+inline vi load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline vi load_i16(const int8_t* p) {  // 2·kLanes int8 widened exactly
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#if defined(__AVX512VNNI__)
+inline vi dot2(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#else
+inline vi dot2(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#endif
+inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+inline vf max_abs(vf m, vf v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
+inline vf clamp(vf v, vf lo, vf hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
+inline float reduce_max(vf v) { return _mm512_reduce_max_ps(v); }
+inline void store_i16(int16_t* p, vf lo, vf hi) {  // round to nearest (even), |values| ≤ 32767
+  const __m256i a = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(lo)), b = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(hi));
+  _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+#if defined(__AVX512BF16__)
+// bfloat16 pairs: 2·kLanes bfloat16 per register; each float32 lane of acc gains its two products
+#define PARSCALE_BF16_DOT 1
+inline vi load_bf16_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline vf dot2_bf16(vf acc, vi a, vi b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+#endif
 inline void store(uint16_t* p, vf v) {  // round to nearest even (the values are finite)
   __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -70,6 +97,23 @@ inline vf load(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+using vi = __m256i;
+inline vi izero() { return _mm256_setzero_si256(); }
+inline vi load_i16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi load_i16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vi dot2(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+inline vf max_abs(vf m, vf v) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
+inline vf clamp(vf v, vf lo, vf hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
+inline float reduce_max(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline void store_i16(int16_t* p, vf lo, vf hi) {
+  const __m256i w = _mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi));  // per 128-bit lane
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(w, 0xD8));
+}
 inline void store(uint16_t* p, vf v) {  // round to nearest even (the values are finite)
   __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));

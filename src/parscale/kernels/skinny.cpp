@@ -1,20 +1,22 @@
 // y = x Wᵀ (+ b) for a few rows of x (1..16): the product every batch-1 decode step makes, with
-// M = P·B rows per weight. Three forms: float32; weight-only int8 (one scale per row of W, float32
-// x and y); bfloat16 x, W, b and y (sums in float32, as torch's bfloat16 F.linear). Built and
-// loaded by parscale/kernels/__init__.py (AVX-512 or AVX2, OpenMP).
+// M = P·B rows per weight. Three forms: float32; bfloat16 x, W, b and y (sums in float32, as
+// torch's bfloat16 F.linear); weight-only int8 (one scale per row of W; float32 x and y, x rounded
+// to 16-bit fixed point per row, one scale per row: see `quantize_rows`). Built and loaded by
+// parscale/kernels/__init__.py (AVX-512, optionally with VNNI and bfloat16 dot products, or AVX2;
+// OpenMP).
 //
 // Why: at 1..16 rows the product is as cheap as reading W once, if the arithmetic hides behind the
 // memory reads. MKL's F.linear does a matrix-vector product per row past 2 rows (M× the reads'
 // time), W @ xᵀ pays a fixed toll from 2 rows on, and both leave the cores idle while W streams in.
 // Here each thread walks its share of W's rows once, R rows at a time, and multiplies every loaded
-// 16-float piece of W into all M rows of x at once (R·M accumulators in registers), prefetching
-// ahead in W. Each weight element is read once whatever M is; int8 and bfloat16 weights are widened
-// to float32 in registers (exact), so their products cost a quarter and a half of the reads.
+// piece of W into all rows of x at once (R·M accumulators in registers). Each weight element is
+// read once whatever M is; bfloat16 and int8 weights cost a half and a quarter of the reads, and
+// where the CPU multiplies pairs of them natively (AVX512_BF16, VNNI) half the instructions.
 //
 // Layout: x (M × K, row stride ldx), W (N × K, row stride ldw), b (N or null), y (M × N, row
-// stride ldy); the last dimension of each contiguous. Sums run over K in 16 lanes (8 under AVX2,
-// see simd.h), then across lanes: the same terms as F.linear in another order (float rounding
-// differs in the last bits).
+// stride ldy); the last dimension of each contiguous. Sums run over K in vector lanes, then across
+// lanes: the same terms as F.linear in another order (float rounding differs in the last bits).
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
@@ -25,96 +27,192 @@
 namespace {
 
 using simd::vf;
+using simd::vi;
 using simd::kLanes;
-constexpr int64_t kPrefetch = 4096;  // elements ahead in W (16 KB of float32; 4 KB was 8-10% slower at 8 rows)
 
-// one bias or output element as float32, and back (y and b are float32, or bfloat16 bits)
+// How one step along K multiplies a piece of a row of W into a piece of a row of x: the element
+// types, the elements per step, the accumulator, and how it ends as one float32 sum.
+struct Float32 {  // float32 x; W float32 or bfloat16 (widened in registers, exact)
+  using X = float;
+  using Acc = vf;
+  static constexpr int kStep = kLanes;
+  static constexpr int64_t kFlush = INT64_MAX;
+  static Acc zero() { return simd::zero(); }
+  template <typename W> static vf load_w(const W* p) { return simd::load(p); }
+  template <typename W> static vf load_w_part(const W* p, int n) { return simd::load_part(p, n); }
+  static vf load_x(const float* p) { return simd::load(p); }
+  static vf load_x_part(const float* p, int n) { return simd::load_part(p, n); }
+  static Acc madd(Acc acc, vf w, vf x) { return simd::fma(w, x, acc); }
+  static float sum(Acc acc) { return simd::reduce(acc); }
+};
+
+#if defined(PARSCALE_BF16_DOT)
+struct Bf16Pairs {  // bfloat16 x and W, two products per float32 lane and instruction
+  using X = uint16_t;
+  using Acc = vf;
+  static constexpr int kStep = 2 * kLanes;
+  static constexpr int64_t kFlush = INT64_MAX;
+  static Acc zero() { return simd::zero(); }
+  static vi load_w(const uint16_t* p) { return simd::load_bf16_pairs(p); }
+  static vi load_w_part(const uint16_t* p, int n) { return part(p, n); }
+  static vi load_x(const uint16_t* p) { return simd::load_bf16_pairs(p); }
+  static vi load_x_part(const uint16_t* p, int n) { return part(p, n); }
+  static Acc madd(Acc acc, vi w, vi x) { return simd::dot2_bf16(acc, w, x); }
+  static float sum(Acc acc) { return simd::reduce(acc); }
+  static vi part(const uint16_t* p, int n) {
+    uint16_t buf[kStep] = {};
+    memcpy(buf, p, 2 * n);
+    return simd::load_bf16_pairs(buf);
+  }
+};
+#endif
+
+struct Int8Pairs {  // int8 W widened to int16 against int16 x; int32 lanes, two products each
+  using X = int16_t;
+  using Acc = vi;
+  static constexpr int kStep = 2 * kLanes;
+  // a lane gains kFlush / kLanes products of at most 127 · 32767 before it is added to a float:
+  // 4096 keeps that under 2^31 with 8 or 16 lanes
+  static constexpr int64_t kFlush = 4096;
+  static Acc zero() { return simd::izero(); }
+  static vi load_w(const int8_t* p) { return simd::load_i16(p); }
+  static vi load_w_part(const int8_t* p, int n) {
+    int8_t buf[kStep] = {};
+    memcpy(buf, p, n);
+    return simd::load_i16(buf);
+  }
+  static vi load_x(const int16_t* p) { return simd::load_i16(p); }
+  static vi load_x_part(const int16_t* p, int n) {
+    int16_t buf[kStep] = {};
+    memcpy(buf, p, 2 * n);
+    return simd::load_i16(buf);
+  }
+  static Acc madd(Acc acc, vi w, vi x) { return simd::dot2(acc, w, x); }
+  static float sum(Acc acc) { return simd::reduce(simd::to_float(acc)); }
+};
+
+// What becomes of a sum: y[m][n] = sum · row_scale[n] · x_scale[m] + bias[n] (each factor optional),
+// y and b float32 or bfloat16 bits.
 inline float get(float v) { return v; }
 inline float get(uint16_t v) { return simd::bf16_to_float(v); }
 inline void put(float* p, float v) { *p = v; }
 inline void put(uint16_t* p, float v) { *p = simd::float_to_bf16(v); }
 
-// Rows n .. n+R-1 of W against M rows of x (at most kChunk); `scale` (per row of W, or null)
-// multiplies each sum before the bias.
-template <typename W, typename Y, int M, int R>
-inline void block(int64_t K, const float* x, int64_t ldx, const W* w, int64_t ldw, const float* scale,
-                  const Y* bias, Y* y, int64_t ldy, int64_t n) {
-  vf acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = simd::zero();
+template <typename Y>
+struct Out {
+  const float* row_scale;  // per row of W, or null
+  const float* x_scale;    // per row of x, or null
+  const Y* bias;
+  Y* y;
+  int64_t ldy;
+};
+
+// Rows n .. n+R-1 of W against M rows of x (at most kChunk). `pf`, if not null, is where the
+// rows a few blocks ahead start: their bytes are prefetched into L2 in address order, one step's
+// worth per step, so memory sees one sequential stream per thread rather than R (on a Zen 4, 2
+// threads, 174M's weights: 23-25 against 31-33 GB/s with R separate streams, and prefetching each
+// row ahead into L1 was slower than none).
+template <class Op, typename W, typename Y, int M, int R>
+inline void block(int64_t K, const typename Op::X* x, int64_t ldx, const W* w, int64_t ldw, Out<Y> out,
+                  int64_t n, const char* pf) {
+  using Acc = typename Op::Acc;
+  constexpr int S = Op::kStep;
+  float total[R][M] = {};
   const W* wn = w + n * ldw;
-  const int64_t full = K - K % kLanes;
-  for (int64_t k = 0; k < full; k += kLanes) {
-    vf v[R];
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(wn + r * ldw + k + kPrefetch), _MM_HINT_T0);
-      v[r] = simd::load(wn + r * ldw + k);
+  for (int64_t k0 = 0; k0 < K; k0 += Op::kFlush) {
+    const int64_t k1 = K - k0 > Op::kFlush ? k0 + Op::kFlush : K;
+    const int64_t full = k0 + (k1 - k0) / S * S;
+    Acc acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = Op::zero();
+    for (int64_t k = k0; k < full; k += S) {
+      if (pf) {
+        const char* p = pf + R * k * static_cast<int64_t>(sizeof(W));
+        for (int i = 0; i < static_cast<int>(R * S * sizeof(W)); i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+      }
+      decltype(Op::load_w(wn)) v[R];
+      for (int r = 0; r < R; ++r) v[r] = Op::load_w(wn + r * ldw + k);
+      for (int m = 0; m < M; ++m) {
+        auto xv = Op::load_x(x + m * ldx + k);
+        // one load of x per row and step, kept in a register for all R rows of W (compilers fold
+        // it into every multiply otherwise: R loads instead of one; 8 rows ran at 0.8× the speed)
+        asm("" : "+v"(xv));
+        for (int r = 0; r < R; ++r) acc[r][m] = Op::madd(acc[r][m], v[r], xv);
+      }
     }
-    for (int m = 0; m < M; ++m) {
-      const vf xv = simd::load(x + m * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = simd::fma(v[r], xv, acc[r][m]);
+    if (full < k1) {
+      const int t = static_cast<int>(k1 - full);
+      decltype(Op::load_w(wn)) v[R];
+      for (int r = 0; r < R; ++r) v[r] = Op::load_w_part(wn + r * ldw + full, t);
+      for (int m = 0; m < M; ++m) {
+        const auto xv = Op::load_x_part(x + m * ldx + full, t);
+        for (int r = 0; r < R; ++r) acc[r][m] = Op::madd(acc[r][m], v[r], xv);
+      }
     }
-  }
-  if (full < K) {
-    const int t = static_cast<int>(K - full);
-    vf v[R];
-    for (int r = 0; r < R; ++r) v[r] = simd::load_part(wn + r * ldw + full, t);
-    for (int m = 0; m < M; ++m) {
-      const vf xv = simd::load_part(x + m * ldx + full, t);
-      for (int r = 0; r < R; ++r) acc[r][m] = simd::fma(v[r], xv, acc[r][m]);
-    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) total[r][m] += Op::sum(acc[r][m]);
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
-      float s = simd::reduce(acc[r][m]);
-      if (scale) s *= scale[n + r];
-      put(y + m * ldy + n + r, bias ? s + get(bias[n + r]) : s);
+      float s = total[r][m];
+      if (out.row_scale) s *= out.row_scale[n + r];
+      if (out.x_scale) s *= out.x_scale[m];
+      put(out.y + m * out.ldy + n + r, out.bias ? s + get(out.bias[n + r]) : s);
     }
 }
 
 // R·M accumulators must fit the vector registers (32 under AVX-512, 16 under AVX2) with room for
-// W and x. AVX-512: all M rows at once, R = 4 up to 8 rows (32 accumulators at M = 8 measured
-// faster than R = 2 all the same), R = 2 beyond. AVX2: x in chunks of up to 4 rows against R = 3
-// rows of W (12 accumulators), R = 4 for one or two rows; the chunks after the first re-read the
-// R rows of W from L1, not memory. (Zen 1, 2 threads, 174M's weights from memory: 8 rows as 4 + 4
-// against 3 rows of W took 0.6-0.9× the time of 6 + 2 against 2, 16 rows 0.75-0.8×.)
-constexpr int kChunk = kLanes == 16 ? 16 : 4;
+// W and x. AVX-512: x in chunks of up to 8 rows against R = 4 rows of W (the compiler spills a few
+// of the 32 accumulators at 8 rows, still faster than R = 3 or chunks of 4 against 6; 16 rows as
+// 8 + 8 took 0.45× the time of 16 at once against 2). AVX2: chunks of up to 4 rows against R = 3
+// rows of W (12 accumulators), R = 4 for one or two rows (Zen 1, 2 threads, 174M's weights from
+// memory: 8 rows as 4 + 4 against 3 rows of W took 0.6-0.9× the time of 6 + 2 against 2). The
+// chunks after the first re-read the R rows of W from L1, not memory.
+constexpr int kChunk = kLanes == 16 ? 8 : 4;
 template <int M>
-constexpr int rows_of_w() { return kLanes == 16 ? (M <= 8 ? 4 : 2) : (M <= 2 ? 4 : 3); }
+constexpr int rows_of_w() { return kLanes == 16 ? 4 : (M <= 2 ? 4 : 3); }
+constexpr int kAhead = 2;  // blocks of R rows prefetched ahead (1-3 measured alike)
 
 // the first of ceil(M / kChunk) chunks as equal as can be (7 rows: 4 + 3)
 constexpr int first_chunk(int M) { return (M + (M + kChunk - 1) / kChunk - 1) / ((M + kChunk - 1) / kChunk); }
 
-template <typename W, typename Y, int M, int R>
-inline void chunks(int64_t K, const float* x, int64_t ldx, const W* w, int64_t ldw, const float* scale,
-                   const Y* bias, Y* y, int64_t ldy, int64_t n) {
+template <class Op, typename W, typename Y, int M, int R>
+inline void chunks(int64_t K, const typename Op::X* x, int64_t ldx, const W* w, int64_t ldw, Out<Y> out,
+                   int64_t n, const char* pf) {
   if constexpr (M <= kChunk) {
-    block<W, Y, M, R>(K, x, ldx, w, ldw, scale, bias, y, ldy, n);
+    block<Op, W, Y, M, R>(K, x, ldx, w, ldw, out, n, pf);
   } else {
     constexpr int C = first_chunk(M);
-    block<W, Y, C, R>(K, x, ldx, w, ldw, scale, bias, y, ldy, n);
-    chunks<W, Y, M - C, R>(K, x + C * ldx, ldx, w, ldw, scale, bias, y + C * ldy, ldy, n);
+    block<Op, W, Y, C, R>(K, x, ldx, w, ldw, out, n, pf);
+    Out<Y> rest = out;
+    rest.y += C * out.ldy;
+    if (rest.x_scale) rest.x_scale += C;
+    chunks<Op, W, Y, M - C, R>(K, x + C * ldx, ldx, w, ldw, rest, n, nullptr);
   }
 }
 
 // Rows n0 .. n1-1 of W.
-template <typename W, typename Y, int M>
-void span(int64_t n0, int64_t n1, int64_t K, const float* x, int64_t ldx, const W* w, int64_t ldw,
-          const float* scale, const Y* bias, Y* y, int64_t ldy) {
+template <class Op, typename W, typename Y, int M>
+void span(int64_t n0, int64_t n1, int64_t K, const typename Op::X* x, int64_t ldx, const W* w, int64_t ldw,
+          Out<Y> out) {
   constexpr int R = rows_of_w<M>();
   int64_t n = n0;
-  for (; n + R <= n1; n += R) chunks<W, Y, M, R>(K, x, ldx, w, ldw, scale, bias, y, ldy, n);
-  for (; n < n1; ++n) chunks<W, Y, M, 1>(K, x, ldx, w, ldw, scale, bias, y, ldy, n);
+  for (; n + R <= n1; n += R) {
+    const bool ahead = n + (kAhead + 1) * R <= n1;  // nothing past this thread's share
+    chunks<Op, W, Y, M, R>(K, x, ldx, w, ldw, out, n,
+                           ahead ? reinterpret_cast<const char*>(w + (n + kAhead * R) * ldw) : nullptr);
+  }
+  for (; n < n1; ++n) chunks<Op, W, Y, M, 1>(K, x, ldx, w, ldw, out, n, nullptr);
 }
 
-template <typename W, typename Y>
-using SpanFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const W*, int64_t, const float*,
-                        const Y*, Y*, int64_t);
-template <typename W, typename Y>
-constexpr SpanFn<W, Y> kSpans[16] = {
-    span<W, Y, 1>,  span<W, Y, 2>,  span<W, Y, 3>,  span<W, Y, 4>,  span<W, Y, 5>,  span<W, Y, 6>,
-    span<W, Y, 7>,  span<W, Y, 8>,  span<W, Y, 9>,  span<W, Y, 10>, span<W, Y, 11>, span<W, Y, 12>,
-    span<W, Y, 13>, span<W, Y, 14>, span<W, Y, 15>, span<W, Y, 16>};
+template <class Op, typename W, typename Y>
+using SpanFn = void (*)(int64_t, int64_t, int64_t, const typename Op::X*, int64_t, const W*, int64_t, Out<Y>);
+template <class Op, typename W, typename Y>
+constexpr SpanFn<Op, W, Y> kSpans[16] = {
+    span<Op, W, Y, 1>,  span<Op, W, Y, 2>,  span<Op, W, Y, 3>,  span<Op, W, Y, 4>,
+    span<Op, W, Y, 5>,  span<Op, W, Y, 6>,  span<Op, W, Y, 7>,  span<Op, W, Y, 8>,
+    span<Op, W, Y, 9>,  span<Op, W, Y, 10>, span<Op, W, Y, 11>, span<Op, W, Y, 12>,
+    span<Op, W, Y, 13>, span<Op, W, Y, 14>, span<Op, W, Y, 15>, span<Op, W, Y, 16>};
 
 // bfloat16 rows of x as float32, once per call (M·K elements: a few µs), for every thread to read.
 const float* widen(int64_t M, int64_t K, const uint16_t* x, int64_t ldx, std::vector<float>& buf) {
@@ -127,40 +225,91 @@ const float* widen(int64_t M, int64_t K, const uint16_t* x, int64_t ldx, std::ve
   return buf.data();
 }
 
+// float32 rows of x as 16-bit fixed point: x[m][k] ≈ q[m][k] · scale[m], scale = max|x[m]| / 32767,
+// q rounded to nearest (an error of at most scale / 2 per element: 2^-16 of the row's largest
+// magnitude, finer than bfloat16's 2^-9 of each element's for all but the row's smallest values).
+// A row with a non-finite value gets a NaN scale (its outputs are NaN, as a float32 product's).
+void quantize_rows(int64_t M, int64_t K, const float* x, int64_t ldx, int16_t* q, float* scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    vf mx = simd::zero(), bad = simd::zero();  // bad: Σ x·0, NaN where any x is NaN or infinite
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) {
+      const vf v = simd::load(xm + k);
+      mx = simd::max_abs(mx, v);
+      bad = simd::fma(v, simd::zero(), bad);
+    }
+    if (k < K) {
+      const vf v = simd::load_part(xm + k, static_cast<int>(K - k));
+      mx = simd::max_abs(mx, v);
+      bad = simd::fma(v, simd::zero(), bad);
+    }
+    const float amax = simd::reduce_max(mx);
+    const bool finite = simd::reduce(bad) == 0.f;
+    scale[m] = !finite ? NAN : amax > 0 ? amax / 32767.f : 1.f;
+    const float inv = finite && amax > 0 ? 32767.f / amax : 0.f;
+    const vf vinv = simd::set1(inv), lo = simd::set1(-32767.f), hi = simd::set1(32767.f);
+    int16_t* qm = q + m * K;
+    auto conv = [&](vf v) { return simd::clamp(simd::mul(v, vinv), lo, hi); };
+    k = 0;
+    for (; k + 2 * kLanes <= K; k += 2 * kLanes)
+      simd::store_i16(qm + k, conv(simd::load(xm + k)), conv(simd::load(xm + k + kLanes)));
+    for (; k < K; ++k) qm[k] = static_cast<int16_t>(nearbyintf(fminf(fmaxf(xm[k] * inv, -32767.f), 32767.f)));
+  }
+}
+
 // W's rows are split between the threads in blocks of 16 (where R does not divide a share, its
 // last rows go one at a time).
-template <typename W, typename Y>
-int linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const W* w, int64_t ldw,
-           const float* scale, const Y* bias, Y* y, int64_t ldy, int threads) {
+template <class Op, typename W, typename Y, typename Prep>
+int linear(int64_t M, int64_t N, int64_t K, const W* w, int64_t ldw, Out<Y> out, int threads, Prep prep) {
   if (M < 1 || M > 16 || N < 1 || K < 1 || threads < 1) return 1;
   const int64_t blocks = (N + 15) / 16;
   if (threads > blocks) threads = static_cast<int>(blocks);
-  const SpanFn<W, Y> run = kSpans<W, Y>[M - 1];
+  const SpanFn<Op, W, Y> run = kSpans<Op, W, Y>[M - 1];
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t per = (blocks + T - 1) / T;
     const int64_t n0 = t * per * 16;
     const int64_t n1 = (t + 1) * per * 16 < N ? (t + 1) * per * 16 : N;
-    if (n0 < n1) run(n0, n1, K, x, ldx, w, ldw, scale, bias, y, ldy);
+    if (n0 < n1) {
+      // each thread prepares x itself (a few µs): no barrier between the threads
+      std::vector<typename Op::X> xbuf;
+      std::vector<float> scale;
+      int64_t ldx = 0;
+      const typename Op::X* x = prep(xbuf, scale, ldx);
+      Out<Y> o = out;
+      if (!scale.empty()) o.x_scale = scale.data();
+      run(n0, n1, K, x, ldx, w, ldw, o);
+    }
   }
   return 0;
 }
 
 }  // namespace
 
-// Both return 0, or 1 for arguments out of range (nothing written).
+// All three return 0, or 1 for arguments out of range (nothing written).
 extern "C" int parscale_skinny_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
                                       const float* w, int64_t ldw, const float* bias, float* y,
                                       int64_t ldy, int threads) {
-  return linear<float, float>(M, N, K, x, ldx, w, ldw, nullptr, bias, y, ldy, threads);
+  auto prep = [&](std::vector<float>&, std::vector<float>&, int64_t& ld) { ld = ldx; return x; };
+  return linear<Float32>(M, N, K, w, ldw, Out<float>{nullptr, nullptr, bias, y, ldy}, threads, prep);
 }
 
-// Weight-only int8: y = (x Qᵀ) · scale + b, Q int8 (N × K), scale float32 (N).
+// Weight-only int8: y = (x Qᵀ) · scale + b, Q int8 (N × K), scale float32 (N); x as 16-bit fixed
+// point per row (quantize_rows), exact integer products summed in int32, then float32.
 extern "C" int parscale_skinny_linear_int8(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
                                            const int8_t* w, int64_t ldw, const float* scale,
                                            const float* bias, float* y, int64_t ldy, int threads) {
-  return linear<int8_t, float>(M, N, K, x, ldx, w, ldw, scale, bias, y, ldy, threads);
+  if (M < 1 || M > 16 || K < 1) return 1;
+  auto prep = [&](std::vector<int16_t>& q, std::vector<float>& xs, int64_t& ld) {
+    q.resize(static_cast<size_t>(M * K));
+    xs.resize(static_cast<size_t>(M));
+    quantize_rows(M, K, x, ldx, q.data(), xs.data());
+    ld = K;
+    return static_cast<const int16_t*>(q.data());
+  };
+  return linear<Int8Pairs>(M, N, K, w, ldw, Out<float>{scale, nullptr, bias, y, ldy}, threads, prep);
 }
 
 // bfloat16 throughout (x, W, b, y as their 16-bit patterns); float32 sums, y rounded to nearest even.
@@ -168,6 +317,14 @@ extern "C" int parscale_skinny_linear_bf16(int64_t M, int64_t N, int64_t K, cons
                                            const uint16_t* w, int64_t ldw, const uint16_t* bias, uint16_t* y,
                                            int64_t ldy, int threads) {
   if (M < 1 || M > 16 || K < 1) return 1;
-  std::vector<float> buf;
-  return linear<uint16_t, uint16_t>(M, N, K, widen(M, K, x, ldx, buf), K, w, ldw, nullptr, bias, y, ldy, threads);
+  const Out<uint16_t> out{nullptr, nullptr, bias, y, ldy};
+#if defined(PARSCALE_BF16_DOT)
+  auto prep = [&](std::vector<uint16_t>&, std::vector<float>&, int64_t& ld) { ld = ldx; return x; };
+  return linear<Bf16Pairs>(M, N, K, w, ldw, out, threads, prep);
+#else
+  std::vector<float> wide;
+  const float* xf = widen(M, K, x, ldx, wide);
+  auto prep = [&](std::vector<float>&, std::vector<float>&, int64_t& ld) { ld = K; return xf; };
+  return linear<Float32>(M, N, K, w, ldw, out, threads, prep);
+#endif
 }
