@@ -31,7 +31,7 @@ using simd::vi;
 using simd::kLanes;
 
 // How one step along K multiplies a piece of a row of W into a piece of a row of x: the element
-// types, the elements per step, the accumulator, and how it ends as one float32 sum.
+// types, the elements per step, the accumulator, and its lanes as float32 (summed at the end).
 struct Float32 {  // float32 x; W float32 or bfloat16 (widened in registers, exact)
   using X = float;
   using Acc = vf;
@@ -43,7 +43,7 @@ struct Float32 {  // float32 x; W float32 or bfloat16 (widened in registers, exa
   static vf load_x(const float* p) { return simd::load(p); }
   static vf load_x_part(const float* p, int n) { return simd::load_part(p, n); }
   static Acc madd(Acc acc, vf w, vf x) { return simd::fma(w, x, acc); }
-  static float sum(Acc acc) { return simd::reduce(acc); }
+  static vf lanes(Acc acc) { return acc; }
 };
 
 #if defined(PARSCALE_BF16_DOT)
@@ -58,7 +58,7 @@ struct Bf16Pairs {  // bfloat16 x and W, two products per float32 lane and instr
   static vi load_x(const uint16_t* p) { return simd::load_bf16_pairs(p); }
   static vi load_x_part(const uint16_t* p, int n) { return part(p, n); }
   static Acc madd(Acc acc, vi w, vi x) { return simd::dot2_bf16(acc, w, x); }
-  static float sum(Acc acc) { return simd::reduce(acc); }
+  static vf lanes(Acc acc) { return acc; }
   static vi part(const uint16_t* p, int n) {
     uint16_t buf[kStep] = {};
     memcpy(buf, p, 2 * n);
@@ -69,7 +69,7 @@ struct Bf16Pairs {  // bfloat16 x and W, two products per float32 lane and instr
 
 struct Int8Pairs {  // int8 W widened to int16 against int16 x; int32 lanes, two products each
   using X = int16_t;
-  using Acc = vi;
+  using Acc = simd::vi32;
   static constexpr int kStep = 2 * kLanes;
   // a lane gains kFlush / kLanes products of at most 127 · 32767 before it is added to a float:
   // 4096 keeps that under 2^31 with 8 or 16 lanes
@@ -88,7 +88,7 @@ struct Int8Pairs {  // int8 W widened to int16 against int16 x; int32 lanes, two
     return simd::load_i16(buf);
   }
   static Acc madd(Acc acc, vi w, vi x) { return simd::dot2(acc, w, x); }
-  static float sum(Acc acc) { return simd::reduce(simd::to_float(acc)); }
+  static vf lanes(Acc acc) { return simd::to_float(acc); }
 };
 
 // What becomes of a sum: y[m][n] = sum · row_scale[n] · x_scale[m] + bias[n] (each factor optional),
@@ -149,8 +149,22 @@ inline void block(int64_t K, const typename Op::X* x, int64_t ldx, const W* w, i
         for (int r = 0; r < R; ++r) acc[r][m] = Op::madd(acc[r][m], v[r], xv);
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) total[r][m] += Op::sum(acc[r][m]);
+    if constexpr (R * M >= kLanes / 2) {  // the sums kLanes at a time (simd::hsums)
+      constexpr int G = (R * M + kLanes - 1) / kLanes;
+      float sums[G * kLanes];
+      for (int g = 0; g < G; ++g) {
+        vf v[kLanes];
+        for (int i = 0; i < kLanes; ++i) {
+          const int j = g * kLanes + i;
+          v[i] = j < R * M ? Op::lanes(acc[j / M][j % M]) : simd::zero();
+        }
+        simd::store(sums + g * kLanes, simd::hsums(v));
+      }
+      for (int j = 0; j < R * M; ++j) total[j / M][j % M] += sums[j];
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) total[r][m] += simd::reduce(Op::lanes(acc[r][m]));
+    }
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
