@@ -426,3 +426,51 @@ def test_a_compiled_step_finds_the_cpu_flags_read(tiny_config, monkeypatch):
     monkeypatch.delitem(kernels._state, "cpu_flags", raising=False)  # as in a fresh process
     ensure_decode_layouts(m, 2)
     assert isinstance(kernels._state.get("cpu_flags"), set)
+
+
+# --------------------------------------------------------------------------- decode-step elementwise
+def _torch_rms_norm(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 17), (16, 1, 1024), (2, 1, 576)])
+def test_rms_norm_equals_the_eager_ops(dtype, shape):
+    g = torch.Generator().manual_seed(shape[0] + shape[-1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    got = kernels.rms_norm(x, w, 1e-6)
+    want = _torch_rms_norm(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    # float32: the sum of squares in another order; bfloat16: at most one rounding step apart
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2), (3, 1, 34), (16, 1, 5632), (8, 1, 3072)])
+def test_silu_mul_equals_the_eager_ops(dtype, shape):
+    g = torch.Generator().manual_seed(shape[0] + shape[-1])
+    gu = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    gu[..., 0] = -100.0  # far tails: silu → -0, and +100 → 100·u
+    gu[..., 1 % shape[-1]] = 100.0
+    got = kernels.silu_mul(gu)
+    a, b = gu.chunk(2, dim=-1)
+    want = F.silu(a) * b
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_elementwise_kernels_refuse_what_they_do_not_take():
+    x, w = torch.randn(2, 1, 8), torch.ones(8)
+    for args in [(x.double(), w.double()), (x, w.bfloat16()), (x.transpose(0, 2), torch.ones(2)),
+                 (torch.randn(17, 1, 8), w), (x, torch.ones(7))]:
+        assert kernels.rms_norm(*args, 1e-6) is None
+    for gu in [torch.randn(2, 1, 7), torch.randn(2, 1, 8).double(), torch.randn(8, 1, 2).transpose(0, 2),
+               torch.randn(17, 1, 8)]:
+        assert kernels.silu_mul(gu) is None
+    with kernels.disabled():
+        assert kernels.rms_norm(x, w, 1e-6) is None and kernels.silu_mul(x) is None

@@ -52,6 +52,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and x.dim() == 3 and x.shape[1] == 1:  # a decode step: one call
+            out = kernels.rms_norm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         # float32 statistics, cast back before the weight: the same rounding as HF Qwen2/Llama.
         dtype = x.dtype
         x = x.float()
@@ -439,8 +443,11 @@ class MLP(nn.Module):
         gate_up = packed(self, "_gate_up", x)
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        g, u = gate_up(x).chunk(2, dim=-1)
-        h = F.silu(g) * u
+        gu = gate_up(x)
+        h = kernels.silu_mul(gu)  # one call; None where the native kernel does not run
+        if h is None:
+            g, u = gu.chunk(2, dim=-1)
+            h = F.silu(g) * u
         return packed(self, "_down", h)(h)
 
 
@@ -543,8 +550,8 @@ def _decode_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``lin(x)``; for a decode step's few rows (no gradients) through the native kernel, which
     reads the weight once for all rows (the aggregator's first layer is P·h × h: 33 MB at 174M,
     P = 8, 1.6 ms a step through F.linear on a Zen 4)."""
-    if not torch.is_grad_enabled() and x.numel() <= _SKINNY_ROWS * x.shape[-1]:
-        x2 = x.reshape(-1, x.shape[-1])  # rows k
+    if not torch.is_grad_enabled() and x.shape[-2] == 1 and x.numel() <= _SKINNY_ROWS * x.shape[-1]:
+        x2 = x.reshape(-1, x.shape[-1])  # rows k  (one position: longer forwards stay F.linear, bit for bit)
         out = kernels.skinny_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), lin.weight, lin.bias)
         if out is not None:
             return out.view(*x.shape[:-1], out.shape[-1])

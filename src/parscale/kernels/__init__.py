@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
-_SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp", "elementwise.cpp")]
 _HEADERS = [Path(__file__).with_name("simd.h")]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 # one build per instruction set (simd.h picks 16 or 8 lanes from these); explicit flags rather
@@ -151,6 +151,12 @@ class _Library:
         self.linear_bf16 = lib.parscale_skinny_linear_bf16
         self.linear_bf16.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i32]
         self.linear_bf16.restype = i32
+        self.rms_norm = lib.parscale_rms_norm
+        self.rms_norm.argtypes = [i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, i32]
+        self.rms_norm.restype = i32
+        self.silu_mul = lib.parscale_silu_mul
+        self.silu_mul.argtypes = [i64, i64, ptr, i64, ptr, i64, i32]
+        self.silu_mul.restype = i32
         self.attention = lib.parscale_decode_attention
         self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
         self.attention.restype = i32
@@ -405,3 +411,48 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 @_decode_attention_op.register_fake
 def _(q, k, v, mask):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------- decode-step elementwise
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as (rows, features) without a copy, or None (not a few CPU rows of float32 or
+    bfloat16 with a contiguous last dimension)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 1
+            or x.stride(-1) != 1 or x.numel() == 0 or x.numel() > MAX_ROWS * x.shape[-1]):
+        return None
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:  # rows not evenly strided
+        return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of a decode step's rows (``weight · cast(x · rsqrt(mean(x²) + eps))``, statistics
+    in float32) in one call (``elementwise.cpp``), or None where the kernel does not take it: up to
+    MAX_ROWS rows, ``weight`` of x's dtype, eager (a compiled step fuses torch's own ops)."""
+    x2 = _rows(x)
+    if (x2 is None or _state["off"] or torch.compiler.is_compiling() or weight.dtype != x.dtype
+            or weight.device.type != "cpu" or not weight.is_contiguous() or weight.shape != (x.shape[-1],)):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    y = torch.empty(x.shape, dtype=x.dtype)
+    lib.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), x2.stride(0), weight.data_ptr(), eps, y.data_ptr(),
+                 x2.shape[1], int(x.dtype == torch.bfloat16))
+    return y
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """``F.silu(g) * u`` for ``g, u = gu.chunk(2, -1)``, a decode step's rows, in one call, or None
+    where the kernel does not take it (as ``rms_norm``)."""
+    x2 = _rows(gu)
+    if x2 is None or _state["off"] or torch.compiler.is_compiling() or gu.shape[-1] % 2:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    half = gu.shape[-1] // 2
+    y = torch.empty(*gu.shape[:-1], half, dtype=gu.dtype)
+    lib.silu_mul(x2.shape[0], half, x2.data_ptr(), x2.stride(0), y.data_ptr(), half, int(gu.dtype == torch.bfloat16))
+    return y

@@ -23,6 +23,26 @@ using simd::vf;
 using simd::kLanes;
 constexpr int kMaxChunks = 256 / kLanes;  // head_dim / lanes
 
+// Chunks c .. c+B-1 of the G heads' outputs from the probabilities p (G, n) and the values.
+template <typename T, int G, int B>
+inline void values(int c, int C, int64_t n, const float* p, const T* v, int64_t kv_pos, const uint8_t* mask,
+                   int64_t mask_pos, const float* inv, T* out) {
+  vf acc[G][B];
+  for (int h = 0; h < G; ++h)
+    for (int b = 0; b < B; ++b) acc[h][b] = simd::zero();
+  for (int64_t j = 0; j < n; ++j) {
+    if (mask && !mask[j * mask_pos]) continue;
+    vf vc[B];
+    for (int b = 0; b < B; ++b) vc[b] = simd::load(v + j * kv_pos + kLanes * (c + b));
+    for (int h = 0; h < G; ++h) {
+      const vf ph = simd::set1(p[h * n + j]);
+      for (int b = 0; b < B; ++b) acc[h][b] = simd::fma(ph, vc[b], acc[h][b]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int b = 0; b < B; ++b) simd::store(out + h * C * kLanes + kLanes * (c + b), simd::mul(acc[h][b], simd::set1(inv[h])));
+}
+
 // One (row, KV head) task: G query heads, n keys of D = kLanes·C features (see simd.h). G is a template argument
 // so that the G accumulators live in registers.
 template <typename T, int G>
@@ -82,17 +102,14 @@ void task(int C, int64_t n, const T* q, int64_t q_head, const T* k, const T* v, 
     }
     inv[h] = 1.f / total;
   }
-  // out[h] = sum_j p[h, j] v_j, one kLanes-feature chunk at a time (G accumulators)
-  for (int c = 0; c < C; ++c) {
-    vf acc[G];
-    for (int h = 0; h < G; ++h) acc[h] = simd::zero();
-    for (int64_t j = 0; j < n; ++j) {
-      if (mask && !mask[j * mask_pos]) continue;
-      const vf vc = simd::load(v + j * kv_pos + kLanes * c);
-      for (int h = 0; h < G; ++h) acc[h] = simd::fma(simd::set1(s[h * n + j]), vc, acc[h]);
-    }
-    for (int h = 0; h < G; ++h) simd::store(out + h * C * kLanes + kLanes * c, simd::mul(acc[h], simd::set1(inv[h])));
-  }
+  // out[h] = sum_j p[h, j] v_j, B feature chunks at a time (G·B accumulators): each pass over
+  // the values reads B chunks of every row (one chunk per pass was C passes over V: 174M, P = 8,
+  // bfloat16, 0.6× the time)
+  constexpr int acc_regs = kLanes == 16 ? 16 : 8, most = kLanes == 16 ? 8 : 4;  // of 32 or 16 registers
+  constexpr int B = acc_regs / G < 1 ? 1 : acc_regs / G > most ? most : acc_regs / G;
+  int c = 0;
+  for (; c + B <= C; c += B) values<T, G, B>(c, C, n, s, v, kv_pos, mask, mask_pos, inv, out);
+  for (; c < C; ++c) values<T, G, 1>(c, C, n, s, v, kv_pos, mask, mask_pos, inv, out);
 }
 
 template <typename T, int G>

@@ -49,6 +49,11 @@ inline vi32 dot2(vi32 acc, vi a, vi b) { return (vi32)_mm512_add_epi32((vi)acc, 
 inline vf to_float(vi32 v) { return _mm512_cvtepi32_ps((vi)v); }
 inline vf max_abs(vf m, vf v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
 inline vf clamp(vf v, vf lo, vf hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf min0(vf v) { return _mm512_min_ps(v, _mm512_setzero_ps()); }
+inline vf select_pos(vf x, vf a, vf b) {  // x >= 0 ? a : b
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
 // The sums of kLanes vectors at once, sums[i] = Σ v[i]: a transposing tree (46 instructions for 16
 // sums, against 9 or so per reduce). Halves of pairs, then quarters, then a 4 × 4 transpose within
 // each 128-bit lane leaves lane 4i + j holding v[4j + i]'s sum; one permute puts it in order.
@@ -123,6 +128,9 @@ inline vi32 dot2(vi32 acc, vi a, vi b) { return (vi32)_mm256_add_epi32((vi)acc, 
 inline vf to_float(vi32 v) { return _mm256_cvtepi32_ps((vi)v); }
 inline vf max_abs(vf m, vf v) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
 inline vf clamp(vf v, vf lo, vf hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf min0(vf v) { return _mm256_min_ps(v, _mm256_setzero_ps()); }
+inline vf select_pos(vf x, vf a, vf b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ)); }
 // sums[i] = Σ v[i] for 8 vectors: halves of pairs, then a 4 × 4 transpose within each 128-bit lane
 // (lane 4i + j holds v[2j + i]'s sum), then one permute
 inline vf hsums(const vf* v) {
