@@ -312,8 +312,37 @@ def test_int8_products_it_does_not_take_return_none():
         assert kernels.skinny_linear_int8(*args) is None
 
 
+# --------------------------------------------------------------------------- in the model
+def spy_products(monkeypatch) -> list:
+    """(kind, rows, dtype) of every native product made from here on, through the general entry
+    points (``kernels.skinny_linear[_int8]``) or a decode layout's bound weight (``kernels.Bound``);
+    only products the kernel took."""
+    seen = []
+
+    def spy(name, real):
+        def call(x, *args):
+            out = real(x, *args)
+            if out is not None:
+                seen.append((name, x.shape[0], x.dtype))
+            return out
+        return call
+
+    for name in ("skinny_linear", "skinny_linear_int8"):
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
+    real_bound = kernels.Bound.__call__
+
+    def bound(self, x):
+        out = real_bound(self, x)
+        if out is not None:
+            seen.append(("skinny_linear" if self.scale is None else "skinny_linear_int8", x.shape[0], x.dtype))
+        return out
+
+    monkeypatch.setattr(kernels.Bound, "__call__", bound)
+    return seen
+
+
 @needs_kernel
-def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_batched(tiny_config):
+def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_batched(tiny_config, monkeypatch):
     """int8 decode rows (1..8) go through the native kernel: float32 activations, each output one
     row against one weight row, so a sample decoded alone gives the same logits as in a batch."""
     from parscale import ParScaleForCausalLM
@@ -324,15 +353,10 @@ def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_bat
                       num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3)
     m = quantize_(ParScaleForCausalLM(cfg).eval())
     ids = torch.randint(0, 61, (3, 6))
-    calls = []
-    real = kernels.skinny_linear_int8
     with torch.inference_mode():
-        kernels_spy = lambda *a: calls.append(a[0].shape[0]) or real(*a)  # noqa: E731
-        try:
-            kernels.skinny_linear_int8 = kernels_spy
-            batch = [m(ids, cache=(c := m.new_cache(3, 8))).logits[:, -1], m(ids[:, -1:], cache=c).logits[:, -1]]
-        finally:
-            kernels.skinny_linear_int8 = real
+        seen = spy_products(monkeypatch)
+        batch = [m(ids, cache=(c := m.new_cache(3, 8))).logits[:, -1], m(ids[:, -1:], cache=c).logits[:, -1]]
+        calls = [rows for name, rows, _ in seen if name == "skinny_linear_int8"]
         assert calls and set(calls) <= {6, 3}  # decode only: 3 samples × 2 streams, and the head (prefill: 36 rows)
         for i in range(3):  # the same cache rows (prefill is a GEMM whose sums may depend on the batch)
             c = m.new_cache(3, 8)
@@ -342,7 +366,6 @@ def test_int8_model_decode_takes_the_native_kernel_and_a_row_alone_equals_it_bat
             assert torch.equal(alone, batch[1][i:i + 1])
 
 
-# --------------------------------------------------------------------------- in the model
 @needs_kernel
 def test_float32_decode_steps_take_the_kernels_and_prefill_never_does(tiny_config, monkeypatch):
     from parscale import ParScaleForCausalLM
@@ -352,23 +375,23 @@ def test_float32_decode_steps_take_the_kernels_and_prefill_never_does(tiny_confi
                       num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3)
     m = ParScaleForCausalLM(cfg).eval()
     ids = torch.randint(0, 61, (2, 5))
-    seen = []
-    for name in ("skinny_linear", "decode_attention"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real: seen.append((_n, a[0].shape[0])) or _f(*a))
+    products = spy_products(monkeypatch)
+    attended = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda q, *a: attended.append(q.shape[0]) or real(q, *a))
     with torch.inference_mode():
         cache = m.new_cache(2, 8)
         m(ids, cache=cache)
-        assert seen == []  # prefill: the plain layers and SDPA, as in training
+        assert products == [] and attended == []  # prefill: the plain layers and SDPA, as in training
         step = m(ids[:, -1:], cache=cache).logits
         # 2 samples × 2 streams = 4 rows per layer product and attention; the head sees 2 rows
-        assert {n for n, _ in seen} == {"skinny_linear", "decode_attention"}
-        assert {r for n, r in seen if n == "decode_attention"} == {4} and {r for n, r in seen if n == "skinny_linear"} == {4, 2}
+        assert set(attended) == {4} and {(n, r) for n, r, _ in products} == {("skinny_linear", 4), ("skinny_linear", 2)}
         cache = m.new_cache(2, 8)
         m(ids, cache=cache)
         with kernels.disabled():
-            seen.clear()
+            products.clear()
             plain = m(ids[:, -1:], cache=cache).logits
+            assert products == []  # switched off: torch's kernels only
     torch.testing.assert_close(step, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -386,13 +409,12 @@ def test_bfloat16_decode_steps_take_the_kernel_at_every_row_count(tiny_config, m
     monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: False)  # as on an AVX2 CPU
     m = ParScaleForCausalLM(cfg).to(torch.bfloat16).eval().set_streams(P)
     ids = torch.randint(0, 61, (1, 5))
-    rows = []
-    real = kernels.skinny_linear
-    monkeypatch.setattr(kernels, "skinny_linear", lambda x, w, b=None: rows.append((x.shape[0], x.dtype)) or real(x, w, b))
+    seen = spy_products(monkeypatch)
     with torch.inference_mode():
         cache = m.new_cache(1, 8)
         m(ids, cache=cache)
         step = m(ids[:, -1:], cache=cache).logits.float()
+        rows = [(r, d) for _, r, d in seen]
         assert rows and {r for r, _ in rows} == ({1} if P == 1 else {P, 1}) and {d for _, d in rows} == {torch.bfloat16}
         cache = m.new_cache(1, 8)
         m(ids, cache=cache)
@@ -474,3 +496,32 @@ def test_elementwise_kernels_refuse_what_they_do_not_take():
         assert kernels.silu_mul(gu) is None
     with kernels.disabled():
         assert kernels.rms_norm(x, w, 1e-6) is None and kernels.silu_mul(x) is None
+
+
+@needs_kernel
+def test_a_bound_weight_gives_the_general_entry_points_products_and_declines_what_they_decline(monkeypatch):
+    """``kernels.bind``: the decode layouts' product with the weight checked once. Its outputs are
+    the general entry points' bit for bit (same kernel, same operands), bias included for int8;
+    it declines (None) what they decline and what it was not bound for."""
+    torch.manual_seed(0)
+    w, b = torch.randn(40, 32), torch.randn(40)
+    q, s = torch.randint(-127, 128, (40, 32), dtype=torch.int8), torch.rand(40) + 0.1
+    x = torch.randn(5, 32)
+    f32, int8 = kernels.bind(w, b), kernels.bind(q, b, s)
+    assert torch.equal(f32(x), kernels.skinny_linear(x, w, b))
+    assert torch.equal(int8(x), kernels.skinny_linear_int8(x, q, s) + b)
+    bf16 = kernels.bind(w.bfloat16(), b.bfloat16())
+    assert torch.equal(bf16(x[:1].bfloat16()), kernels.skinny_linear(x[:1].bfloat16(), w.bfloat16(), b.bfloat16()))
+    for bound in (f32, int8):
+        for bad in (x.double(), x.bfloat16(), torch.randn(17, 32), torch.randn(3, 31), torch.randn(32, 3).t(),
+                    torch.randn(2, 3, 32)):
+            assert bound(bad) is None
+        with kernels.disabled():
+            assert bound(x) is None
+    assert kernels.bind(w.double()) is None and kernels.bind(w, b.double()) is None
+    assert kernels.bind(q, b, s.double()) is None and kernels.bind(q, b, s[:-1]) is None
+    assert kernels.bind(torch.randn(32, 40).t()) is None  # rows of w not contiguous
+    monkeypatch.setattr(kernels, "cpu_has_bf16_dot", lambda: True)  # torch's bfloat16 product past one row
+    monkeypatch.setattr(kernels, "bf16_dot", lambda: False)
+    one_row = kernels.bind(w.bfloat16())
+    assert one_row(x[:1].bfloat16()) is not None and one_row(x[:2].bfloat16()) is None

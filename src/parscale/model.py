@@ -202,9 +202,26 @@ class PackedLinear:
                 self._blocked = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight, _SKINNY_ROWS))
         return self._blocked[1]
 
+    _bound = False  # the native product bound to this buffer (kernels.bind), None where there is none
+
+    def bound(self) -> "kernels.Bound | None":
+        """The native product for this layout's buffer, made on the first eager call."""
+        if self._bound is False:
+            if torch.compiler.is_compiling():
+                return None
+            self._bound = self._bind()
+        return self._bound
+
+    def _bind(self):
+        return kernels.bind(self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (rows) k
+        fast = self.bound()  # eager decode: the checks made once (None past its rows or dtype)
+        out = None if fast is None else fast(x2)
+        if out is not None:
+            return out.view(*lead, out.shape[-1])
         w, b, rows = self.weight, self.bias, x2.shape[0]
         if self.prepack_requested and rows > 2 and can_prepack(w) and not torch.compiler.is_compiling():
             # prepacked (opt-in): oneDNN's blocked weight; row-major output. 174M, 2 threads, P = 8:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
+_FLOATS = (torch.float32, torch.bfloat16)
 _SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp", "elementwise.cpp")]
 _HEADERS = [Path(__file__).with_name("simd.h")]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
@@ -303,6 +304,68 @@ def _call_int8(lib, x, q, scale):
     return y
 
 
+class Bound:
+    """The native product ``x Wᵀ (· scale) (+ b)`` for one fixed weight, its operands checked once
+    (``bind``): a call checks only ``x``, and returns None where the kernel does not take it (then
+    the caller's general path runs). Eager decode steps of narrow layers spend as long in checks
+    and wrappers as in the product (SmolLM2-135M int8, 576 × 576: 11 µs for the library call,
+    41 µs through the general path), so the decode layouts (``model.PackedLinear``) hold one.
+    The tensors are held, so the pointers stay valid; in-place writes to them are seen."""
+
+    __slots__ = ("fn", "n", "k", "x_dtype", "out_dtype", "w", "b", "scale", "any_rows", "ptrs")
+
+    def __init__(self, fn, w, b, scale, x_dtype, out_dtype, any_rows):
+        self.fn, self.w, self.b, self.scale = fn, w, b, scale
+        self.n, self.k = w.shape
+        self.x_dtype, self.out_dtype, self.any_rows = x_dtype, out_dtype, any_rows
+        self.ptrs = (w.data_ptr(), w.stride(0), None if scale is None else scale.data_ptr(),
+                     None if b is None else b.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x``: rows k. None where the kernel does not take it (or ``disabled``, or compiling)."""
+        rows = x.shape[0]
+        if (_state["off"] or x.dtype != self.x_dtype or not x.is_cpu or x.dim() != 2 or not 1 <= rows <= MAX_ROWS
+                or x.shape[1] != self.k or x.stride(1) != 1 or (rows > 1 and not self.any_rows)
+                or torch.compiler.is_compiling()):
+            return None
+        n = self.n
+        y = torch.empty(rows, n, dtype=self.out_dtype)
+        w, ldw, scale, b = self.ptrs
+        if scale is None:
+            rc = self.fn(rows, n, self.k, x.data_ptr(), x.stride(0), w, ldw, b, y.data_ptr(), n, torch.get_num_threads())
+        else:
+            rc = self.fn(rows, n, self.k, x.data_ptr(), x.stride(0), w, ldw, scale, b, y.data_ptr(), n,
+                         torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"native product: shapes out of range: x {tuple(x.shape)}, w {tuple(self.w.shape)}")
+        return y
+
+
+def bind(w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Bound | None:
+    """A ``Bound`` product for weight ``w`` (n k; float32 or bfloat16, or int8 with a float32
+    ``scale`` per row) and bias ``b`` (n, float32 for int8, else w's dtype), or None where the
+    kernels do not run here or do not take these tensors (builds the kernels on the first call).
+    bfloat16 takes more than one row only where the kernels multiply bfloat16 pairs natively or the
+    CPU cannot (as ``model.PackedLinear`` decides for the general path)."""
+    if torch.compiler.is_compiling() or w.device.type != "cpu" or w.dim() != 2 or w.stride(1) != 1:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    if scale is not None:
+        ok = (w.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
+              and scale.shape == (w.shape[0],) and scale.device.type == "cpu")
+        fn, x_dtype, any_rows = lib.linear_int8, torch.float32, True
+    else:
+        ok = w.dtype in (torch.float32, torch.bfloat16)
+        fn, x_dtype = (lib.linear_bf16, torch.bfloat16) if w.dtype == torch.bfloat16 else (lib.linear, torch.float32)
+        any_rows = w.dtype == torch.float32 or bf16_dot() or not cpu_has_bf16_dot()
+    if not ok or (b is not None and (b.dtype != x_dtype or not b.is_contiguous() or b.shape != (w.shape[0],)
+                                     or b.device.type != "cpu")):
+        return None
+    return Bound(fn, w, b, scale, x_dtype, x_dtype, any_rows)
+
+
 def int8_usable(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``skinny_linear_int8`` takes these: float32 ``x`` (rows k, 1..MAX_ROWS rows), int8
     ``q`` (n k), float32 ``scale`` (n), on CPU, last dimensions contiguous."""
@@ -416,12 +479,15 @@ def _(q, k, v, mask):
 # --------------------------------------------------------------------------- decode-step elementwise
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as (rows, features) without a copy, or None (not a few CPU rows of float32 or
-    bfloat16 with a contiguous last dimension)."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 1
-            or x.stride(-1) != 1 or x.numel() == 0 or x.numel() > MAX_ROWS * x.shape[-1]):
+    bfloat16 with a contiguous last dimension). Cheap checks first: decode steps call this a few
+    times a layer."""
+    if not x.is_cpu or x.dtype not in _FLOATS or x.dim() < 1 or x.stride(-1) != 1:
+        return None
+    d, n = x.shape[-1], x.numel()
+    if n == 0 or n > MAX_ROWS * d:
         return None
     try:
-        return x.view(-1, x.shape[-1])
+        return x.view(-1, d)
     except RuntimeError:  # rows not evenly strided
         return None
 
@@ -430,11 +496,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """RMSNorm of a decode step's rows (``weight · cast(x · rsqrt(mean(x²) + eps))``, statistics
     in float32) in one call (``elementwise.cpp``), or None where the kernel does not take it: up to
     MAX_ROWS rows, ``weight`` of x's dtype, eager (a compiled step fuses torch's own ops)."""
-    x2 = _rows(x)
-    if (x2 is None or _state["off"] or torch.compiler.is_compiling() or weight.dtype != x.dtype
-            or weight.device.type != "cpu" or not weight.is_contiguous() or weight.shape != (x.shape[-1],)):
+    if _state["off"] or weight.dtype != x.dtype:
         return None
-    lib = _library()
+    x2 = _rows(x)
+    if (x2 is None or not weight.is_cpu or weight.dim() != 1 or weight.shape[0] != x2.shape[1]
+            or weight.stride(0) != 1 or torch.compiler.is_compiling()):
+        return None
+    lib = _state.get("lib") or _library()
     if lib is None:
         return None
     y = torch.empty(x.shape, dtype=x.dtype)
@@ -446,10 +514,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     """``F.silu(g) * u`` for ``g, u = gu.chunk(2, -1)``, a decode step's rows, in one call, or None
     where the kernel does not take it (as ``rms_norm``)."""
-    x2 = _rows(gu)
-    if x2 is None or _state["off"] or torch.compiler.is_compiling() or gu.shape[-1] % 2:
+    x2 = None if _state["off"] else _rows(gu)
+    if x2 is None or gu.shape[-1] % 2 or torch.compiler.is_compiling():
         return None
-    lib = _library()
+    lib = _state.get("lib") or _library()
     if lib is None:
         return None
     half = gu.shape[-1] // 2
