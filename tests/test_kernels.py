@@ -525,3 +525,49 @@ def test_a_bound_weight_gives_the_general_entry_points_products_and_declines_wha
     monkeypatch.setattr(kernels, "bf16_dot", lambda: False)
     one_row = kernels.bind(w.bfloat16())
     assert one_row(x[:1].bfloat16()) is not None and one_row(x[:2].bfloat16()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 64])  # half of 64 fills the vector lanes; 16 takes the scalar loop
+@pytest.mark.parametrize("cos_rows", [1, 3])
+def test_rope_kv_equals_apply_rope_and_the_cache_write_bit_for_bit(dtype, d, cos_rows):
+    """``kernels.rope_kv``: q and k rotated as ``apply_rope`` rotates them (the same roundings),
+    k and v in the cache slots, other slots untouched; positions per row or one for all."""
+    from parscale.cache import KVCache
+    from parscale.model import RotaryEmbedding, apply_rope
+
+    torch.manual_seed(0)
+    r, hq, hkv = 3, 4, 2
+    y = torch.randn(r, 1, (hq + 2 * hkv) * d).to(dtype) * 3
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.tensor([[5], [17], [901]])[:cos_rows], dtype)
+    ours, ref = (KVCache(1, r, 1, hkv, d, 6, n_prefix=2, dtype=dtype) for _ in range(2))
+    for c in (ours, ref):
+        c.k[0].normal_(), c.v[0].normal_()
+        c.length = 3
+    ref.k[0].copy_(ours.k[0]), ref.v[0].copy_(ours.v[0])
+    q = kernels.rope_kv(y, cos, sin, hq, hkv, *ours.slots(0, 1))
+    qk, v = y.split([(hq + hkv) * d, hkv * d], -1)
+    qk = apply_rope(qk.view(r, 1, hq + hkv, d).transpose(1, 2), cos, sin)
+    want_k, want_v = ref.update(0, qk[:, hq:], v.view(r, 1, hkv, d).transpose(1, 2))
+    assert torch.equal(q, qk[:, :hq])
+    got_k, got_v = ours.so_far(0, 1)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert torch.equal(ours.k[0], ref.k[0]) and torch.equal(ours.v[0], ref.v[0])  # the slots after: untouched
+
+
+@needs_kernel
+def test_rope_kv_declines_what_it_cannot_take():
+    from parscale.cache import KVCache
+    from parscale.model import RotaryEmbedding
+
+    c = KVCache(1, 2, 1, 2, 16, 4)
+    y = torch.randn(2, 1, 8 * 16)
+    cos, sin = RotaryEmbedding(16, 10000.0)(torch.tensor([[1], [2]]), torch.float32)
+    for args in [(y.double(), cos, sin), (y[:, :, :-16], cos, sin), (y, cos.bfloat16(), sin.bfloat16()),
+                 (torch.randn(2, 2, 128), cos, sin), (y, cos[..., :8], sin[..., :8])]:
+        before = c.k[0].clone()
+        assert kernels.rope_kv(*args, 4, 2, *c.slots(0, 1)) is None
+        assert torch.equal(c.k[0], before)
+    with kernels.disabled():
+        assert kernels.rope_kv(y, cos, sin, 4, 2, *c.slots(0, 1)) is None

@@ -59,10 +59,20 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys/values; return everything so far (prefix + tokens)."""
+        k_slot, v_slot = self.slots(layer, k.shape[2])
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        return self.so_far(layer, k.shape[2])
+
+    def slots(self, layer: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the key and value slots this call's ``s`` tokens take (``(p b) h s d``), for a
+        writer that fills them itself (``kernels.rope_kv``); ``so_far`` then returns the whole."""
         start = self.n_prefix + self.length
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, start:start + s], self.v[layer][:, :, start:start + s]
+
+    def so_far(self, layer: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the prefix, the earlier tokens and this call's ``s``."""
+        end = self.n_prefix + self.length + s
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     # ------------------------------------------------------------------ row bookkeeping

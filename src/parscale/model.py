@@ -413,25 +413,34 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
         qkv = packed(self, "_qkv", x)
-        if qkv is not None and not self.qk_norm:  # inference: one matmul, one RoPE call for q and k
-            qk, v = qkv(x).split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
-            qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
-            q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-            v = rearrange(v, "r s (h d) -> r h s d", d=self.head_dim)
+        fused = qkv is not None and not self.qk_norm  # inference: one matmul for q, k and v
+        y = qkv(x) if fused else None
+        q = None
+        if fused and cache is not None:
+            # a decode step: RoPE and the cache write in one native call (None: nothing written)
+            q = kernels.rope_kv(y, cos, sin, self.n_heads, self.n_kv, *cache.slots(self.layer_idx, s))
+        if q is not None:
+            k, v = cache.so_far(self.layer_idx, s)
         else:
-            if qkv is not None:
-                q, k, v = qkv(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+            if fused:  # one RoPE call for q and k
+                qk, v = y.split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
+                qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
+                q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+                v = rearrange(v, "r s (h d) -> r h s d", d=self.head_dim)
             else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            q, k, v = (rearrange(t, "r s (h d) -> r h s d", d=self.head_dim) for t in (q, k, v))
-            if self.qk_norm:  # prefix keys are stored as used: not normalised here
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # the cache already holds the prefix in its first slots
-            k, v = cache.update(self.layer_idx, k, v)
-        elif prefix is not None:  # prefix keys are not rotated: they have no position
-            k = torch.cat([prefix[0], k], dim=2)
-            v = torch.cat([prefix[1], v], dim=2)
+                if qkv is not None:
+                    q, k, v = qkv(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+                else:
+                    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                q, k, v = (rearrange(t, "r s (h d) -> r h s d", d=self.head_dim) for t in (q, k, v))
+                if self.qk_norm:  # prefix keys are stored as used: not normalised here
+                    q, k = self.q_norm(q), self.k_norm(k)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:  # the cache already holds the prefix in its first slots
+                k, v = cache.update(self.layer_idx, k, v)
+            elif prefix is not None:  # prefix keys are not rotated: they have no position
+                k = torch.cat([prefix[0], k], dim=2)
+                v = torch.cat([prefix[1], v], dim=2)
         attn_mask, is_causal = mask
         out = None
         if cache is not None and s == 1 and not torch.is_grad_enabled():

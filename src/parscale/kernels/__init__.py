@@ -50,7 +50,8 @@ MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
 _FLOATS = (torch.float32, torch.bfloat16)
 _SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp", "elementwise.cpp")]
 _HEADERS = [Path(__file__).with_name("simd.h")]
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+          "-ffp-contract=off"]  # roundings as written (torch rounds each op); fma() where meant
 # one build per instruction set (simd.h picks 16 or 8 lanes from these); explicit flags rather
 # than -march=native, since a cache directory may be shared between machines
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
@@ -158,6 +159,9 @@ class _Library:
         self.silu_mul = lib.parscale_silu_mul
         self.silu_mul.argtypes = [i64, i64, ptr, i64, ptr, i64, i32]
         self.silu_mul.restype = i32
+        self.rope_kv = lib.parscale_rope_kv
+        self.rope_kv.argtypes = [i64] * 4 + [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, i64, i64, i32]
+        self.rope_kv.restype = i32
         self.attention = lib.parscale_decode_attention
         self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
         self.attention.restype = i32
@@ -524,3 +528,31 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty(*gu.shape[:-1], half, dtype=gu.dtype)
     lib.silu_mul(x2.shape[0], half, x2.data_ptr(), x2.stride(0), y.data_ptr(), half, int(gu.dtype == torch.bfloat16))
     return y
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+            k_slot: torch.Tensor, v_slot: torch.Tensor) -> torch.Tensor | None:
+    """A decode step's RoPE and cache write in one call: ``qkv`` (``r 1 ((hq + 2 hkv) d)``, the
+    fused projection's output) split into q, k, v; q and k rotated as ``apply_rope`` does (each
+    product and the sum rounded as torch's ops round them), k and v written into the cache slots
+    ``k_slot`` / ``v_slot`` (``r hkv 1 d`` views of the cache); returns q (``r hq 1 d``). None
+    (nothing written) where the kernel does not take these: eager CPU float32 or bfloat16 alike,
+    cos / sin ``(r|1) 1 1 d`` contiguous, rows and heads of the slots strided, d contiguous."""
+    if _state["off"] or not qkv.is_cpu or qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[1] != 1:
+        return None
+    r, d = qkv.shape[0], k_slot.shape[-1]
+    if (qkv.shape[2] != (heads + 2 * kv_heads) * d or qkv.stride(2) != 1 or d % 2
+            or any(t.dtype != qkv.dtype or not t.is_cpu for t in (cos, sin, k_slot, v_slot))
+            or cos.shape != sin.shape or cos.dim() != 4 or cos.shape[0] not in (1, r) or cos.shape[1:] != (1, 1, d)
+            or not cos.is_contiguous() or not sin.is_contiguous()
+            or k_slot.shape != (r, kv_heads, 1, d) or v_slot.shape != k_slot.shape
+            or k_slot.stride(3) != 1 or v_slot.stride(3) != 1 or torch.compiler.is_compiling()):
+        return None
+    lib = _state.get("lib") or _library()
+    if lib is None:
+        return None
+    q = torch.empty(r, heads, 1, d, dtype=qkv.dtype)
+    rc = lib.rope_kv(r, heads, kv_heads, d, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+                     d if cos.shape[0] > 1 else 0, q.data_ptr(), k_slot.data_ptr(), k_slot.stride(0), k_slot.stride(1),
+                     v_slot.data_ptr(), v_slot.stride(0), v_slot.stride(1), int(qkv.dtype == torch.bfloat16))
+    return q if rc == 0 else None
