@@ -168,9 +168,12 @@ class PackedLinear:
             self.weight, self.bias = buf, bias
         self._ptrs = self._pointers()
 
+    _NAMES = ("weight", "bias")  # the tensors of each layer whose storage the layout holds
+
     def _pointers(self) -> tuple:
-        return tuple((lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr())
-                     for lin in self.linears)
+        # read from the modules' own dicts: nn.Module.__getattr__ costs ~1 µs a lookup, and every
+        # decode step checks every layout (174M: 64 times)
+        return tuple(_ptr(lin, n) for lin in self.linears for n in self._NAMES)
 
     def valid(self) -> bool:
         return self._pointers() == self._ptrs
@@ -255,6 +258,13 @@ class PackedLinear:
             out = (w @ x2.t()).t()[:rows].contiguous()
             out = out + b if b is not None else out
         return out.view(*lead, out.shape[-1])
+
+
+def _ptr(module: nn.Module, name: str) -> int | None:
+    """The data pointer of ``module``'s parameter or buffer ``name`` (None if it is None)."""
+    params = module._parameters
+    t = params[name] if name in params else module._buffers.get(name)
+    return None if t is None else t.data_ptr()
 
 
 _FREEZING = [False]  # True while a frozen compiled decode step runs (compile_decode(freeze=True))

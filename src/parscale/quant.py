@@ -217,9 +217,7 @@ class PackedInt8Linear(PackedLinear):
         self.weight, self.scale, self.bias = buf, scale, bias
         self._ptrs = self._pointers()
 
-    def _pointers(self) -> tuple:
-        return tuple((lin.weight.data_ptr(), lin.weight_scale.data_ptr(),
-                      None if lin.bias is None else lin.bias.data_ptr()) for lin in self.linears)
+    _NAMES = ("weight", "weight_scale", "bias")
 
     def unpack(self) -> None:
         with torch.no_grad():

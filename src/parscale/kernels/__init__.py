@@ -163,7 +163,8 @@ class _Library:
         self.rope_kv.argtypes = [i64] * 4 + [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, i64, i64, i32]
         self.rope_kv.restype = i32
         self.attention = lib.parscale_decode_attention
-        self.attention.argtypes = [i64] * 5 + [ptr] * 7 + [ptr, ctypes.c_float, ptr, i32, i32]
+        self.attention.argtypes = ([i64] * 5 + [ptr, i64, i64] + [ptr, i64, i64, i64] * 2 + [ptr, i64, i64]
+                                   + [ctypes.c_float, ptr, i32, i32])
         self.attention.restype = i32
 
 
@@ -425,8 +426,8 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """Whether ``decode_attention`` takes these: CPU, float32 or bfloat16 alike, one query per row
     (q ``r hq 1 d``, k / v ``r hkv l d`` sharing the position stride, hq a multiple of hkv up to
     8×), d a multiple of 16 up to 256, last dimensions contiguous; mask None or bool ``(r|1) 1 1 l``."""
-    if not (q.device.type == k.device.type == v.device.type == "cpu" and q.dtype == k.dtype == v.dtype
-            and q.dtype in (torch.float32, torch.bfloat16) and q.dim() == k.dim() == v.dim() == 4):
+    if not (q.is_cpu and k.is_cpu and v.is_cpu and q.dtype == k.dtype == v.dtype
+            and q.dtype in _FLOATS and q.dim() == k.dim() == v.dim() == 4):
         return False
     r, hq, s, d = q.shape
     if s != 1 or k.shape != v.shape or k.shape[0] != r or k.shape[3] != d or k.shape[2] < 1:
@@ -437,7 +438,7 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if k.stride(2) != v.stride(2):
         return False
     if mask is not None:
-        if (mask.dtype != torch.bool or mask.device.type != "cpu" or mask.dim() != 4
+        if (mask.dtype != torch.bool or not mask.is_cpu or mask.dim() != 4
                 or mask.shape[0] not in (1, r) or mask.shape[1:] != (1, 1, k.shape[2])):
             return False
     return True
@@ -445,18 +446,15 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def _attend(lib, q, k, v, mask):
     r, hq, _, d = q.shape
-    hkv, length = k.shape[1], k.shape[2]
     out = torch.empty(r, hq, 1, d, dtype=q.dtype)
-    arr = ctypes.c_int64 * 3
-    qs, ks, vs = arr(q.stride(0), q.stride(1), 0), arr(*k.stride()[:3]), arr(*v.stride()[:3])
+    ks, vs = k.stride(), v.stride()
     if mask is not None:
-        ms = arr(mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3), 0)
-        mptr = mask.data_ptr()
+        mask_args = (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3))
     else:
-        ms, mptr = arr(0, 0, 0), None
-    rc = lib.attention(r, hq, hkv, length, d, q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
-                       mptr, ms, d ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16),
-                       torch.get_num_threads())
+        mask_args = (None, 0, 0)
+    rc = lib.attention(r, hq, k.shape[1], k.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
+                       k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2], *mask_args,
+                       d ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"decode_attention: shapes out of range: q {tuple(q.shape)}, k {tuple(k.shape)}")
     return out

@@ -149,13 +149,18 @@ int dispatch(int64_t R, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, const voi
 
 }  // namespace
 
-// Strides: qs (row, head), ks / vs (row, head, position; k and v must share the position stride),
-// ms (row: 0 to broadcast, position). bf16: nonzero for bfloat16 data. Returns 0, or 1 for
+// Strides: q (row, head), k / v (row, head, position; k and v must share the position stride),
+// mask (row: 0 to broadcast, position). bf16: nonzero for bfloat16 data. Returns 0, or 1 for
 // arguments out of range (nothing written): up to 8 query heads per KV head.
+// (Strides as scalars: ctypes builds an array per pointer argument, a few µs a call.)
 extern "C" int parscale_decode_attention(int64_t R, int64_t Hq, int64_t Hkv, int64_t L, int64_t D,
-                                         const void* q, const int64_t* qs, const void* k, const int64_t* ks,
-                                         const void* v, const int64_t* vs, const uint8_t* mask,
-                                         const int64_t* ms, float scale, void* out, int bf16, int threads) {
+                                         const void* q, int64_t q_row, int64_t q_head, const void* k,
+                                         int64_t k_row, int64_t k_head, int64_t k_pos, const void* v,
+                                         int64_t v_row, int64_t v_head, int64_t v_pos, const uint8_t* mask,
+                                         int64_t m_row, int64_t m_pos, float scale, void* out, int bf16,
+                                         int threads) {
+  const int64_t qs[3] = {q_row, q_head, 0}, ks[3] = {k_row, k_head, k_pos}, vs[3] = {v_row, v_head, v_pos},
+                ms[3] = {m_row, m_pos, 0};
   if (R < 1 || Hkv < 1 || Hq % Hkv || L < 1 || D % 16 || D < 16 || D > 256 ||
       ks[2] != vs[2] || threads < 1)
     return 1;
