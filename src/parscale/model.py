@@ -426,8 +426,9 @@ class Attention(nn.Module):
         fused = qkv is not None and not self.qk_norm  # inference: one matmul for q, k and v
         y = qkv(x) if fused else None
         q = None
-        if fused and cache is not None:
-            # a decode step: RoPE and the cache write in one native call (None: nothing written)
+        if fused and isinstance(cache, KVCache):
+            # an eager decode step: RoPE and the cache write in one native call (None: nothing
+            # written; a compiled step's cache is a StaticSlots, its graph fuses torch's ops)
             q = kernels.rope_kv(y, cos, sin, self.n_heads, self.n_kv, *cache.slots(self.layer_idx, s))
         if q is not None:
             k, v = cache.so_far(self.layer_idx, s)
