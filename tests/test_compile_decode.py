@@ -7,6 +7,7 @@ decodes eagerly with the same result; the static-slot math itself (eager) equals
 growing-slice math. Each compile costs seconds, so the cases share a few compiled models.
 """
 
+import contextlib
 import copy
 import warnings
 
@@ -239,16 +240,21 @@ def test_continuous_batching_through_the_graph_equals_eager(pair):
 
 # ---------------------------------------------------------------- freeze=True (weights as graph constants)
 
-def test_frozen_int8_decode_equals_eager(tiny_config):
-    """A frozen graph (inductor's freezing + GEMM templates) gives the eager logits and tokens in
-    int8 (6 rows: the template's AMX range; 3 rows: padded up to it). float32: the next test."""
+@pytest.mark.parametrize("native_from", [3, 17])
+def test_frozen_int8_decode_equals_eager(tiny_config, monkeypatch, native_from):
+    """A frozen graph gives the eager logits and tokens in int8 (6 rows at P = 2, 3 at P = 1): from
+    ``_FROZEN_NATIVE_ROWS`` rows on with the native int8 kernel, as eager steps; below, with
+    inductor's int8 template (bf16 activations; 3 rows padded up to its AMX range)."""
+    from parscale import quant
+
+    monkeypatch.setattr(quant, "_FROZEN_NATIVE_ROWS", [native_from])
     m = quantize_(make(tiny_config, P=2))
     frozen = copy.deepcopy(m).compile_decode(freeze=True)
     for P in (2, 1):  # each P compiles anew
         m.set_streams(P), frozen.set_streams(P)
-        # the frozen graph keeps inductor's int8 template (bf16 activations), so the eager
-        # reference is torch's bf16-activation kernel, not the native float32-activation one
-        with kernels.disabled():
+        # the template takes bf16 activations: its eager reference is torch's bf16-activation
+        # kernel, not the native kernel's 16-bit fixed point
+        with contextlib.nullcontext() if kernels.available() and native_from <= 3 else kernels.disabled():
             ref = step_logits(m, PROMPTS, MASK)
         got = step_logits(frozen, PROMPTS, MASK)
         assert graph_state(frozen) == "ok"
