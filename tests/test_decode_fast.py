@@ -443,3 +443,17 @@ def test_prepack_makes_no_copy_where_the_native_kernels_run(tiny_config):
     m = make(tiny_config).set_streams(4).prepack()
     torch.testing.assert_close(incremental_logits(m, IDS), plain_logits(m, IDS), rtol=1e-5, atol=1e-5)
     assert blocked_copies(m) == 0  # the native kernel is faster without the extra weight memory
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_model_that_has_decoded_pickles_and_decodes_the_same(tiny_config, int8):
+    """``torch.save`` of a whole model (or multiprocessing) after decode steps: the decode layouts'
+    bound products hold ctypes pointers, which must not go into the pickle; the copy binds anew."""
+    import pickle
+
+    m = make(tiny_config)
+    if int8:
+        quantize_(m)
+    want = incremental_logits(m, SHORT)
+    copy_ = pickle.loads(pickle.dumps(m))  # our own object, pickled just now (as multiprocessing does)
+    assert torch.equal(incremental_logits(copy_, SHORT), want)

@@ -181,6 +181,11 @@ class PackedLinear:
     def __deepcopy__(self, memo):
         return None  # a copy's parameters get their own storage; its first forward packs again
 
+    def __getstate__(self):
+        # pickling (torch.save of a whole model, multiprocessing): the bound product holds ctypes
+        # pointers; the unpickled layout binds again on its first call
+        return {**self.__dict__, "_bound": False}
+
     def unpack(self) -> None:
         """Give every parameter its own storage again (for training)."""
         if len(self.linears) == 1:
