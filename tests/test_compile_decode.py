@@ -247,7 +247,7 @@ def test_frozen_int8_decode_equals_eager(tiny_config, monkeypatch, native_from):
     inductor's int8 template (bf16 activations; 3 rows padded up to its AMX range)."""
     from parscale import quant
 
-    monkeypatch.setattr(quant, "_FROZEN_NATIVE_ROWS", [native_from])
+    monkeypatch.setattr(quant, "_FROZEN_NATIVE_ROWS", native_from)
     m = quantize_(make(tiny_config, P=2))
     frozen = copy.deepcopy(m).compile_decode(freeze=True)
     for P in (2, 1):  # each P compiles anew

@@ -237,7 +237,7 @@ class PackedLinear:
             out = torch.ops.mkldnn._linear_pointwise(x2, self._blocked_weight(), b, "none", [], "")
             return out.view(*lead, out.shape[-1])
         if (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not frozen_trace()
-                                         and (rows == 1 or kernels.bf16_dot() or not kernels.cpu_has_bf16_dot()))):
+                                         and (rows == 1 or kernels.bf16_past_one_row()))):
             # the native kernel, at every row count (float32 frozen graphs too: faster than
             # inductor's templates there, and no autotuning). MKL's one-row product ran at half the
             # memory's speed on a Zen 4 (174M P = 1: 62.8 ms against the kernel's 2 rows' 43.2).
@@ -428,30 +428,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, prefix=None, cache: KVCache | None = None):
         rows, s, _ = x.shape
         qkv = packed(self, "_qkv", x)
-        fused = qkv is not None and not self.qk_norm  # inference: one matmul for q, k and v
-        y = qkv(x) if fused else None
+        # inference without q/k norms: one matmul for q, k and v
+        y = qkv(x) if qkv is not None and not self.qk_norm else None
         q = None
-        if fused and isinstance(cache, KVCache):
+        if y is not None and isinstance(cache, KVCache):
             # an eager decode step: RoPE and the cache write in one native call (None: nothing
             # written; a compiled step's cache is a StaticSlots, its graph fuses torch's ops)
             q = kernels.rope_kv(y, cos, sin, self.n_heads, self.n_kv, *cache.slots(self.layer_idx, s))
         if q is not None:
             k, v = cache.so_far(self.layer_idx, s)
         else:
-            if fused:  # one RoPE call for q and k
-                qk, v = y.split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
-                qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
-                q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-                v = rearrange(v, "r s (h d) -> r h s d", d=self.head_dim)
-            else:
-                if qkv is not None:
-                    q, k, v = qkv(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
-                else:
-                    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-                q, k, v = (rearrange(t, "r s (h d) -> r h s d", d=self.head_dim) for t in (q, k, v))
-                if self.qk_norm:  # prefix keys are stored as used: not normalised here
-                    q, k = self.q_norm(q), self.k_norm(k)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self._rotated(x, y, qkv, cos, sin)
             if cache is not None:  # the cache already holds the prefix in its first slots
                 k, v = cache.update(self.layer_idx, k, v)
             elif prefix is not None:  # prefix keys are not rotated: they have no position
@@ -470,6 +457,24 @@ class Attention(nn.Module):
         out = rearrange(out, "r h s d -> r s (h d)")
         o = packed(self, "_o", out)
         return self.o_proj(out) if o is None else o(out)
+
+
+    def _rotated(self, x, y, qkv, cos, sin):
+        """q, k, v (``r h s d``) of ``x`` with RoPE on q and k, through torch's ops. ``y``: the fused
+        projection's output, where it was made (a decode layout, no q/k norms)."""
+        if y is not None:  # one RoPE call for q and k
+            qk, v = y.split([(self.n_heads + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], -1)
+            qk = apply_rope(rearrange(qk, "r s (h d) -> r h s d", d=self.head_dim), cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+            return q, k, rearrange(v, "r s (h d) -> r h s d", d=self.head_dim)
+        if qkv is not None:
+            q, k, v = qkv(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (rearrange(t, "r s (h d) -> r h s d", d=self.head_dim) for t in (q, k, v))
+        if self.qk_norm:  # prefix keys are stored as used: not normalised here
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):

@@ -65,7 +65,7 @@ _KERNEL_ROWS = 16  # past this (prefill) one bf16 GEMM on the dequantised weight
 # From this many rows a frozen graph takes the native int8 kernel (where it runs) rather than
 # inductor's int8 GEMM, whose cost grows with the rows. SmolLM2-135M int8 frozen, 2 threads, ms/token,
 # inductor vs native: P = 1 7.95 vs 11.10, P = 2 14.67 vs 15.16, P = 4 18.62 vs 15.43, P = 8 38.59 vs 24.94.
-_FROZEN_NATIVE_ROWS = [3]
+_FROZEN_NATIVE_ROWS = 3
 _NATIVE_ROWS = (1, 16)  # decode rows for parscale.kernels' int8 kernel where it builds
 
 
@@ -75,7 +75,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     ``scale_bf16``: the scales already in bfloat16 (exact: see ``quantize_weight``), if the caller
     keeps them (``bf16_scale``), which saves a cast per call and lets a compiled graph trace it."""
     if (scale_bf16 is not None and frozen_trace() and x.shape[0] <= _KERNEL_ROWS and _pack_kernel_fits(x, q)
-            and not (x.shape[0] >= _FROZEN_NATIVE_ROWS[0] and x.device.type == "cpu"
+            and not (x.shape[0] >= _FROZEN_NATIVE_ROWS and x.device.type == "cpu"
                      and kernels.int8_usable(x.float(), q, scale) and kernels.available())):
         # a frozen graph: inductor replaces this op by its own int8 GEMM on the constant weight
         # (AMX where the CPU has it), nearly as fast at 8 rows as at 1, so neither of the choices below
@@ -240,11 +240,12 @@ class PackedInt8Linear(PackedLinear):
         return kernels.bind(self.weight, self.bias, self.scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (rows) k
         fast = self.bound()  # eager decode, float32 activations: the bias added in the same call
-        out = None if fast is None else fast(x.reshape(-1, x.shape[-1]))
+        out = None if fast is None else fast(x2)
         if out is not None:
             return out.view(*x.shape[:-1], out.shape[-1])
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale, bf16_scale(self, self.scale))
+        out = int8_matmul(x2, self.weight, self.scale, bf16_scale(self, self.scale))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -243,6 +243,14 @@ def bf16_dot() -> bool:
     return isa() == "avx512bf16"
 
 
+def bf16_past_one_row() -> bool:
+    """Whether bfloat16 decode products of more than one row take the native kernel: where it
+    multiplies bfloat16 pairs natively, or where the CPU cannot (then torch's bfloat16 products are
+    slow too). With bfloat16 dot products on the CPU but a kernel built without them, torch's
+    ``W @ xᵀ`` is the faster form past one row."""
+    return bf16_dot() or not cpu_has_bf16_dot()
+
+
 def enabled() -> bool:
     """Whether they run here and are not switched off (``disabled``)."""
     return not _state["off"] and available()
@@ -317,12 +325,12 @@ class Bound:
     41 µs through the general path), so the decode layouts (``model.PackedLinear``) hold one.
     The tensors are held, so the pointers stay valid; in-place writes to them are seen."""
 
-    __slots__ = ("fn", "n", "k", "x_dtype", "out_dtype", "w", "b", "scale", "any_rows", "ptrs")
+    __slots__ = ("fn", "n", "k", "x_dtype", "w", "b", "scale", "any_rows", "ptrs")
 
-    def __init__(self, fn, w, b, scale, x_dtype, out_dtype, any_rows):
+    def __init__(self, fn, w, b, scale, x_dtype, any_rows):
         self.fn, self.w, self.b, self.scale = fn, w, b, scale
         self.n, self.k = w.shape
-        self.x_dtype, self.out_dtype, self.any_rows = x_dtype, out_dtype, any_rows
+        self.x_dtype, self.any_rows = x_dtype, any_rows  # y comes out in x's dtype
         self.ptrs = (w.data_ptr(), w.stride(0), None if scale is None else scale.data_ptr(),
                      None if b is None else b.data_ptr())
 
@@ -334,7 +342,7 @@ class Bound:
                 or torch.compiler.is_compiling()):
             return None
         n = self.n
-        y = torch.empty(rows, n, dtype=self.out_dtype)
+        y = torch.empty(rows, n, dtype=self.x_dtype)
         w, ldw, scale, b = self.ptrs
         if scale is None:
             rc = self.fn(rows, n, self.k, x.data_ptr(), x.stride(0), w, ldw, b, y.data_ptr(), n, torch.get_num_threads())
@@ -350,8 +358,7 @@ def bind(w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | N
     """A ``Bound`` product for weight ``w`` (n k; float32 or bfloat16, or int8 with a float32
     ``scale`` per row) and bias ``b`` (n, float32 for int8, else w's dtype), or None where the
     kernels do not run here or do not take these tensors (builds the kernels on the first call).
-    bfloat16 takes more than one row only where the kernels multiply bfloat16 pairs natively or the
-    CPU cannot (as ``model.PackedLinear`` decides for the general path)."""
+    bfloat16 takes more than one row only where ``bf16_past_one_row``."""
     if torch.compiler.is_compiling() or w.device.type != "cpu" or w.dim() != 2 or w.stride(1) != 1:
         return None
     lib = _library()
@@ -364,11 +371,11 @@ def bind(w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | N
     else:
         ok = w.dtype in (torch.float32, torch.bfloat16)
         fn, x_dtype = (lib.linear_bf16, torch.bfloat16) if w.dtype == torch.bfloat16 else (lib.linear, torch.float32)
-        any_rows = w.dtype == torch.float32 or bf16_dot() or not cpu_has_bf16_dot()
+        any_rows = w.dtype == torch.float32 or bf16_past_one_row()
     if not ok or (b is not None and (b.dtype != x_dtype or not b.is_contiguous() or b.shape != (w.shape[0],)
                                      or b.device.type != "cpu")):
         return None
-    return Bound(fn, w, b, scale, x_dtype, x_dtype, any_rows)
+    return Bound(fn, w, b, scale, x_dtype, any_rows)
 
 
 def int8_usable(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -504,7 +511,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if (x2 is None or not weight.is_cpu or weight.dim() != 1 or weight.shape[0] != x2.shape[1]
             or weight.stride(0) != 1 or torch.compiler.is_compiling()):
         return None
-    lib = _state.get("lib") or _library()
+    lib = _library()
     if lib is None:
         return None
     y = torch.empty(x.shape, dtype=x.dtype)
@@ -519,7 +526,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     x2 = None if _state["off"] else _rows(gu)
     if x2 is None or gu.shape[-1] % 2 or torch.compiler.is_compiling():
         return None
-    lib = _state.get("lib") or _library()
+    lib = _library()
     if lib is None:
         return None
     half = gu.shape[-1] // 2
@@ -546,7 +553,7 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
             or k_slot.shape != (r, kv_heads, 1, d) or v_slot.shape != k_slot.shape
             or k_slot.stride(3) != 1 or v_slot.stride(3) != 1 or torch.compiler.is_compiling()):
         return None
-    lib = _state.get("lib") or _library()
+    lib = _library()
     if lib is None:
         return None
     q = torch.empty(r, heads, 1, d, dtype=qkv.dtype)

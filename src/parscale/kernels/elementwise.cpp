@@ -1,7 +1,7 @@
 // The small per-row steps between a decode step's products, each one pass over a few rows:
-// RMSNorm, the SwiGLU gate, and RoPE with the step's key/value cache write. float32 or bfloat16 in and out, float32 inside, rounding where
-// torch's eager ops round (so a decode step gives what the plain layers give, up to the order of
-// one sum). Built with skinny.cpp by parscale/kernels/__init__.py; one thread (a few µs of work:
+// RMSNorm, the SwiGLU gate, and RoPE with the step's key/value cache write. float32 or bfloat16
+// in and out, float32 inside, rounding where torch's eager ops round (so a decode step gives what
+// the plain layers give, up to the order of one sum). Built with skinny.cpp by parscale/kernels/__init__.py; one thread (a few µs of work:
 // a parallel region would cost as much).
 //
 // Why: in eager PyTorch each is 5-7 small ops (pow, mean, add, rsqrt, mul, cast, mul; silu, mul),
