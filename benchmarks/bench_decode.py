@@ -2,8 +2,9 @@
 bandwidth roofline measured in the same run.
 
 A decode step at batch 1 reads every weight once, whatever P is, so on a memory-bound machine P
-streams should cost almost nothing: ``roofline = weight bytes read per step / streaming-read
-bandwidth``. This script measures that bandwidth (the fastest of sum, dot and gemv over a 512 MB
+streams should cost almost nothing: ``roofline = bytes read per step / streaming-read
+bandwidth``, the bytes being every weight once (the stream set's aggregator included) plus the KV
+cache the step attends to (P·B rows of prefix and tokens: the part that does grow with P). This script measures that bandwidth (the fastest of sum, dot and gemv over a 512 MB
 buffer, the same threads as the model), then for three shapes (random weights; the real SmolLM2 is only its shape here):
 
 * ``174M``: hidden 1024, 16 layers, 8 heads / 2 KV heads, intermediate 2816, vocab 8192;
@@ -14,11 +15,12 @@ all with 48 prefix tokens, it prints
 
 1. ms per new token (model forward with the KV cache holding 64 tokens plus the prefix) for each
    dtype and P, the ratio to float32 P = 1 and to the same dtype's P = 1, and the share of the
-   roofline reached; beside it the step's arithmetic (2 FLOP per weight element and row) over a
-   float32 matmul peak measured in the same run (``torch.mm``, 1024²: the native kernels widen
-   int8 and bfloat16 weights to float32, so one peak serves all three), and the share of the
-   larger of the two bounds (``% bound``): where P·B rows cost more arithmetic than the memory
-   reads hide, the step is compute-bound, and no kernel makes P free there;
+   roofline reached; beside it the step's arithmetic (2 FLOP per weight element and row) timed at
+   the rate the variant's own decode product reaches at P·B rows with its weight in cache (a
+   1.5 MB weight, less the same call on 16 rows of it: the arithmetic alone, measured in the
+   same run, per dtype: bfloat16 and int8 multiply pairs, float32 one product per lane), and the
+   share of the larger of the two bounds (``% bound``): where P·B rows cost more arithmetic than
+   the memory reads hide, the step is compute-bound, and no kernel makes P free there;
 2. time to first token (the prefill forward) for a 512-token prompt, P = 1 and P = 8;
 3. a batch sweep B = 1, 2, 4, 8, 16 at P = 8 vs P = 1 (174M): where P stops being nearly free.
 
@@ -43,9 +45,11 @@ import platform
 import time
 
 import torch
+from torch import nn
 
 from parscale import ParScaleConfig, ParScaleForCausalLM, kernels
-from parscale.quant import quantize_
+from parscale.model import _decode_linear
+from parscale.quant import Int8Linear, quantize_
 
 CONFIGS = {
     "174M": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
@@ -122,10 +126,40 @@ def step_flops(model: ParScaleForCausalLM, rows: int) -> int:
 
 
 def matmul_peak(rounds: int = 5) -> float:
-    """float32 FLOP/s of a cache-friendly square product (torch.mm, 1024²): the arithmetic bound."""
+    """float32 FLOP/s of a cache-friendly square product (torch.mm, 1024²): the machine's phase."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     torch.mm(a, b)
     return 2 * 1024 ** 3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(rounds))
+
+
+_RATES: dict = {}
+
+
+def product_rate(variant: str, rows: int, rounds: int = 5, calls: int = 32) -> float:
+    """FLOP/s of the arithmetic alone in ``variant``'s decode product at ``rows`` rows: the product
+    the model's decode step makes (``_decode_linear``: the native kernel, int8's own path, or torch's
+    under ``+torchmm``) on a 1.5 MB weight of 1024 columns that stays in cache (each core's share fits
+    its L2), less the same call on 16 rows of it (the per-call cost), best of ``rounds`` × ``calls``."""
+    dtype = variant.partition("+")[0]
+    key = (dtype, variant.endswith("+torchmm"), rows)
+    if key not in _RATES:
+        n = {"float32": 384, "bfloat16": 768, "int8": 1536}[dtype]  # 1.5 MB whatever the dtype
+
+        def make(out: int) -> nn.Module:
+            lin = nn.Linear(1024, out, bias=False).eval()
+            return lin.to(torch.bfloat16) if dtype == "bfloat16" else Int8Linear.from_linear(lin) if dtype == "int8" else lin
+
+        x = torch.randn(rows, 1, 1024, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+
+        def per_call(lin: nn.Module) -> float:
+            with torch.inference_mode(), matmuls(variant):
+                _decode_linear(lin, x)
+                return min(_timed(lambda: [_decode_linear(lin, x) for _ in range(calls)]) for _ in range(rounds)) / calls
+
+        big, small = make(n), make(16)
+        t = min(per_call(big) - per_call(small) for _ in range(3))  # the fastest of three: a shared machine's dips
+        _RATES[key] = 2 * rows * 1024 * (n - 16) / t if t > 0 else float("nan")
+    return _RATES[key]
 
 
 def variants(base: ParScaleForCausalLM, dtypes: list[str]) -> dict[str, ParScaleForCausalLM]:
@@ -192,6 +226,9 @@ class Stepper:
         with torch.inference_mode(), matmuls(variant):  # the first step: for a compiled variant, its compile
             model(self.tok, cache=self.cache)
         self.first_s = time.perf_counter() - t0
+        # the keys and values a step reads (prefix and tokens so far, every layer): P·B rows' worth
+        c = self.cache
+        self.kv_bytes = sum(2 * k[..., :c.n_prefix + c.length, :].numel() * k.element_size() for k in c.k)
 
     @torch.inference_mode()
     def ms(self, steps: int) -> float:
@@ -230,7 +267,7 @@ def build(name: str, weights: str | None = None) -> ParScaleForCausalLM:
     return ParScaleForCausalLM(cfg).eval()
 
 
-def run_config(name: str, args, bw: float, peak: float) -> None:
+def run_config(name: str, args, bw: float) -> None:
     base = build(name, args.smollm2 if name == "smollm2-135m" else None)
     nonemb = base.set_streams(1).num_parameters(non_embedding=True)
     models = variants(base, args.dtypes)
@@ -240,12 +277,16 @@ def run_config(name: str, args, bw: float, peak: float) -> None:
           f"intermediate {base.config.intermediate_size}, vocab {base.config.vocab_size}, "
           f"{nonemb / 1e6:.1f}M non-embedding params; {load()}")
     keys = [(d, P) for d in models for P in PS]
+    _RATES.clear()  # measured again beside each config's timings: the machine's phase drifts
+    each = "; ".join(f"{d} " + " ".join(f"{P}:{product_rate(d, P) / 1e9:.0f}" for P in PS) for d in models)
+    print(f"arithmetic rate of each variant's product with its weight in cache, GFLOP/s at P rows: {each}")
     room = args.rounds * (args.steps + 1) + 2
     rss0 = rss_mb()
     steppers = {(d, P): Stepper(models[d], P, 1, args.prompt, room, d) for d, P in keys}
     print(f"resident memory: {rss0:.0f} MB with the variants loaded, {rss_mb():.0f} MB after their first "
           "steps (compiled graphs, frozen weight copies, caches)")
     first = {k: st.first_s for k, st in steppers.items()}
+    kv = {k: st.kv_bytes for k, st in steppers.items()}
     times = {k: [] for k in keys}
     for _ in range(args.rounds):
         for k in keys:
@@ -258,10 +299,10 @@ def run_config(name: str, args, bw: float, peak: float) -> None:
           f"{'MB/step':>8} {'roofline ms':>12} {'% roofline':>11} {'GFLOP':>6} {'compute ms':>11} {'% bound':>8}")
     for d, P in keys:
         m = models[d].set_streams(P)
-        nbytes = step_bytes(m)
+        nbytes = step_bytes(m) + kv[(d, P)]
         roof = nbytes / bw * 1e3
         flops = step_flops(m, P)
-        arith = flops / peak * 1e3
+        arith = flops / product_rate(d, P) * 1e3
         t = best[(d, P)]
         print(f"{d:>16} {P:>2} {t:>9.2f} {t / ref if ref else float('nan'):>11.2f} "
               f"{t / best[(d, 1)]:>10.2f} {nbytes / 1e6:>8.1f} {roof:>12.2f} {100 * roof / t:>10.0f}% "
@@ -336,7 +377,7 @@ def main() -> None:
     print(f"float32 matmul peak (torch.mm 1024², best of 5): {peak / 1e9:.1f} GFLOP/s; native kernels: "
           f"{kernels.isa() or 'none (torch only)'}")
     for name in args.configs:
-        run_config(name, args, bw, peak)
+        run_config(name, args, bw)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; {load()}")
 
 
