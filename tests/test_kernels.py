@@ -249,6 +249,25 @@ def test_attention_rows_alone_equal_rows_batched_and_hidden_rows_give_zeros():
     assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(out[[0, 1, 3]], batch[[0, 1, 3]])
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [32, 48, 128])
+def test_attention_hidden_slots_holding_nan_or_inf_change_nothing(dtype, d):
+    # a hidden cache slot (left padding, a slot never written) may hold anything: its key must not
+    # leak into the output, even as NaN times a zero probability (odd and even lengths, both paths)
+    g = torch.Generator().manual_seed(d)
+    for length in (6, 7):
+        q = torch.randn(3, 4, 1, d, generator=g).to(dtype)
+        k, v = (torch.randn(3, 2, length, d, generator=g).to(dtype) for _ in range(2))
+        mask = torch.ones(3, 1, 1, length, dtype=torch.bool)
+        mask[0, ..., 0] = mask[1, ..., 3] = mask[2, ..., length - 1] = False
+        clean = kernels.decode_attention(q, k, v, mask)
+        k2, v2 = k.clone(), v.clone()
+        for r, j in ((0, 0), (1, 3), (2, length - 1)):
+            k2[r, :, j], v2[r, :, j] = float("nan"), float("inf")
+        assert torch.equal(kernels.decode_attention(q, k2, v2, mask), clean)
+
+
 def test_attention_it_does_not_take_returns_none():
     q, k = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 5, 32)
     for args in [(torch.randn(2, 4, 2, 32), k, k, None),          # two queries per row (prefill)
