@@ -590,3 +590,66 @@ def test_rope_kv_declines_what_it_cannot_take():
         assert torch.equal(c.k[0], before)
     with kernels.disabled():
         assert kernels.rope_kv(y, cos, sin, 4, 2, *c.slots(0, 1)) is None
+
+
+# --------------------------------------------------------------------------- whole sub-blocks
+def _mlp(h, inter, dtype, seed):
+    from parscale.config import ParScaleConfig
+    from parscale.model import MLP, RMSNorm
+    from parscale.quant import Int8Linear
+
+    torch.manual_seed(seed)
+    cfg = ParScaleConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, vocab_size=32)
+    mlp, norm = MLP(cfg).eval(), RMSNorm(h, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    if dtype == "int8":
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, Int8Linear.from_linear(getattr(mlp, name)))
+        return mlp, norm, torch.float32
+    return mlp.to(dtype), norm.to(dtype), dtype
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("rows,h,inter", [(1, 64, 160), (3, 40, 72), (8, 128, 344), (16, 96, 256)])
+def test_mlp_block_is_the_per_op_path_bit_for_bit(dtype, rows, h, inter, monkeypatch):
+    mlp, norm, xdt = _mlp(h, inter, dtype, rows + h)
+    x = (torch.randn(rows, 1, h) * 2).to(xdt)
+    ran = []
+    real = kernels.mlp_block
+    monkeypatch.setattr(kernels, "mlp_block", lambda *a: ran.append(real(*a) is not None) or real(*a))
+    with torch.inference_mode():
+        got = mlp.residual_block(x, norm)
+        want = x + mlp(norm(x))  # rms_norm, the bound products, silu_mul, torch's add: op by op
+    if xdt == torch.bfloat16 and rows > 1 and not kernels.bf16_past_one_row():
+        assert ran == [] or ran == [False]  # the bound bf16 products take one row here: the ops run
+    else:
+        assert ran == [True]
+    assert got.dtype == xdt and torch.equal(got, want)
+
+
+@needs_kernel
+def test_mlp_block_declines_and_the_ops_run():
+    from parscale.model import packed
+
+    mlp, norm, _ = _mlp(64, 160, torch.float32, 0)
+    x = torch.randn(2, 1, 64)
+    with torch.inference_mode():
+        mlp.residual_block(x, norm)  # makes the layouts
+        a, b = packed(mlp, "_gate_up", x).bound(), packed(mlp, "_down", x).bound()
+        w = norm.weight
+        assert kernels.mlp_block(x, w, 1e-5, a, b) is not None
+        for args in [(x.double(), w), (x.bfloat16(), w), (x, w.bfloat16()), (x.transpose(0, 2).contiguous().transpose(0, 2), w),
+                     (torch.randn(17, 1, 64), w), (x, torch.ones(63)), (torch.randn(2, 1, 63), w)]:
+            assert kernels.mlp_block(args[0], args[1], 1e-5, a, b) is None
+        assert kernels.mlp_block(x, w, 1e-5, b, a) is None  # the layouts swapped: shapes do not chain
+        with kernels.disabled():
+            assert kernels.mlp_block(x, w, 1e-5, a, b) is None
+            torch.testing.assert_close(mlp.residual_block(x, norm), x + mlp(norm(x)))
+    mlp.train()
+    y = torch.randn(2, 1, 64, requires_grad=True)
+    out = mlp.residual_block(y, norm)  # training: the plain ops, with gradients
+    out.sum().backward()
+    assert y.grad is not None and mlp.gate_proj.weight.grad is not None

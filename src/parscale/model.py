@@ -497,6 +497,19 @@ class MLP(nn.Module):
             h = F.silu(g) * u
         return packed(self, "_down", h)(h)
 
+    def residual_block(self, x: torch.Tensor, norm: "RMSNorm") -> torch.Tensor:
+        """``x + self(norm(x))``: in an eager decode step one native call (``kernels.mlp_block``, bit
+        for bit these ops), else these ops."""
+        gate_up = None if torch.compiler.is_compiling() else packed(self, "_gate_up", x)  # a graph: its own fusion
+        if gate_up is not None:
+            down = packed(self, "_down", x)  # packed() reads only the rows of its input
+            a, b = gate_up.bound(), None if down is None else down.bound()
+            if a is not None and b is not None:
+                out = kernels.mlp_block(x, norm.weight, norm.eps, a, b)
+                if out is not None:
+                    return out
+        return x + self(norm(x))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ParScaleConfig, layer_idx: int):
@@ -508,7 +521,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, prefix=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.mlp.residual_block(x, self.post_attention_layernorm)
 
 
 class Backbone(nn.Module):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16  # the kernel's limit on rows of x (M = P·B of a decode step)
 _FLOATS = (torch.float32, torch.bfloat16)
-_SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp", "elementwise.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("skinny.cpp", "attention.cpp", "elementwise.cpp", "blocks.cpp")]
 _HEADERS = [Path(__file__).with_name("simd.h")]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
           "-ffp-contract=off"]  # roundings as written (torch rounds each op); fma() where meant
@@ -166,6 +166,9 @@ class _Library:
         self.attention.argtypes = ([i64] * 5 + [ptr, i64, i64] + [ptr, i64, i64, i64] * 2 + [ptr, i64, i64]
                                    + [ctypes.c_float, ptr, i32, i32])
         self.attention.restype = i32
+        self.mlp_block = lib.parscale_mlp_block
+        self.mlp_block.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_float, i32] + [ptr, i64, ptr, ptr] * 2 + [ptr, i32]
+        self.mlp_block.restype = i32
 
 
 def _load():
@@ -325,10 +328,12 @@ class Bound:
     41 µs through the general path), so the decode layouts (``model.PackedLinear``) hold one.
     The tensors are held, so the pointers stay valid; in-place writes to them are seen."""
 
-    __slots__ = ("fn", "n", "k", "x_dtype", "w", "b", "scale", "any_rows", "ptrs")
+    __slots__ = ("fn", "n", "k", "x_dtype", "w", "b", "scale", "any_rows", "ptrs", "mode")
 
     def __init__(self, fn, w, b, scale, x_dtype, any_rows):
         self.fn, self.w, self.b, self.scale = fn, w, b, scale
+        # the product's form, as blocks.cpp names it: 0 float32, 1 bfloat16, 2 int8 weights
+        self.mode = 2 if scale is not None else 1 if x_dtype == torch.bfloat16 else 0
         self.n, self.k = w.shape
         self.x_dtype, self.any_rows = x_dtype, any_rows  # y comes out in x's dtype
         self.ptrs = (w.data_ptr(), w.stride(0), None if scale is None else scale.data_ptr(),
@@ -352,6 +357,28 @@ class Bound:
         if rc != 0:
             raise ValueError(f"native product: shapes out of range: x {tuple(x.shape)}, w {tuple(self.w.shape)}")
         return y
+
+
+def mlp_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: Bound, down: Bound) -> torch.Tensor | None:
+    """``x + down(silu(g) · u)`` with ``g, u`` the halves of ``gate_up(rms_norm(x))``: a decoder
+    layer's pre-norm SwiGLU MLP and residual for a decode step's rows (``x``: ``r 1 h``, contiguous)
+    in one native call (``blocks.cpp``), bit for bit the per-op path (``rms_norm``, the two bound
+    products, ``silu_mul``, torch's add); None where it does not run (then that path does)."""
+    if _state["off"] or not _few_rows(x) or x.dtype != gate_up.x_dtype or down.mode != gate_up.mode:
+        return None
+    h, rows = x.shape[-1], x.numel() // x.shape[-1]
+    inter = down.k
+    if (gate_up.k != h or gate_up.n != 2 * inter or down.n != h or (rows > 1 and not (gate_up.any_rows and down.any_rows))
+            or norm_weight.dtype != x.dtype or norm_weight.shape != (h,) or not norm_weight.is_contiguous()
+            or not norm_weight.is_cpu):
+        return None
+    lib = _state.get("lib") or _library()
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    rc = lib.mlp_block(rows, h, inter, x.data_ptr(), norm_weight.data_ptr(), eps, gate_up.mode, *gate_up.ptrs,
+                       *down.ptrs, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def bind(w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Bound | None:
