@@ -357,6 +357,18 @@ def spy_products(monkeypatch) -> list:
         return out
 
     monkeypatch.setattr(kernels.Bound, "__call__", bound)
+
+    def block(real):  # kernels.mlp_block / attention_block: their two bound products, inside one call
+        def call(x, norm_weight, eps, first, second, *rest):
+            out = real(x, norm_weight, eps, first, second, *rest)
+            if out is not None:
+                for b in (first, second):
+                    seen.append(("skinny_linear" if b.scale is None else "skinny_linear_int8", x.shape[0], x.dtype))
+            return out
+        return call
+
+    for name in ("mlp_block", "attention_block"):
+        monkeypatch.setattr(kernels, name, block(getattr(kernels, name)))
     return seen
 
 
@@ -398,6 +410,15 @@ def test_float32_decode_steps_take_the_kernels_and_prefill_never_does(tiny_confi
     attended = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda q, *a: attended.append(q.shape[0]) or real(q, *a))
+    block = kernels.attention_block  # (spied by spy_products for its products)
+
+    def attention_block(x, *a):
+        out = block(x, *a)
+        if out is not None:
+            attended.append(x.shape[0])
+        return out
+
+    monkeypatch.setattr(kernels, "attention_block", attention_block)
     with torch.inference_mode():
         cache = m.new_cache(2, 8)
         m(ids, cache=cache)
@@ -653,3 +674,86 @@ def test_mlp_block_declines_and_the_ops_run():
     out = mlp.residual_block(y, norm)  # training: the plain ops, with gradients
     out.sum().backward()
     assert y.grad is not None and mlp.gate_proj.weight.grad is not None
+
+
+def _decode_run(m, ids, mask, steps):
+    """Logits of a prefill and ``steps`` greedy decode steps, and the cache's tensors after them."""
+    with torch.inference_mode():
+        cache = m.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
+        out = m(ids, attention_mask=mask, cache=cache)
+        logits, tok = [out.logits[:, -1]], out.logits[:, -1:].argmax(-1)
+        am = mask
+        for _ in range(steps):
+            am = None if am is None else torch.cat([am, torch.ones_like(am[:, :1])], dim=1)
+            out = m(tok, attention_mask=None if am is None else am[:, -1:], cache=cache)
+            logits.append(out.logits[:, -1])
+            tok = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits), [t.clone() for t in cache.k + cache.v]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("P,batch,padded,bias", [(1, 1, False, False), (2, 3, True, True), (4, 1, False, True),
+                                                 (3, 2, True, False)])
+def test_decode_blocks_are_the_per_op_path_bit_for_bit(tiny_config, dtype, P, batch, padded, bias, monkeypatch):
+    """Decode steps through kernels.attention_block / mlp_block give the logits and the cache of
+    the per-op path exactly: P streams, batches with left padding (the key mask), q/k/v biases."""
+    from parscale import ParScaleForCausalLM
+    from parscale.quant import quantize_
+
+    torch.manual_seed(P * 10 + batch)
+    cfg = tiny_config(P=P, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, prefix_tokens=3, attention_bias=bias)
+    m = ParScaleForCausalLM(cfg).eval()
+    if bias:
+        with torch.no_grad():
+            for layer in m.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
+    m = quantize_(m) if dtype == "int8" else m.to(dtype)
+    ids = torch.randint(0, 61, (batch, 6))
+    mask = None
+    if padded:
+        mask = torch.ones(batch, 6, dtype=torch.long)
+        mask[0, :2] = 0  # left padding in one row
+    used = []
+    for name in ("attention_block", "mlp_block"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real: (lambda out: used.append(out is not None) or out)(_real(*a)))
+    fused = _decode_run(m, ids, mask, 4)
+    assert used and all(used)  # every decode step's blocks ran natively (none in the prefill)
+    for name in ("attention_block", "mlp_block"):
+        monkeypatch.setattr(kernels, name, lambda *a: None)
+    per_op = _decode_run(m, ids, mask, 4)
+    assert torch.equal(fused[0], per_op[0])
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], per_op[1]))
+
+
+@needs_kernel
+def test_attention_block_declines_what_it_does_not_take(tiny_config):
+    from parscale import ParScaleForCausalLM
+    from parscale.model import packed
+
+    cfg = tiny_config(P=1, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, prefix_tokens=0)
+    m = ParScaleForCausalLM(cfg).eval()
+    attn, norm = m.model.layers[0].self_attn, m.model.layers[0].input_layernorm
+    x = torch.randn(2, 1, 64)
+    with torch.inference_mode():
+        cache = m.new_cache(2, 8)
+        m(torch.randint(0, 61, (2, 3)), cache=cache)
+        a, b = packed(attn, "_qkv", x).bound(), packed(attn, "_o", x).bound()
+        k, v = cache.so_far(0, 1)
+        cos, sin = m.model.rotary(torch.tensor([[3], [3]]), x.dtype)
+        args = dict(x=x, norm_weight=norm.weight, eps=norm.eps, qkv=a, o=b, heads=4, kv_heads=2, cos=cos, sin=sin,
+                    k=k, v=v, mask=None)
+        before = [t.clone() for t in (cache.k[0], cache.v[0])]
+        for bad in [dict(x=x.bfloat16()), dict(x=torch.randn(17, 1, 64)), dict(norm_weight=norm.weight[:63]),
+                    dict(qkv=b, o=a), dict(heads=2), dict(kv_heads=1), dict(k=k.bfloat16()), dict(v=v[:, :, :-1]),
+                    dict(cos=cos.bfloat16()), dict(mask=torch.ones(3, 1, 1, k.shape[2], dtype=torch.bool)),
+                    dict(mask=torch.ones(2, 1, 1, k.shape[2]))]:
+            assert kernels.attention_block(**{**args, **bad}) is None, bad
+        assert torch.equal(cache.k[0], before[0]) and torch.equal(cache.v[0], before[1])  # nothing written
+        with kernels.disabled():
+            assert kernels.attention_block(**args) is None
+        assert kernels.attention_block(**args) is not None

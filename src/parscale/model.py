@@ -459,6 +459,22 @@ class Attention(nn.Module):
         return self.o_proj(out) if o is None else o(out)
 
 
+    def residual_block(self, x, norm: "RMSNorm", cos, sin, mask, prefix=None, cache: KVCache | None = None):
+        """``x + self(norm(x), ...)``: in an eager decode step one native call (``kernels.attention_block``:
+        the pre-norm, q/k/v, RoPE, the cache write, attention, o and the residual, bit for bit these ops),
+        else these ops."""
+        if (isinstance(cache, KVCache) and not self.qk_norm and x.shape[1] == 1 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            qkv, o = packed(self, "_qkv", x), packed(self, "_o", x)  # packed() reads only the rows of its input
+            a, b = (None, None) if qkv is None or o is None else (qkv.bound(), o.bound())
+            if a is not None and b is not None:
+                k, v = cache.so_far(self.layer_idx, 1)
+                out = kernels.attention_block(x, norm.weight, norm.eps, a, b, self.n_heads, self.n_kv, cos, sin,
+                                              k, v, mask[0])
+                if out is not None:
+                    return out
+        return x + self(norm(x), cos, sin, mask, prefix, cache)
+
     def _rotated(self, x, y, qkv, cos, sin):
         """q, k, v (``r h s d``) of ``x`` with RoPE on q and k, through torch's ops. ``y``: the fused
         projection's output, where it was made (a decode layout, no q/k norms)."""
@@ -520,7 +536,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, prefix=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, cache)
+        x = self.self_attn.residual_block(x, self.input_layernorm, cos, sin, mask, prefix, cache)
         return self.mlp.residual_block(x, self.post_attention_layernorm)
 
 
@@ -868,7 +884,7 @@ class ParScaleForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # b s h: computed once for all streams
         cos, sin = self.model.rotary(positions, x.dtype)
         if P > 1:
-            x = repeat(x, "b s h -> (p b) s h", p=P)
+            x = repeat(x, "b s h -> (p b) s h", p=P).contiguous()  # b = 1 gives a stride-0 view: the kernels want rows
             if b > 1:  # one sample's cos/sin broadcast over its P rows as they are
                 cos, sin = (repeat(t, "b 1 s d -> (p b) 1 s d", p=P) for t in (cos, sin))
 

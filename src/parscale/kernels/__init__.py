@@ -169,6 +169,11 @@ class _Library:
         self.mlp_block = lib.parscale_mlp_block
         self.mlp_block.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_float, i32] + [ptr, i64, ptr, ptr] * 2 + [ptr, i32]
         self.mlp_block.restype = i32
+        self.attention_block = lib.parscale_attention_block
+        self.attention_block.argtypes = ([i64] * 5 + [ptr, ptr, ctypes.c_float, i32] + [ptr, i64, ptr, ptr] * 2
+                                         + [ptr, ptr, i64] + [ptr, i64, i64, i64] * 2 + [i64, ptr, i64, i64]
+                                         + [ctypes.c_float, ptr, i32])
+        self.attention_block.restype = i32
 
 
 def _load():
@@ -381,6 +386,39 @@ def mlp_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: B
     return out if rc == 0 else None
 
 
+def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv: Bound, o: Bound, heads: int,
+                    kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``x + o(attention)`` of a decode step's rows (``x``: ``r 1 h``, contiguous) with the pre-norm,
+    the fused q/k/v product (``qkv``: ``(hq + 2 hkv) d`` outputs), RoPE, the cache write and the
+    attention in one native call (``blocks.cpp``), bit for bit ``rms_norm``, the bound product,
+    ``rope_kv``, ``decode_attention``, the ``o`` product and torch's add. ``k`` / ``v``: the layer's
+    cache up to and including this step's slot (the last position, ``r hkv L d``: ``KVCache.so_far``);
+    ``mask`` as ``decode_attention``'s. None (nothing written) where it does not run."""
+    if _state["off"] or not _few_rows(x) or x.dtype != qkv.x_dtype or o.mode != qkv.mode:
+        return None
+    h, rows = x.shape[-1], x.numel() // x.shape[-1]
+    d = k.shape[-1]
+    if (qkv.k != h or qkv.n != (heads + 2 * kv_heads) * d or o.k != heads * d or o.n != h
+            or (rows > 1 and not (qkv.any_rows and o.any_rows)) or norm_weight.dtype != x.dtype
+            or norm_weight.shape != (h,) or not norm_weight.is_contiguous() or not norm_weight.is_cpu):
+        return None
+    act = torch.bfloat16 if qkv.mode == 1 else torch.float32  # the activations' (and the cache's) dtype
+    if (k.dim() != 4 or k.shape[1] != kv_heads or not _keys_ok(rows, heads, d, act, k, v, mask)
+            or not _rope_ok(rows, d, act, cos, sin, kv_heads, k[:, :, -1:], v[:, :, -1:])):
+        return None
+    lib = _state.get("lib") or _library()
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    ks, vs = k.stride(), v.stride()
+    rc = lib.attention_block(rows, h, heads, kv_heads, d, x.data_ptr(), norm_weight.data_ptr(), eps, qkv.mode,
+                             *qkv.ptrs, *o.ptrs, cos.data_ptr(), sin.data_ptr(), d if cos.shape[0] > 1 else 0,
+                             k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2], k.shape[2],
+                             *_mask_args(mask), d ** -0.5, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
+
+
 def bind(w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Bound | None:
     """A ``Bound`` product for weight ``w`` (n k; float32 or bfloat16, or int8 with a float32
     ``scale`` per row) and bias ``b`` (n, float32 for int8, else w's dtype), or None where the
@@ -460,14 +498,20 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """Whether ``decode_attention`` takes these: CPU, float32 or bfloat16 alike, one query per row
     (q ``r hq 1 d``, k / v ``r hkv l d`` sharing the position stride, hq a multiple of hkv up to
     8×), d a multiple of 16 up to 256, last dimensions contiguous; mask None or bool ``(r|1) 1 1 l``."""
-    if not (q.is_cpu and k.is_cpu and v.is_cpu and q.dtype == k.dtype == v.dtype
-            and q.dtype in _FLOATS and q.dim() == k.dim() == v.dim() == 4):
+    if not (q.is_cpu and q.dtype in _FLOATS and q.dim() == 4 and q.shape[2] == 1 and q.stride(3) == 1):
         return False
-    r, hq, s, d = q.shape
-    if s != 1 or k.shape != v.shape or k.shape[0] != r or k.shape[3] != d or k.shape[2] < 1:
+    return _keys_ok(q.shape[0], q.shape[1], q.shape[3], q.dtype, k, v, mask)
+
+
+def _keys_ok(r: int, hq: int, d: int, dtype: torch.dtype, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None) -> bool:
+    """The keys, values and mask side of ``attention_usable`` for ``r`` rows of ``hq`` query heads of ``d``."""
+    if not (k.is_cpu and v.is_cpu and k.dtype == v.dtype == dtype and k.dim() == v.dim() == 4):
+        return False
+    if k.shape != v.shape or k.shape[0] != r or k.shape[3] != d or k.shape[2] < 1:
         return False
     hkv = k.shape[1]
-    if hq % hkv or hq // hkv > 8 or d % 16 or d > 256 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+    if hq % hkv or hq // hkv > 8 or d % 16 or d > 256 or k.stride(3) != 1 or v.stride(3) != 1:
         return False
     if k.stride(2) != v.stride(2):
         return False
@@ -478,14 +522,17 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return True
 
 
+def _mask_args(mask: torch.Tensor | None) -> tuple:
+    if mask is None:
+        return None, 0, 0
+    return mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3)
+
+
 def _attend(lib, q, k, v, mask):
     r, hq, _, d = q.shape
     out = torch.empty(r, hq, 1, d, dtype=q.dtype)
     ks, vs = k.stride(), v.stride()
-    if mask is not None:
-        mask_args = (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3))
-    else:
-        mask_args = (None, 0, 0)
+    mask_args = _mask_args(mask)
     rc = lib.attention(r, hq, k.shape[1], k.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
                        k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2], *mask_args,
                        d ** -0.5, out.data_ptr(), int(q.dtype == torch.bfloat16), torch.get_num_threads())
@@ -555,6 +602,17 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def _rope_ok(r: int, d: int, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int,
+             k_slot: torch.Tensor, v_slot: torch.Tensor) -> bool:
+    """The cos / sin and cache-slot side of ``rope_kv``'s checks."""
+    return not (d % 2 or cos.dtype != dtype or sin.dtype != dtype or k_slot.dtype != dtype or v_slot.dtype != dtype
+                or not (cos.is_cpu and sin.is_cpu and k_slot.is_cpu and v_slot.is_cpu)
+                or cos.shape != sin.shape or cos.dim() != 4 or cos.shape[0] not in (1, r) or cos.shape[1:] != (1, 1, d)
+                or not cos.is_contiguous() or not sin.is_contiguous()
+                or k_slot.shape != (r, kv_heads, 1, d) or v_slot.shape != k_slot.shape
+                or k_slot.stride(3) != 1 or v_slot.stride(3) != 1)
+
+
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
             k_slot: torch.Tensor, v_slot: torch.Tensor) -> torch.Tensor | None:
     """A decode step's RoPE and cache write in one call: ``qkv`` (``r 1 ((hq + 2 hkv) d)``, the
@@ -563,16 +621,11 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
     ``k_slot`` / ``v_slot`` (``r hkv 1 d`` views of the cache); returns q (``r hq 1 d``). None
     (nothing written) where the kernel does not take these: eager CPU float32 or bfloat16 alike,
     cos / sin ``(r|1) 1 1 d`` contiguous, rows and heads of the slots strided, d contiguous."""
-    if _state["off"] or not qkv.is_cpu or qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[1] != 1:
+    if (_state["off"] or not qkv.is_cpu or qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[1] != 1
+            or qkv.stride(2) != 1 or torch.compiler.is_compiling()):
         return None
     r, d = qkv.shape[0], k_slot.shape[-1]
-    if (qkv.shape[2] != (heads + 2 * kv_heads) * d or qkv.stride(2) != 1 or d % 2
-            or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype or k_slot.dtype != qkv.dtype
-            or v_slot.dtype != qkv.dtype or not (cos.is_cpu and sin.is_cpu and k_slot.is_cpu and v_slot.is_cpu)
-            or cos.shape != sin.shape or cos.dim() != 4 or cos.shape[0] not in (1, r) or cos.shape[1:] != (1, 1, d)
-            or not cos.is_contiguous() or not sin.is_contiguous()
-            or k_slot.shape != (r, kv_heads, 1, d) or v_slot.shape != k_slot.shape
-            or k_slot.stride(3) != 1 or v_slot.stride(3) != 1 or torch.compiler.is_compiling()):
+    if qkv.shape[2] != (heads + 2 * kv_heads) * d or not _rope_ok(r, d, qkv.dtype, cos, sin, kv_heads, k_slot, v_slot):
         return None
     lib = _state.get("lib") or _library()
     if lib is None:

@@ -7,6 +7,10 @@
 // 30 layers: about 110 µs of Python and small torch ops a layer against 150 µs of kernels, with
 // the weights' streaming having evicted the interpreter's state from the caches before each op).
 //
+// attention_block: out = x + o(attention(rope(q), [cache; rope(k)], [cache; v])) of q, k, v =
+// qkv(rmsnorm(x)), writing this step's keys and values into the cache slot L - 1 (the per-op path:
+// rms_norm, the fused q/k/v product, rope_kv, decode_attention, the o product, torch's add).
+//
 // mlp_block: out = x + down(silu(gate) · up) of gate, up = gate_up(rmsnorm(x)), for M rows of x
 // (M × H, contiguous), the SwiGLU MLP of a Llama / Qwen decoder layer with its pre-norm and
 // residual. The products are given as the bound operands of `Bound` (parscale/kernels/__init__.py):
@@ -31,6 +35,14 @@ int parscale_skinny_linear_int8(int64_t M, int64_t N, int64_t K, const float* x,
 int parscale_skinny_linear_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, int64_t ldx,
                                 const uint16_t* w, int64_t ldw, const uint16_t* bias, uint16_t* y, int64_t ldy,
                                 int threads);
+int parscale_rope_kv(int64_t R, int64_t Hq, int64_t Hkv, int64_t D, const void* x, int64_t ldx, const void* cos,
+                     const void* sin, int64_t ldcs, void* q_out, void* k, int64_t k_row, int64_t k_head, void* v,
+                     int64_t v_row, int64_t v_head, int bf16);
+int parscale_decode_attention(int64_t R, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, const void* q,
+                              int64_t q_row, int64_t q_head, const void* k, int64_t k_row, int64_t k_head,
+                              int64_t k_pos, const void* v, int64_t v_row, int64_t v_head, int64_t v_pos,
+                              const uint8_t* mask, int64_t m_row, int64_t m_pos, float scale, void* out, int bf16,
+                              int threads);
 }
 
 namespace {
@@ -73,7 +85,7 @@ void add(int64_t n, const void* x, const void* d, void* out, bool bf16) {
 
 // the calling thread's scratch rows, kept between calls (a few hundred KB at most)
 void* scratch(int slot, size_t bytes) {
-  static thread_local std::vector<char> bufs[3];
+  static thread_local std::vector<char> bufs[4];
   if (bufs[slot].size() < bytes) bufs[slot].resize(bytes);
   return bufs[slot].data();
 }
@@ -97,6 +109,38 @@ extern "C" int parscale_mlp_block(int64_t M, int64_t H, int64_t I, const void* x
   rc = rc ? rc : parscale_silu_mul(M, I, gu, 2 * I, a, I, bf16);
   // the down product's rows reuse h's buffer: h is not read after gate_up
   rc = rc ? rc : product(mode, M, H, I, a, dn_w, dn_ld, dn_scale, dn_b, h, threads);
+  if (rc == 0) add(M * H, x, h, out, bf16);
+  return rc;
+}
+
+// k, v: the layer's cache (rows, KV heads, positions, D; strides in elements), holding L - 1 keys
+// before this step (prefix and tokens). mask: as parscale_decode_attention's (null: every key).
+extern "C" int parscale_attention_block(int64_t M, int64_t H, int64_t Hq, int64_t Hkv, int64_t D, const void* x,
+                                        const void* norm_w, float eps, int mode, const void* qkv_w, int64_t qkv_ld,
+                                        const void* qkv_scale, const void* qkv_b, const void* o_w, int64_t o_ld,
+                                        const void* o_scale, const void* o_b, const void* cos, const void* sin,
+                                        int64_t ldcs, void* k, int64_t k_row, int64_t k_head, int64_t k_pos, void* v,
+                                        int64_t v_row, int64_t v_head, int64_t v_pos, int64_t L,
+                                        const uint8_t* mask, int64_t m_row, int64_t m_pos, float scale, void* out,
+                                        int threads) {
+  if (M < 1 || M > 16 || H < 1 || Hq < 1 || Hkv < 1 || D < 2 || L < 1 || mode < 0 || mode > 2 || threads < 1)
+    return 1;
+  const bool bf16 = mode == 1;
+  const size_t el = bf16 ? 2 : 4;
+  const int64_t nqkv = (Hq + 2 * Hkv) * D;
+  void* h = scratch(0, M * H * el);
+  void* y = scratch(1, M * nqkv * el);
+  void* q = scratch(2, M * Hq * D * el);
+  void* a = scratch(3, M * Hq * D * el);
+  char* kc = static_cast<char*>(k);
+  char* vc = static_cast<char*>(v);
+  int rc = parscale_rms_norm(M, H, x, H, norm_w, eps, h, H, bf16);
+  rc = rc ? rc : product(mode, M, nqkv, H, h, qkv_w, qkv_ld, qkv_scale, qkv_b, y, threads);
+  rc = rc ? rc : parscale_rope_kv(M, Hq, Hkv, D, y, nqkv, cos, sin, ldcs, q, kc + (L - 1) * k_pos * el, k_row,
+                                  k_head, vc + (L - 1) * v_pos * el, v_row, v_head, bf16);
+  rc = rc ? rc : parscale_decode_attention(M, Hq, Hkv, L, D, q, Hq * D, D, k, k_row, k_head, k_pos, v, v_row, v_head,
+                                           v_pos, mask, m_row, m_pos, scale, a, bf16, threads);
+  rc = rc ? rc : product(mode, M, H, Hq * D, a, o_w, o_ld, o_scale, o_b, h, threads);
   if (rc == 0) add(M * H, x, h, out, bf16);
   return rc;
 }
