@@ -42,6 +42,7 @@ import copy
 import gc
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -135,11 +136,12 @@ def matmul_peak(rounds: int = 5) -> float:
 _RATES: dict = {}
 
 
-def product_rate(variant: str, rows: int, rounds: int = 5, calls: int = 32) -> float:
+def product_rate(variant: str, rows: int, rounds: int = 9, calls: int = 32) -> float:
     """FLOP/s of the arithmetic alone in ``variant``'s decode product at ``rows`` rows: the product
     the model's decode step makes (``_decode_linear``: the native kernel, int8's own path, or torch's
     under ``+torchmm``) on a 1.5 MB weight of 1024 columns that stays in cache (each core's share fits
-    its L2), less the same call on 16 rows of it (the per-call cost), best of ``rounds`` × ``calls``."""
+    its L2), less the same call on 16 rows of it (the per-call cost), the median over ``rounds`` of
+    ``calls`` each."""
     dtype = variant.partition("+")[0]
     key = (dtype, variant.endswith("+torchmm"), rows)
     if key not in _RATES:
@@ -151,13 +153,14 @@ def product_rate(variant: str, rows: int, rounds: int = 5, calls: int = 32) -> f
 
         x = torch.randn(rows, 1, 1024, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
-        def per_call(lin: nn.Module) -> float:
-            with torch.inference_mode(), matmuls(variant):
-                _decode_linear(lin, x)
-                return min(_timed(lambda: [_decode_linear(lin, x) for _ in range(calls)]) for _ in range(rounds)) / calls
+        def calls_s(lin: nn.Module) -> float:
+            return _timed(lambda: [_decode_linear(lin, x) for _ in range(calls)]) / calls
 
         big, small = make(n), make(16)
-        t = min(per_call(big) - per_call(small) for _ in range(3))  # the fastest of three: a shared machine's dips
+        with torch.inference_mode(), matmuls(variant):
+            calls_s(big), calls_s(small)
+            # the two interleaved round by round (a shared machine's phases hit both), the median difference
+            t = statistics.median(calls_s(big) - calls_s(small) for _ in range(rounds))
         _RATES[key] = 2 * rows * 1024 * (n - 16) / t if t > 0 else float("nan")
     return _RATES[key]
 
