@@ -305,3 +305,22 @@ def test_one_add_with_per_row_budgets_equals_rows_alone(model):
         assert [len(t) for t in row.top] == ([tops[b]] * budgets[b] if tops[b] else [])
     with pytest.raises(ParScaleError, match="max_new_tokens has 2 entries for 3 rows"):
         dec.add(ids, mask, max_new_tokens=[1, 2])
+
+
+def test_a_decode_steps_positions_and_validity_are_the_general_paths():
+    """advance_positions' one-token, no-mask shortcut gives what the general path gives (with a mask
+    of ones), after a left-padded prefill and across steps."""
+    from parscale.cache import KVCache
+
+    fast, general = (KVCache(1, 2, 1, 1, 4, capacity=9) for _ in range(2))
+    prompt = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    for c in (fast, general):
+        c.advance_positions(prompt, 4)
+        c.length += 4
+    for _ in range(3):
+        pf, vf = fast.advance_positions(None, 1)
+        pg, vg = general.advance_positions(torch.ones(2, 1, dtype=torch.long), 1)
+        fast.length += 1
+        general.length += 1
+        assert torch.equal(pf, pg) and pf.dtype == pg.dtype and torch.equal(vf, vg)
+        assert torch.equal(fast.next_pos, general.next_pos) and torch.equal(fast.key_valid, general.key_valid)

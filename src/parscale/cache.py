@@ -48,6 +48,11 @@ class KVCache:
         over all token slots so far (None when every slot is real)."""
         if self.length + s > self.capacity:
             raise ParScaleError(f"KV cache full: {self.length} + {s} tokens > capacity {self.capacity}")
+        if attention_mask is None and s == 1:  # a decode step of real tokens: the same, in three small ops
+            self.key_valid[:, self.length] = True
+            positions = self.next_pos[:, None]  # next_pos is replaced below, not written: this stays as is
+            self.next_pos = self.next_pos + 1
+            return positions, (None if self.dense else self.key_valid[:, : self.length + 1])
         new = (torch.ones(self.batch, s, dtype=torch.bool, device=self.key_valid.device)
                if attention_mask is None else attention_mask.bool())
         if attention_mask is not None and self.dense:
