@@ -884,7 +884,9 @@ class ParScaleForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # b s h: computed once for all streams
         cos, sin = self.model.rotary(positions, x.dtype)
         if P > 1:
-            x = repeat(x, "b s h -> (p b) s h", p=P).contiguous()  # b = 1 gives a stride-0 view: the kernels want rows
+            x = repeat(x, "b s h -> (p b) s h", p=P)
+            if b == 1 and not torch.compiler.is_compiling():  # a stride-0 view: the decode kernels want rows
+                x = x.contiguous()  # (a compiled step keeps its graph as traced: this copy made it specialise)
             if b > 1:  # one sample's cos/sin broadcast over its P rows as they are
                 cos, sin = (repeat(t, "b 1 s d -> (p b) 1 s d", p=P) for t in (cos, sin))
 
