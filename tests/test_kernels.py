@@ -18,8 +18,9 @@ from parscale import kernels
 CAN_BUILD = kernels._isa() is not None and kernels._compiler() is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 or AVX2 CPU, or no C++ compiler here")
 # every build this CPU can run: an AVX-512 machine also checks the AVX2 build that laptops get
-_ORDER = ["avx512bf16", "avx512vnni", "avx512", "avx2"]  # each CPU that runs one runs those after it
+_ORDER = ["amx", "avx512bf16", "avx512vnni", "avx512", "avx2"]  # each CPU that runs one runs those after it
 ISAS_HERE = _ORDER[_ORDER.index(kernels._isa()):] if CAN_BUILD else []
+needs_amx = pytest.mark.skipif("amx" not in ISAS_HERE, reason="no AMX bfloat16 tiles here")
 
 
 @needs_kernel
@@ -122,6 +123,62 @@ def test_a_row_alone_gives_the_same_bits_as_in_a_batch():
     batch = kernels.skinny_linear(x, w)
     for i in range(8):
         assert torch.equal(kernels.skinny_linear(x[i:i + 1], w), batch[i:i + 1])
+
+
+@needs_amx
+def test_amx_tiles_take_bfloat16_products_exactly_where_they_should():
+    """The tiles' path (K a multiple of 32, N ≥ 16): within half a bfloat16 step of the exact
+    product at every row count; a row alone equals it batched; the thread count changes no bit;
+    the last N mod 16 rows (the vector kernel's) equal the vector build's bits, and the tiles' rows
+    are not the vector build's (a different order of terms: the tiles did run)."""
+    amx = kernels._Library(kernels._build(kernels._compiler(), "amx"), "amx")
+    vec = kernels._Library(kernels._build(kernels._compiler(), "avx512bf16"), "avx512bf16")
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    differs = 0
+    try:
+        for rows in range(1, 17):
+            for n, k in ((16, 32), (70, 64), (203, 96), (48, 1024)):
+                x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((rows, k), (n, k), (n,)))
+                torch.set_num_threads(2)
+                got = kernels._call(amx, x, w, b)
+                torch.testing.assert_close(got.double(), reference(x, w, b), rtol=2 ** -8, atol=1e-5 * k ** 0.5)
+                assert torch.equal(kernels._call(amx, x[-1:], w, b), got[-1:])
+                tail = n // 16 * 16
+                want = kernels._call(vec, x, w, b)
+                assert torch.equal(got[:, tail:], want[:, tail:])
+                differs += int((got[:, :tail] != want[:, :tail]).sum())
+                for t in (1, 3):
+                    torch.set_num_threads(t)
+                    assert torch.equal(kernels._call(amx, x, w, b), got)
+    finally:
+        torch.set_num_threads(before)
+    assert differs > 0
+
+
+@needs_amx
+def test_amx_tiles_keep_a_non_finite_row_to_itself():
+    g = torch.Generator().manual_seed(4)
+    amx = kernels._Library(kernels._build(kernels._compiler(), "amx"), "amx")
+    x, w = torch.randn(4, 64, generator=g).bfloat16(), torch.randn(40, 64, generator=g).bfloat16()
+    clean = kernels._call(amx, x, w, None)
+    x[1, 7], x[2, 9] = float("nan"), float("inf")
+    got = kernels._call(amx, x, w, None)
+    assert got[1].isnan().all() and not got[2].isfinite().any()
+    assert torch.equal(got[[0, 3]], clean[[0, 3]])
+
+
+@needs_amx
+def test_a_build_without_tiles_falls_back_quietly_to_the_vector_one(tmp_path, monkeypatch):
+    """An older compiler without AMX (here: a flag it rejects) loads the bfloat16 vector build,
+    with no warning; ``PARSCALE_AMX=0`` asks for that build directly."""
+    monkeypatch.setenv("PARSCALE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setitem(kernels._ISA_FLAGS, "amx", [*kernels._ISA_FLAGS["amx"], "-mno-such-flag"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels._load().isa == "avx512bf16"
+    monkeypatch.setenv("PARSCALE_AMX", "0")
+    assert kernels._isa() == "avx512bf16"
 
 
 def test_products_it_does_not_take_return_none():

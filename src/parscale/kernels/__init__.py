@@ -7,7 +7,8 @@
   ``F.linear`` and 2.0× through ``W @ xᵀ``; this kernel 1.25×; ``benchmarks/bench_decode.py``).
 * ``skinny_linear_int8(x, q, scale)``: the same for weight-only int8 weights (widened to float32
   in registers; float32 activations), a quarter of the bytes to read; ``skinny_linear`` takes
-  bfloat16 too (weights widened the same way, float32 sums), half the bytes.
+  bfloat16 too (float32 sums), half the bytes: pair products (AVX512_BF16), or on AMX tiles where
+  the CPU has them (the ``amx`` build: 8 rows cost what one does).
 * ``decode_attention(q, k, v, mask)``: one query per row and head against the cache, float32 or
   bfloat16 (``attention.cpp``), where torch's fused CPU attention spends most of a call setting up.
 
@@ -55,12 +56,17 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
 # one build per instruction set (simd.h picks 16 or 8 lanes from these); explicit flags rather
 # than -march=native, since a cache directory may be shared between machines
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
-_ISA_FLAGS = {"avx512bf16": [*_AVX512, "-mavx512vnni", "-mavx512bf16"],  # bfloat16 and int16 pair products
+_BF16 = [*_AVX512, "-mavx512vnni", "-mavx512bf16"]  # bfloat16 and int16 pair products
+_ISA_FLAGS = {"amx": [*_BF16, "-mamx-tile", "-mamx-bf16"],  # and bfloat16 products on AMX tiles
+              "avx512bf16": _BF16,
               "avx512vnni": [*_AVX512, "-mavx512vnni"],
               "avx512": _AVX512,
               "avx2": ["-mavx2", "-mfma", "-mf16c"]}
 # the CPU flags (/proc/cpuinfo) each AVX-512 build needs beyond torch's AVX512 capability
-_ISA_CPU_FLAGS = {"avx512bf16": {"avx512_bf16", "avx512_vnni"}, "avx512vnni": {"avx512_vnni"}, "avx512": set()}
+_ISA_CPU_FLAGS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni"},
+                  "avx512bf16": {"avx512_bf16", "avx512_vnni"}, "avx512vnni": {"avx512_vnni"}, "avx512": set()}
+# the build to try where one cannot load (an older compiler without AMX, a kernel that grants no tiles)
+_FALLBACK = {"amx": "avx512bf16"}
 
 _lock = threading.Lock()
 _state: dict = {"off": False}  # "lib": the loaded _Library, or None once it is known not to load
@@ -79,9 +85,10 @@ def _cache_dir() -> Path:
 
 
 def _isa() -> str | None:
-    """The instruction set the kernels are built for here ("avx512bf16", "avx512vnni", "avx512",
-    "avx2"), or None where they do not run. torch's own CPU capability check decides between
-    AVX-512 and AVX2 (AVX2 there includes FMA); the CPU's flags add VNNI and bfloat16 dot products."""
+    """The instruction set the kernels are built for here ("amx", "avx512bf16", "avx512vnni",
+    "avx512", "avx2"), or None where they do not run. torch's own CPU capability check decides
+    between AVX-512 and AVX2 (AVX2 there includes FMA); the CPU's flags add VNNI and bfloat16 dot
+    products, and AMX tiles for bfloat16 products (``$PARSCALE_AMX=0``: not the tiles)."""
     if (os.environ.get("PARSCALE_NATIVE", "1") == "0" or sys.platform != "linux"
             or platform.machine() not in ("x86_64", "AMD64")):
         return None
@@ -91,7 +98,8 @@ def _isa() -> str | None:
     if cap not in ("AVX512", "AMX"):
         return None
     flags = _cpu_flags()
-    return next(isa for isa, need in _ISA_CPU_FLAGS.items() if need <= flags)
+    amx = os.environ.get("PARSCALE_AMX", "1") != "0"
+    return next(isa for isa, need in _ISA_CPU_FLAGS.items() if need <= flags and (amx or isa != "amx"))
 
 
 def _cpu_flags() -> set[str]:
@@ -174,20 +182,26 @@ class _Library:
                                          + [ptr, ptr, i64] + [ptr, i64, i64, i64] * 2 + [i64, ptr, i64, i64]
                                          + [ctypes.c_float, ptr, i32])
         self.attention_block.restype = i32
+        if isa == "amx" and lib.parscale_amx_enable() != 0:
+            raise RuntimeError("the kernel grants no AMX tile state to this process")
 
 
 def _load():
     cxx, isa = _compiler(), _isa()
     if isa is None or cxx is None:
         return None
-    try:
-        lib = _Library(_build(cxx, isa), isa)
-        _self_check(lib)
-        return lib
-    except Exception as e:  # a broken compiler or library must not break decoding: torch's kernels remain
-        warnings.warn(f"parscale: the native decode kernels are not used ({e}); "
-                      "decode steps use torch's own", RuntimeWarning, stacklevel=3)
-        return None
+    while True:
+        try:
+            lib = _Library(_build(cxx, isa), isa)
+            _self_check(lib)
+            return lib
+        except Exception as e:  # a broken compiler or library must not break decoding: torch's kernels remain
+            if isa in _FALLBACK:
+                isa = _FALLBACK[isa]  # quietly: the next build down is what this CPU had without them
+                continue
+            warnings.warn(f"parscale: the native decode kernels are not used ({e}); "
+                          "decode steps use torch's own", RuntimeWarning, stacklevel=3)
+            return None
 
 
 def _self_check(lib) -> None:
@@ -246,9 +260,10 @@ def cpu_has_bf16_dot() -> bool:
 
 
 def bf16_dot() -> bool:
-    """Whether the loaded kernels multiply bfloat16 pairs natively (the ``avx512bf16`` build): then
-    the bfloat16 product costs half the float32 one's instructions at any row count."""
-    return isa() == "avx512bf16"
+    """Whether the loaded kernels multiply bfloat16 pairs natively (the ``amx`` and ``avx512bf16``
+    builds): then the bfloat16 product costs half the float32 one's instructions at any row count
+    (on AMX tiles, 8 rows cost what one does)."""
+    return isa() in ("amx", "avx512bf16")
 
 
 def bf16_past_one_row() -> bool:
